@@ -1,0 +1,1 @@
+"""The `gdsllm` command."""

@@ -1,0 +1,1 @@
+"""Imports every built-in command module so each registers itself on the `cli` group."""

@@ -1,0 +1,85 @@
+"""Look-ups over what plugins registered: converters, layouts, schedulers, forward passes."""
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+from gdsllm_core import plugins
+from gdsllm_core.errors import PluginError, UnknownArchitectureError
+
+KINDS = ("converters", "weight_layouts", "schedulers", "forward_passes")
+
+
+def collect(kind: str) -> dict[str, tuple[object, str]]:
+    """name -> (target, plugin name) for one kind of registration; the first registration of a name wins."""
+    plugins.load_plugins()
+    found: dict[str, tuple[object, str]] = {}
+    for plugin in plugins.pm.get_plugins():
+        hook_impl = getattr(plugin, f"register_{kind}", None)
+        if hook_impl is None:
+            continue
+        plugin_name = plugins.pm.get_name(plugin) or getattr(plugin, "__name__", "?")
+
+        def register(name: str, target: object, _plugin=plugin_name) -> None:
+            found.setdefault(name, (target, _plugin))
+
+        hook_impl(register=register)
+    return found
+
+
+def resolve(target: object) -> object:
+    """Import a lazy "module:Attr" target; objects pass through."""
+    if not isinstance(target, str):
+        return target
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PluginError(f"cannot import {module_name!r} registered by a plugin: {exc}",
+                          "reinstall the plugin or run `gdsllm plugins` to see which ones failed") from exc
+    return getattr(module, attr) if attr else module
+
+
+def _lookup(kind: str, name: str, what: str) -> object:
+    registered = collect(kind)
+    if name not in registered:
+        known = ", ".join(sorted(registered)) or "none"
+        raise UnknownArchitectureError(
+            f"no installed plugin provides the {what} {name!r} (installed: {known})",
+            "install the plugin for this architecture, e.g. `pip install gdsllm-llama`; `gdsllm plugins` lists them",
+        )
+    return resolve(registered[name][0])
+
+
+def get_forward_pass(architecture: str) -> Callable:
+    return _lookup("forward_passes", architecture, "forward pass for architecture")
+
+
+def get_weight_layout(architecture: str) -> Callable:
+    return _lookup("weight_layouts", architecture, "weight layout for architecture")
+
+
+def get_scheduler(name: str) -> Callable:
+    return _lookup("schedulers", name, "scheduler")
+
+
+def get_converter(name: str) -> Callable:
+    return _lookup("converters", name, "converter")
+
+
+def detect_converter(path: Path) -> str:
+    """Name of the converter that claims `path`: the detect_format hook first, then each converter's `detect`."""
+    plugins.load_plugins()
+    name = plugins.pm.hook.detect_format(path=Path(path))
+    if name:
+        return name
+    for candidate, (target, _plugin) in collect("converters").items():
+        converter = resolve(target)
+        if getattr(converter, "detect", None) and converter.detect(Path(path)):
+            return candidate
+    known = ", ".join(sorted(collect("converters"))) or "none"
+    archs = ", ".join(sorted(collect("forward_passes"))) or "none"
+    raise UnknownArchitectureError(
+        f"no installed converter recognises {path} (converters: {known}; architectures: {archs})",
+        "point at a GGUF file or a folder with config.json and *.safetensors, or install the plugin for this model",
+    )

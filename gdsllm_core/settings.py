@@ -1,0 +1,63 @@
+"""The GDSLLM_* knobs: each read from the environment (and `.env` files) when asked, never cached."""
+
+import os
+from pathlib import Path
+
+import platformdirs
+from dotenv import load_dotenv
+
+APP_NAME = "gdsllm"
+
+
+def load_env_files() -> None:
+    """Read `.env` in the working directory and in the config directory; the environment always wins."""
+    for candidate in (Path.cwd() / ".env", config_dir() / ".env"):
+        if candidate.is_file():
+            load_dotenv(candidate, override=False)
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("GDSLLM_CONFIG_DIR") or platformdirs.user_config_dir(APP_NAME))
+
+
+def model_root() -> Path:
+    """Where converted models live (GDSLLM_MODEL_ROOT, default: the user's data dir)."""
+    return Path(os.environ.get("GDSLLM_MODEL_ROOT") or Path(platformdirs.user_data_dir(APP_NAME)) / "models")
+
+
+def hf_cache() -> Path:
+    """Where `pull` keeps downloads (GDSLLM_HF_CACHE, default: the user's cache dir)."""
+    return Path(os.environ.get("GDSLLM_HF_CACHE") or Path(platformdirs.user_cache_dir(APP_NAME)) / "hf")
+
+
+def runtime_dir() -> Path:
+    """Where the server's pid file lives (GDSLLM_RUNTIME_DIR)."""
+    return Path(os.environ.get("GDSLLM_RUNTIME_DIR") or platformdirs.user_runtime_dir(APP_NAME))
+
+
+def hf_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_HUB_TOKEN") or None
+
+
+def api_token() -> str | None:
+    """Bearer token the server requires (GDSLLM_API_TOKEN); None means open access."""
+    return os.environ.get("GDSLLM_API_TOKEN") or None
+
+
+def io_backend() -> str:
+    """GDSLLM_IO: auto | cufile | posix | cpu."""
+    value = os.environ.get("GDSLLM_IO", "auto").strip().lower()
+    return value or "auto"
+
+
+def device() -> str:
+    """GDSLLM_DEVICE: auto | cuda | cpu."""
+    return os.environ.get("GDSLLM_DEVICE", "auto").strip().lower() or "auto"
+
+
+def load_plugins() -> list[str] | None:
+    """GDSLLM_LOAD_PLUGINS: a comma-separated list of entry-point names to load; empty loads none; unset loads all."""
+    value = os.environ.get("GDSLLM_LOAD_PLUGINS")
+    if value is None:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]

@@ -1,0 +1,1 @@
+"""LLaMA family (LLaMA 2/3.x, SmolLM2, Mistral) for gdsllm."""

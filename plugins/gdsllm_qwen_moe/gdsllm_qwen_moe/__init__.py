@@ -1,0 +1,1 @@
+"""Qwen3.5-MoE (hybrid Gated DeltaNet + MoE) for gdsllm."""
