@@ -1,0 +1,50 @@
+"""Converting a checkpoint (GGUF file, HF folder, MLX folder) into the model store, by the plugin that claims it."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from gdsllm_core import registry
+from gdsllm_core.errors import ConversionError
+from gdsllm_core.layout.store import ModelEntry, ModelStore, check_name
+from gdsllm_core.layout.writer import ModelWriter
+
+
+@dataclass
+class ConvertOptions:
+    """`quant`: re-quantize at conversion (e.g. "q8_0", "q4_0", "q4_k", "affine4"); None keeps the source types.
+    `progress(description, done, total)` is called as tensors are written (the CLI draws a rich bar from it)."""
+
+    quant: str | None = None
+    group_size: int | None = None
+    progress: Callable[[str, int, int], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Converter(Protocol):
+    name: str
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        """True if this converter understands the checkpoint at `path`."""
+
+    @staticmethod
+    def default_name(path: Path) -> str:
+        """The model name to use when the user gives none."""
+
+    def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
+        """Write every extent through `writer` and end with `writer.finish(...)`."""
+
+
+def convert(source: Path, store: ModelStore, name: str | None = None, options: ConvertOptions | None = None,
+            overwrite: bool = False) -> ModelEntry:
+    """Convert `source` into `store` under `name`; nothing is left in the store if anything fails."""
+    source = Path(source)
+    if not source.exists():
+        raise ConversionError(f"{source} does not exist", "give a GGUF file or a folder with config.json")
+    converter_cls = registry.get_converter(registry.detect_converter(source))
+    name = check_name(name or converter_cls.default_name(source))
+    with ModelWriter(store.root, name, overwrite=overwrite) as writer:
+        converter_cls().convert(source, writer, options or ConvertOptions())
+    return store.get(name)
