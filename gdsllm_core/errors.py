@@ -53,3 +53,9 @@ class BackendUnavailableError(GdsllmError):
 
 class PluginError(GdsllmError):
     pass
+
+
+class DownloadError(GdsllmError):
+    """Fetching a checkpoint from a Hugging Face hub failed (network, token, missing file, disk)."""
+
+    http_status = 502

@@ -61,3 +61,8 @@ def load_plugins() -> list[str] | None:
     if value is None:
         return None
     return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def default_num_ctx() -> int:
+    """GDSLLM_NUM_CTX: the context window of a request that sets no num_ctx (capped by the model's maximum)."""
+    return int(os.environ.get("GDSLLM_NUM_CTX") or 4096)

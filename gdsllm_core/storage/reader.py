@@ -7,14 +7,31 @@ returns a Future. Files are opened once per reader. The backend is chosen by `st
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gdsllm_core.errors import CorruptModelError
 from gdsllm_core.layout.manifest import ExtentInfo, Manifest, TensorInfo
 from gdsllm_core.layout.qtypes import PLAIN_DTYPES, raw_row_bytes
 
 CHUNK_BYTES = 16 << 20  # large enough to reach the disk's ceiling, small enough to spread over threads
+
+
+@dataclass
+class OpenFile:
+    """A weight file opened by a backend: the path is kept so that errors can name it."""
+
+    path: Path
+    fd: int
+
+
+def truncated_error(path: Path, file_offset: int, wanted: int, got: int) -> CorruptModelError:
+    """The error for a read that ran past the end of a weight file."""
+    return CorruptModelError(
+        f"weight file {path} ends early: reading {wanted} bytes at offset {file_offset} got only {got}",
+        "the file is truncated or was modified: re-convert the model with `gdsllm pull`")
 
 
 class CpuBackend:
@@ -22,23 +39,24 @@ class CpuBackend:
 
     name = "cpu"
 
-    def __init__(self, reason: str = "no GPU: reading into host memory"):
+    def __init__(self, reason: str = "no GPU: reading into host memory", fallbacks: list[str] | None = None):
         self.reason = reason
+        self.fallbacks = fallbacks or []
 
-    def open(self, path: Path) -> int:
-        return os.open(path, os.O_RDONLY)
+    def open(self, path: Path) -> OpenFile:
+        return OpenFile(Path(path), os.open(path, os.O_RDONLY))
 
-    def close(self, handle: int) -> None:
-        os.close(handle)
+    def close(self, handle: OpenFile) -> None:
+        os.close(handle.fd)
 
-    def read_into(self, handle: int, file_offset: int, nbytes: int, dest: torch.Tensor, dest_offset: int) -> None:
+    def read_into(self, handle: OpenFile, file_offset: int, nbytes: int, dest: torch.Tensor, dest_offset: int) -> None:
         """Read `nbytes` at `file_offset` into `dest[dest_offset:]` (a host uint8 tensor)."""
         view = memoryview(dest.numpy()).cast("B")[dest_offset:dest_offset + nbytes]
         done = 0
         while done < nbytes:
-            got = os.preadv(handle, [view[done:]], file_offset + done)
+            got = os.preadv(handle.fd, [view[done:]], file_offset + done)
             if got <= 0:
-                raise OSError(f"short read at offset {file_offset + done}: file ends early")
+                raise truncated_error(handle.path, file_offset, nbytes, done)
             done += got
 
 
@@ -50,7 +68,9 @@ class ExtentReader:
 
         self.folder = Path(folder)
         self.manifest = manifest
-        self.backend = backend if backend is not None else choose_backend()
+        first_file = next(iter(manifest.files), None)
+        self.backend = backend if backend is not None else choose_backend(
+            probe_path=self.folder / first_file if first_file else self.folder)
         self._handles = {name: self.backend.open(self.folder / name) for name in manifest.files}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gdsllm-io")
         self.bytes_read = 0

@@ -3,3 +3,19 @@
 from gdsllm_core import hookimpl
 
 ARCHITECTURE = "llama"
+
+
+@hookimpl
+def register_converters(register):
+    register("gguf", "gdsllm_llama.gguf_convert:GgufConverter")
+    register("hf-safetensors", "gdsllm_llama.hf_convert:HfSafetensorsConverter")
+
+
+@hookimpl
+def register_weight_layouts(register):
+    register(ARCHITECTURE, "gdsllm_llama.layout:LlamaLayout")
+
+
+@hookimpl
+def register_forward_passes(register):
+    register(ARCHITECTURE, "gdsllm_llama.forward:LlamaForward")

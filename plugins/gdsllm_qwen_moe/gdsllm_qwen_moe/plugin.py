@@ -3,3 +3,13 @@
 from gdsllm_core import hookimpl
 
 ARCHITECTURE = "qwen3_5_moe"
+
+
+@hookimpl
+def register_converters(register):
+    register("qwen3_5_moe", "gdsllm_qwen_moe.convert:QwenMoeConverter")
+
+
+@hookimpl
+def register_forward_passes(register):
+    register(ARCHITECTURE, "gdsllm_qwen_moe.forward:QwenMoeForward")

@@ -1,0 +1,189 @@
+"""`gdsllm run`: chat with a model in the terminal, or answer one prompt."""
+
+import sys
+
+import click
+
+from gdsllm_core.bundled import DEFAULT_MODEL
+from gdsllm_core.cli.main import cli, console, err_console
+from gdsllm_core.cli.output import parse_size
+from gdsllm_core.errors import BadRequestError, ConversionError, GdsllmError
+
+MULTILINE = '"""'
+HELP = """Available commands:
+  /clear          Clear the conversation
+  /bye            Exit
+  /?, /help       Show this help
+Use \"\"\" to begin and end a multi-line message. Ctrl-C stops the answer; Ctrl-D or /bye exits."""
+
+
+def ensure_model(store, name: str | None) -> str:
+    """The model to run: `name`, or the bundled default, converted into the store on first use."""
+    if name:
+        store.get(name)
+        return name
+    if store.exists(DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    from gdsllm_core.bundled import default_gguf
+    from gdsllm_core.cli.output import pull_progress
+    from gdsllm_core.convert import ConvertOptions, convert
+
+    source = default_gguf()
+    err_console.print(f"first run: converting the bundled default model {DEFAULT_MODEL} into {store.root}",
+                      highlight=False)
+    try:
+        with pull_progress() as progress:
+            convert(source, store, name=DEFAULT_MODEL, options=ConvertOptions(progress=progress.convert))
+    except ConversionError:
+        if not store.exists(DEFAULT_MODEL):  # another gdsllm converted it at the same time: use that one
+            raise
+    return DEFAULT_MODEL
+
+
+def read_message(prompt: str = ">>> ") -> str:
+    """One user message; `\"\"\"` opens a multi-line message that the next `\"\"\"` closes."""
+    line = input(prompt)
+    if not line.lstrip().startswith(MULTILINE):
+        return line
+    first = line.lstrip()[len(MULTILINE):]
+    if first.rstrip().endswith(MULTILINE):
+        return first.rstrip()[: -len(MULTILINE)]
+    lines = [first] if first else []
+    while True:
+        line = input("... ")
+        if line.rstrip().endswith(MULTILINE):
+            last = line.rstrip()[: -len(MULTILINE)]
+            if last:
+                lines.append(last)
+            return "\n".join(lines)
+        lines.append(line)
+
+
+def stream_answer(engine, request, verbose: bool) -> tuple[str, bool]:
+    """Print the answer as it comes; (text, finished). Ctrl-C cancels the generation and returns finished=False."""
+    parts: list[str] = []
+    generation = engine.submit(request)
+    last = None
+    try:
+        for event in generation:
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+                parts.append(event.text)
+            last = event
+    except KeyboardInterrupt:
+        generation.cancel()
+        sys.stdout.write("\n")
+        err_console.print("[dim](answer stopped)[/]")
+        return "".join(parts), False
+    except BaseException:
+        generation.cancel()
+        if parts:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose and last is not None:
+        eval_s = last.eval_ns / 1e9
+        rate = last.completion_tokens / eval_s if eval_s > 0 else 0.0
+        err_console.print(f"[dim]prompt {last.prompt_tokens} tokens in {last.prompt_eval_ns / 1e9:.2f} s; "
+                          f"{last.completion_tokens} tokens in {eval_s:.2f} s ({rate:.1f} tok/s); "
+                          f"stop: {last.done_reason}[/]", highlight=False)
+    return "".join(parts), True
+
+
+def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
+    from gdsllm_core.types import ChatMessage
+
+    def fresh() -> list:
+        return [ChatMessage(role="system", content=system)] if system else []
+
+    messages = fresh()
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    console.print("[dim]Send a message (/? for help)[/]")
+    while True:
+        try:
+            text = read_message()
+        except EOFError:
+            sys.stdout.write("\n")
+            return
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            console.print("[dim]Use Ctrl + d or /bye to exit.[/]")
+            continue
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/bye", "/exit", "/quit"):
+            return
+        if command == "/clear":
+            messages = fresh()
+            console.print("[dim]Cleared the conversation.[/]")
+            continue
+        if command in ("/?", "/help"):
+            console.print(HELP, highlight=False, markup=False)
+            continue
+        if command.startswith("/") and " " not in command:
+            console.print(f"Unknown command {command!r}; /? lists them.", highlight=False, markup=False)
+            continue
+        messages.append(ChatMessage(role="user", content=text))
+        try:
+            answer, finished = stream_answer(engine, make_request(list(messages)), verbose)
+        except GdsllmError as exc:
+            messages.pop()
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            continue
+        if finished:
+            messages.append(ChatMessage(role="assistant", content=answer))
+        else:
+            messages.pop()  # a stopped answer is dropped with its question
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--prompt", "-p", help="Answer this one prompt and exit (stdin is read when it is not a terminal).")
+@click.option("--system", help="System message for the conversation.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Stop each answer after this many tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
+              help="0 picks the most likely token every time.")
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
+@click.option("--verbose", is_flag=True, help="Print token counts and speed after each answer.")
+def run(model: str | None, prompt: str | None, system: str | None, max_tokens: int | None, temperature: float,
+        seed: int | None, vram_budget: str | None, verbose: bool) -> None:
+    """Chat with MODEL (default: the bundled SmolLM2-135M-Instruct, converted on first use)."""
+    from gdsllm_core.engine.engine import Engine, default_device
+    from gdsllm_core.engine.forward import LoadOptions
+    from gdsllm_core.layout.store import ModelStore
+    from gdsllm_core.storage.backends import choose_backend
+    from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
+
+    options = LoadOptions(device=default_device(), vram_budget=parse_size(vram_budget) if vram_budget else None)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise BadRequestError("no prompt: stdin is empty and --prompt was not given",
+                                  "pass --prompt, pipe a prompt in, or run in a terminal to chat")
+    store = ModelStore()
+    name = ensure_model(store, model)
+    choose_backend(device=options.device)  # a forced GDSLLM_IO that cannot work here fails now, in one line
+    sampling = SamplingParams(temperature=temperature, seed=seed)
+
+    def make_request(messages: list) -> GenerateRequest:
+        return GenerateRequest(model=name, messages=messages, max_tokens=max_tokens, sampling=sampling)
+
+    with Engine(store=store, options=options, keep_alive=None) as engine:
+        with err_console.status(f"loading {name}…"):
+            engine.load(name)
+        if prompt is not None:
+            messages = ([ChatMessage(role="system", content=system)] if system else []) + [
+                ChatMessage(role="user", content=prompt)]
+            _, finished = stream_answer(engine, make_request(messages), verbose)
+            if not finished:
+                sys.exit(130)
+            return
+        chat_loop(engine, make_request, system, verbose)

@@ -1,0 +1,117 @@
+"""Shared bits of the CLI's output: sizes, counts, progress bars (rich, on stderr so stdout stays clean)."""
+
+import re
+import time
+from contextlib import contextmanager
+
+from rich.filesize import decimal
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from gdsllm_core.cli.main import err_console
+from gdsllm_core.errors import BadRequestError
+
+SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def human_bytes(n: int) -> str:
+    return decimal(n)
+
+
+def human_count(n: int) -> str:
+    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= limit:
+            return f"{n / limit:.1f}{suffix}"
+    return str(n)
+
+
+def parse_size(text: str) -> int:
+    """`4GB` (decimal), `4GiB` or `4G` (binary), `512MiB`, `123456` (bytes)."""
+    match = SIZE_PATTERN.match(text)
+    if not match:
+        raise BadRequestError(f"cannot read the size {text!r}", "write it like 8GiB, 8GB, 512MiB or a byte count")
+    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    exponent = " KMGT".index(unit) if unit else 0
+    decimal_units = text.strip().upper().endswith("B") and not binary and unit
+    return int(number * (1000 if decimal_units else 1024) ** exponent)
+
+
+def age(timestamp: float) -> str:
+    """`3 minutes ago`, like ollama's list."""
+    seconds = max(0, time.time() - timestamp)
+    for span, unit in ((86400 * 365, "year"), (86400 * 30, "month"), (86400 * 7, "week"), (86400, "day"),
+                       (3600, "hour"), (60, "minute")):
+        if seconds >= span:
+            count = int(seconds // span)
+            return f"{count} {unit}{'s' if count > 1 else ''} ago"
+    return "just now"
+
+
+class BytesOnly(ProgressColumn):
+    """Renders the wrapped column for byte-counting tasks, and `done/total` for the others (tensors)."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task):
+        if task.fields.get("kind") == "bytes":
+            return self.column.render(task)
+        return Text(f"{int(task.completed)}/{int(task.total or 0)}" if isinstance(self.column, DownloadColumn) else "")
+
+
+class RichPullProgress:
+    """`gdsllm_core.pull.PullProgress` drawn with rich: a bar per file, one for the conversion."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self._convert_task = None
+
+    def download_bar(self, filename: str, total: int | None, initial: int):
+        task = self.progress.add_task(f"pulling {filename}", total=total, completed=initial, kind="bytes")
+        progress = self.progress
+
+        class Bar:
+            def update(self, n: int) -> None:
+                progress.advance(task, n)
+
+            def close(self) -> None:
+                progress.stop_task(task)
+
+        return Bar()
+
+    def convert(self, description: str, done: int, total: int) -> None:
+        if self._convert_task is None:
+            self._convert_task = self.progress.add_task("converting", total=total)
+        self.progress.update(self._convert_task, completed=done, total=total, description=f"converting {description}")
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+
+@contextmanager
+def pull_progress():
+    """A live rich progress for downloads (bytes, speed) and conversion (percent)."""
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
+                  BytesOnly(DownloadColumn()), BytesOnly(TransferSpeedColumn()), TimeRemainingColumn(),
+                  console=err_console) as progress:
+        yield RichPullProgress(progress)
+
+
+@contextmanager
+def bytes_progress(description: str, total: int):
+    """A single bar counting bytes; yields `advance(n)`."""
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
+                  DownloadColumn(), TransferSpeedColumn(), console=err_console) as progress:
+        task = progress.add_task(description, total=total, kind="bytes")
+        yield lambda n: progress.advance(task, n)

@@ -1,0 +1,534 @@
+"""The engine: one worker thread owns the device. Requests queue; the worker prefills each new one, then decodes
+every active sequence together, one batched step per token (continuous batching); tokens leave as TokenEvents."""
+
+import asyncio
+import collections
+import gc
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import torch
+
+from gdsllm_core import registry, settings
+from gdsllm_core.engine.chat_template import render_chat
+from gdsllm_core.engine.detokenizer import IncrementalDetokenizer
+from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_core.engine.sampling import Sampler, check_params, sample_batch
+from gdsllm_core.engine.stops import StopMatcher
+from gdsllm_core.engine.tokenizer import Tokenizer
+from gdsllm_core.errors import BadRequestError, ContextOverflowError, GdsllmError, ModelNotFoundError
+from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.types import GenerateRequest, TokenEvent
+
+DEFAULT_MAX_BATCH = 32
+
+
+class RunningModel(msgspec.Struct):
+    """A loaded model, for /api/ps: `expires_at` is when keep_alive unloads it (unix seconds; None: never)."""
+
+    name: str
+    size_bytes: int
+    vram_bytes: int
+    expires_at: float | None
+    stats: dict = {}
+    device: str = "cpu"
+    context_length: int = 0
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is there and GDSLLM_DEVICE is not "cpu", else "cpu"."""
+    return "cuda" if settings.device() != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+class Generation:
+    """One request's stream of TokenEvents; iterate it (sync or async) once. Leaving the loop early, or `cancel()`,
+    stops the sequence at the next token (the last event then has done_reason "cancelled")."""
+
+    def __init__(self, request: GenerateRequest, model: str, prompt_ids: list[int], prompt_truncated: bool,
+                 n_ctx: int, max_new: int):
+        self.request = request
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = len(prompt_ids)
+        self.prompt_truncated = prompt_truncated
+        self.n_ctx = n_ctx
+        self.max_new = max_new
+        self.submitted_ns = time.perf_counter_ns()
+        self.load_ns = 0
+        self._cancel = threading.Event()
+        self._finished = False
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_events: asyncio.Queue | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _put(self, item: TokenEvent | BaseException) -> None:
+        """Called by the worker: hand an event (or the error that ended the generation) to the consumer."""
+        if isinstance(item, BaseException) or item.done:
+            self._finished = True
+        with self._lock:
+            loop, events = self._loop, self._async_events
+            if loop is None:
+                self._events.put(item)
+                return
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is gone
+            self.cancel()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while True:
+                item = self._events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            if not self._finished:
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._async_events = asyncio.Queue()
+            while not self._events.empty():
+                self._async_events.put_nowait(self._events.get_nowait())
+        try:
+            while True:
+                item = await self._async_events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            if not self._finished:
+                self.cancel()
+
+    def collect(self) -> tuple[str, TokenEvent]:
+        """Run to the end: (all text, the last event)."""
+        parts, last = [], None
+        for event in self:
+            parts.append(event.text)
+            last = event
+        return "".join(parts), last
+
+
+@dataclass
+class _Loaded:
+    name: str
+    forward: Any
+    tokenizer: Tokenizer
+    size_bytes: int
+    vram_bytes: int
+    load_ns: int
+
+
+@dataclass
+class _Command:
+    kind: str  # "load" | "unload" | "close"
+    model: str | None
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Sequence:
+    """The worker's state for one active generation."""
+
+    generation: Generation
+    cache: Any
+    sampler: Sampler
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
+    history: list[int]
+    last_token: int = -1
+    completion_tokens: int = 0
+    prompt_eval_ns: int = 0
+    eval_ns: int = 0
+
+
+class Engine:
+    """Generation for every front end. `submit()` validates, tokenizes and checks the context in the caller's thread
+    (the first request for a model loads it, which blocks), then queues the request for the worker thread. A request
+    for another model than the loaded one waits until the running generations end, then the worker switches."""
+
+    def __init__(self, store: ModelStore | None = None, options: LoadOptions | None = None,
+                 keep_alive: float | None = 300.0, max_batch: int = DEFAULT_MAX_BATCH):
+        self.store = store or ModelStore()
+        self.options = options or LoadOptions(device=default_device())
+        self.keep_alive = keep_alive
+        self.max_batch = max_batch
+        self._tokenizers: dict[str, tuple[Tokenizer, int]] = {}  # model -> (tokenizer, max context)
+        self._model: _Loaded | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: collections.deque = collections.deque()
+        self._active: list[_Sequence] = []
+        self._last_used = time.time()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="gdsllm-engine", daemon=True)
+        self._worker.start()
+
+    # ---- API (any thread) ----
+
+    def submit(self, request: GenerateRequest) -> Generation:
+        if self._closed:
+            raise GdsllmError("the engine is closed", "create a new Engine")
+        name = request.model or (self._model.name if self._model else None)
+        if not name:
+            raise ModelNotFoundError("the request names no model and none is loaded",
+                                     "give a model name (see `gdsllm list`)")
+        _check_request(request)
+        if not self.store.exists(name):
+            self.store.get(name)  # raises ModelNotFoundError listing the local models
+        started = time.perf_counter_ns()
+        load_ns = 0
+        if name not in self._tokenizers:  # first use: load now, to know the tokenizer and the context size
+            self.load(name)
+            load_ns = time.perf_counter_ns() - started
+        tokenizer, max_context = self._tokenizers[name]
+        prompt_ids = _prompt_ids(request, tokenizer)
+        n_ctx = min(request.num_ctx or settings.default_num_ctx(), max_context)
+        prompt_ids, truncated = _fit_context(prompt_ids, n_ctx, request, max_context, tokenizer.bos_id)
+        room = n_ctx - len(prompt_ids)
+        max_new = room if request.max_tokens is None else min(request.max_tokens, room)
+        generation = Generation(request, name, prompt_ids, truncated, n_ctx, max_new)
+        generation.submitted_ns = started
+        generation.load_ns = load_ns
+        self._inbox.put(generation)
+        return generation
+
+    def load(self, model: str) -> None:
+        """Load `model` (unloading the previous one once its running generations end); blocks until done."""
+        self._command("load", model)
+
+    def unload(self, model: str | None = None) -> None:
+        """Unload `model` (or whatever is loaded) once its running generations end; blocks until done."""
+        self._command("unload", model)
+
+    def running(self) -> list[RunningModel]:
+        loaded = self._model
+        if loaded is None:
+            return []
+        if self.keep_alive is None:
+            expires_at = None
+        else:
+            busy = bool(self._active or self._waiting)
+            expires_at = (time.time() if busy else self._last_used) + self.keep_alive
+        stats = {**_safe_stats(loaded.forward), "active_sequences": len(self._active),
+                 "waiting_requests": len(self._waiting)}
+        return [RunningModel(name=loaded.name, size_bytes=loaded.size_bytes, vram_bytes=loaded.vram_bytes,
+                             expires_at=expires_at, stats=stats, device=str(loaded.forward.device),
+                             context_length=int(loaded.forward.max_context))]
+
+    def close(self) -> None:
+        """Cancel what runs, unload, stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker.is_alive():
+            self._command("close", None)
+            self._worker.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _command(self, kind: str, model: str | None) -> None:
+        if threading.current_thread() is self._worker:
+            raise RuntimeError("engine commands cannot be issued from the engine's worker")
+        if not self._worker.is_alive():
+            raise GdsllmError("the engine is closed", "create a new Engine")
+        command = _Command(kind, model)
+        self._inbox.put(command)
+        command.future.result()
+
+    # ---- worker ----
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._receive(block=not self._active)
+                if self._serve_waiting():
+                    return
+                if self._active:
+                    self._decode_step()
+                elif not self._waiting:
+                    self._maybe_expire()
+            except BaseException as exc:  # a bug must end the generations it touched, not the worker
+                for sequence in self._active:
+                    sequence.generation._put(exc)
+                self._active.clear()
+
+    def _receive(self, block: bool) -> None:
+        """Move new requests and commands to the waiting line; when idle, sleep until one comes or keep_alive ends."""
+        if block and not self._waiting:
+            try:
+                self._waiting.append(self._inbox.get(timeout=self._seconds_to_expiry()))
+            except queue.Empty:
+                return
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _seconds_to_expiry(self) -> float | None:
+        if self._model is None or self.keep_alive is None:
+            return None
+        return max(0.0, self._last_used + self.keep_alive - time.time())
+
+    def _maybe_expire(self) -> None:
+        remaining = self._seconds_to_expiry()
+        if remaining is not None and remaining <= 0:
+            self._unload()
+
+    def _serve_waiting(self) -> bool:
+        """Start what can start, in arrival order; returns True when the engine must stop."""
+        for item in list(self._waiting):
+            if isinstance(item, Generation) and item.cancelled:
+                self._waiting.remove(item)
+                self._finish_unstarted(item, "cancelled")
+        while self._waiting:
+            item = self._waiting[0]
+            if isinstance(item, _Command):
+                if item.kind == "close":
+                    self._shutdown(item)
+                    return True
+                if self._active and (item.kind == "unload" or item.model != self._loaded_name()):
+                    return False  # wait for the running generations of the current model to end
+                self._waiting.popleft()
+                try:
+                    if item.kind == "load":
+                        self._load(item.model)
+                    elif item.model in (None, self._loaded_name()):
+                        self._unload()
+                    item.future.set_result(None)
+                except BaseException as exc:
+                    item.future.set_exception(exc)
+                continue
+            if item.model != self._loaded_name() and self._active:
+                return False
+            if len(self._active) >= self.max_batch:
+                return False
+            self._waiting.popleft()
+            self._start(item)
+        return False
+
+    def _loaded_name(self) -> str | None:
+        return self._model.name if self._model else None
+
+    def _load(self, name: str) -> None:
+        if self._loaded_name() == name:
+            return
+        self._unload()
+        began = time.perf_counter_ns()
+        entry = self.store.get(name)
+        forward_cls = registry.get_forward_pass(entry.manifest.architecture)
+        tokenizer = Tokenizer.from_entry(entry)
+        cuda = torch.device(self.options.device).type == "cuda"
+        before = torch.cuda.memory_allocated(torch.device(self.options.device)) if cuda else 0
+        forward = forward_cls(entry, self.options)
+        vram = torch.cuda.memory_allocated(torch.device(self.options.device)) - before if cuda else 0
+        self._tokenizers[name] = (tokenizer, int(forward.max_context))
+        self._model = _Loaded(name, forward, tokenizer, entry.size_bytes, vram, time.perf_counter_ns() - began)
+        self._last_used = time.time()
+
+    def _unload(self) -> None:
+        loaded, self._model = self._model, None
+        if loaded is None:
+            return
+        loaded.forward.close()
+        del loaded
+        gc.collect()
+        if torch.device(self.options.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _shutdown(self, command: _Command) -> None:
+        for sequence in self._active:
+            self._finish(sequence, "cancelled", "")
+        self._active.clear()
+        for item in self._waiting:
+            if isinstance(item, Generation):
+                self._finish_unstarted(item, "cancelled")
+            elif item is not command:
+                item.future.set_exception(GdsllmError("the engine was closed"))
+        self._waiting.clear()
+        try:
+            self._unload()
+            command.future.set_result(None)
+        except BaseException as exc:
+            command.future.set_exception(exc)
+
+    def _start(self, generation: Generation) -> None:
+        """Prefill one request and sample its first token; it joins the batch unless that already ends it."""
+        try:
+            if generation.model != self._loaded_name():
+                began = time.perf_counter_ns()
+                self._load(generation.model)
+                generation.load_ns += time.perf_counter_ns() - began
+            if generation.max_new <= 0:
+                self._finish_unstarted(generation, "length")
+                return
+            loaded = self._model
+            forward = loaded.forward
+            began = time.perf_counter_ns()
+            ids = generation.prompt_ids
+            cache = forward.new_cache(len(ids) + generation.max_new)
+            logits = forward.prefill(torch.tensor(ids, dtype=torch.long, device=forward.device), cache)
+            sequence = _Sequence(
+                generation=generation, cache=cache, sampler=Sampler(generation.request.sampling, forward.device),
+                detokenizer=IncrementalDetokenizer(loaded.tokenizer, context_ids=ids),
+                stops=StopMatcher(generation.request.stop), history=list(ids))
+            token = sample_batch(logits.reshape(1, -1), [sequence.sampler], [sequence.history])[0]
+            sequence.prompt_eval_ns = time.perf_counter_ns() - began
+        except BaseException as exc:
+            generation._put(exc)
+            return
+        self._last_used = time.time()
+        if not self._accept(sequence, token):
+            self._active.append(sequence)
+
+    def _decode_step(self) -> None:
+        """One token for every active sequence: one batched forward step, then sampling per sequence."""
+        for sequence in [s for s in self._active if s.generation.cancelled]:
+            self._active.remove(sequence)
+            self._finish(sequence, "cancelled", "")
+        if not self._active:
+            return
+        batch = list(self._active)
+        forward = self._model.forward
+        began = time.perf_counter_ns()
+        try:
+            tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long, device=forward.device)
+            logits = forward.decode(tokens, [s.cache for s in batch])
+            picked = sample_batch(logits, [s.sampler for s in batch], [s.history for s in batch])
+        except BaseException as exc:
+            self._active.clear()
+            for sequence in batch:
+                sequence.generation._put(exc)
+            return
+        step_ns = time.perf_counter_ns() - began
+        for sequence, token in zip(batch, picked, strict=True):
+            sequence.eval_ns += step_ns
+            if self._accept(sequence, token):
+                self._active.remove(sequence)
+        self._last_used = time.time()
+
+    def _accept(self, sequence: _Sequence, token: int) -> bool:
+        """Turn a sampled token into an event; True when the sequence is done."""
+        sequence.completion_tokens += 1
+        sequence.history.append(token)
+        sequence.last_token = token
+        if token in self._model.tokenizer.eos_ids:
+            self._finish(sequence, "stop", self._drain(sequence))
+            return True
+        text, stopped = sequence.stops.feed(sequence.detokenizer.add(token))
+        if stopped:
+            self._finish(sequence, "stop", text, token)
+            return True
+        if sequence.completion_tokens >= sequence.generation.max_new:
+            self._finish(sequence, "length", text + self._drain(sequence), token)
+            return True
+        sequence.generation._put(TokenEvent(text=text, token_id=token))
+        return False
+
+    @staticmethod
+    def _drain(sequence: _Sequence) -> str:
+        """What the detokenizer and the stop matcher still hold, at the end of a generation."""
+        text, stopped = sequence.stops.feed(sequence.detokenizer.flush())
+        return text if stopped else text + sequence.stops.flush()
+
+    def _finish(self, sequence: _Sequence, reason: str, text: str, token: int | None = None) -> None:
+        if reason == "cancelled":
+            text = self._drain(sequence)
+        generation = sequence.generation
+        generation._put(TokenEvent(
+            text=text, token_id=token, done=True, done_reason=reason, prompt_tokens=generation.prompt_tokens,
+            completion_tokens=sequence.completion_tokens, prompt_truncated=generation.prompt_truncated,
+            load_ns=generation.load_ns, prompt_eval_ns=sequence.prompt_eval_ns, eval_ns=sequence.eval_ns,
+            total_ns=time.perf_counter_ns() - generation.submitted_ns))
+        sequence.cache = None
+
+    @staticmethod
+    def _finish_unstarted(generation: Generation, reason: str) -> None:
+        generation._put(TokenEvent(
+            text="", done=True, done_reason=reason, prompt_tokens=generation.prompt_tokens,
+            prompt_truncated=generation.prompt_truncated, load_ns=generation.load_ns,
+            total_ns=time.perf_counter_ns() - generation.submitted_ns))
+
+
+def _safe_stats(forward: Any) -> dict:
+    try:
+        return dict(forward.stats())
+    except Exception:  # statistics must never break /api/ps
+        return {}
+
+
+def _check_request(request: GenerateRequest) -> None:
+    if (request.messages is None) == (request.prompt is None):
+        raise BadRequestError("a request needs exactly one of `messages` (chat) or `prompt` (completion)",
+                              "send either messages or a prompt")
+    if request.messages is not None and not request.messages:
+        raise BadRequestError("`messages` is empty", "send at least one message")
+    if request.max_tokens is not None and request.max_tokens < 0:
+        raise BadRequestError(f"max_tokens {request.max_tokens} is negative", "use a positive number, or none")
+    if request.num_ctx is not None and request.num_ctx < 2:
+        raise BadRequestError(f"num_ctx {request.num_ctx} is too small", "use at least 2 (or leave it unset)")
+    if any(not isinstance(stop, str) or not stop for stop in request.stop):
+        raise BadRequestError("stop strings must be non-empty strings", "remove the empty stop string")
+    check_params(request.sampling)
+
+
+def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of the prompt: the chat template over the messages (or over system + prompt unless `raw`)."""
+    if request.messages is not None:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        if request.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": request.system})
+    elif request.raw:
+        messages = None
+    else:
+        messages = ([{"role": "system", "content": request.system}] if request.system else []) + \
+                   [{"role": "user", "content": request.prompt}]
+    text = request.prompt if messages is None else render_chat(
+        messages, tokenizer.chat_template, add_generation_prompt=True,
+        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    ids = tokenizer.encode(text, add_special=True)
+    if not ids:
+        raise BadRequestError("the prompt is empty", "send some text")
+    return ids
+
+
+def _fit_context(ids: list[int], n_ctx: int, request: GenerateRequest, max_context: int,
+                 bos_id: int | None) -> tuple[list[int], bool]:
+    """The prompt must leave room for one new token: else ContextOverflowError, or (with `truncate`) drop from the
+    left, keeping BOS and at most half the context's room for new tokens."""
+    if len(ids) < n_ctx:
+        return ids, False
+    if not request.truncate:
+        raise ContextOverflowError(
+            f"the prompt is {len(ids)} tokens but the context window is {n_ctx} tokens "
+            f"(num_ctx {request.num_ctx or 'default ' + str(settings.default_num_ctx())}, "
+            f"model maximum {max_context}); at least one token must be left to generate",
+            f"shorten the prompt, raise num_ctx (up to {max_context}) or ask for truncation")
+    room = min(request.max_tokens or n_ctx // 2, n_ctx // 2) or 1
+    keep = n_ctx - room
+    head = [bos_id] if bos_id is not None and ids[0] == bos_id else []
+    return head + ids[len(ids) - (keep - len(head)):], True

@@ -1,0 +1,86 @@
+"""Loader for the CUDA kernels in this folder (`*.cu`, one file per op family).
+
+Modules are compiled with NVRTC through CuPy the first time a kernel is asked for, never at import. Each source is
+prefixed with a `#line` directive so compile errors name the `.cu` file; the program is named by its full path so
+`#include "ggml_blocks.cuh"` resolves beside it. Kernels run on torch's current stream: torch owns tensors and
+streams, CuPy only launches.
+"""
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KERNEL_DIR = Path(__file__).resolve().parent
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+def kernel_sources() -> list[Path]:
+    """Every kernel source shipped with the package (what the compile check builds)."""
+    return sorted(KERNEL_DIR.glob("*.cu"))
+
+
+def source_text(file_name: str) -> str:
+    path = KERNEL_DIR / file_name
+    return f'#line 1 "{path}"\n' + path.read_text()
+
+
+@cache
+def _module(file_name: str, name_expressions: tuple[str, ...]):
+    import cupy
+
+    path = KERNEL_DIR / file_name
+    options = (*NVRTC_OPTIONS, f"-I{KERNEL_DIR}")
+    module = cupy.RawModule(code=source_text(file_name), options=options,
+                            name_expressions=list(name_expressions) or None)
+    module.compile()
+    module._gdsllm_path = path
+    return module
+
+
+@cache
+def get_kernel(file_name: str, name: str):
+    """The kernel `name` (a plain extern "C" name or a template instance such as `gemv<2,1,0>`) of `file_name`."""
+    templated = "<" in name
+    module = _module(file_name, (name,) if templated else ())
+    return module.get_function(name)
+
+
+@cache
+def _external_stream(handle: int, device: int):
+    import cupy
+
+    return cupy.cuda.ExternalStream(handle, device)
+
+
+def current_stream():
+    """Torch's current CUDA stream as a CuPy stream object (cached per handle)."""
+    stream = torch.cuda.current_stream()
+    return _external_stream(stream.cuda_stream, stream.device_index)
+
+
+def ptr(tensor: torch.Tensor | None) -> np.uint64:
+    """A tensor's device address as a kernel argument (0 for None)."""
+    return np.uint64(0 if tensor is None else tensor.data_ptr())
+
+
+def launch(file_name: str, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+           shared_mem: int = 0) -> None:
+    """Launch a kernel on torch's current stream."""
+    kernel = get_kernel(file_name, name)
+    kernel(grid, block, args, stream=current_stream(), shared_mem=shared_mem)
+
+
+def compile_for_arch(path: Path, arch: str = "sm_90") -> bytes:
+    """Compile one source to a cubin with NVRTC, no GPU needed (the CI compile check). Raises RuntimeError with
+    the compiler log on failure."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    text = source_text(path.name) if path.parent == KERNEL_DIR else path.read_text()
+    program = nvrtc.createProgram(text, str(path), [], [])
+    try:
+        nvrtc.compileProgram(program, [f"-arch={arch}", *NVRTC_OPTIONS, f"-I{path.parent}"])
+    except Exception as exc:
+        raise RuntimeError(f"{path.name} does not compile:\n{nvrtc.getProgramLog(program)}") from exc
+    return nvrtc.getCUBIN(program)

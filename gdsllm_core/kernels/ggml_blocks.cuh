@@ -1,0 +1,314 @@
+// GGML block decoding shared by dequant.cu and gemv.cu.
+//
+// A row of a GGML tensor is a run of blocks exactly as GGUF stores them (ggml-common.h). Every type is decoded
+// in chunks of 32 consecutive values: chunk c of a row is block c for the 32-value types and sub-block c % 8 of
+// super-block c / 8 for the K-quants (QK_K = 256). The arithmetic follows ggml's dequantize_row_* so results
+// match gguf-py's reference to float rounding.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// fp16 conversions in PTX, so the kernels need no CUDA headers (they compile with a bare NVRTC).
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ u32 f2h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
+
+// Type codes shared with gdsllm_core/kernels/ops.py (QTYPE_CODES).
+#define QT_F32 0
+#define QT_F16 1
+#define QT_BF16 2
+#define QT_Q4_0 3
+#define QT_Q4_1 4
+#define QT_Q5_0 5
+#define QT_Q5_1 6
+#define QT_Q8_0 7
+#define QT_Q2_K 8
+#define QT_Q3_K 9
+#define QT_Q4_K 10
+#define QT_Q5_K 11
+#define QT_Q6_K 12
+
+__device__ __forceinline__ float ld_half(const u8* p) { return h2f(*reinterpret_cast<const u16*>(p)); }
+
+// 32-bit word at a 2-byte aligned address (blocks of 18, 22, 34, 110, 210 bytes are only 2-aligned).
+__device__ __forceinline__ u32 ld_u32_a2(const u8* p) {
+    const u16* q = reinterpret_cast<const u16*>(p);
+    return (u32)q[0] | ((u32)q[1] << 16);
+}
+
+__device__ __forceinline__ u32 ld_u32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
+
+__device__ __forceinline__ u32 byte_of(u32 word, int k) { return (word >> (8 * k)) & 0xFFu; }
+
+// Q3_K: the 6-bit scale i (0..15) unpacked from the 12 scale bytes, minus 32.
+__device__ __forceinline__ int q3k_scale(const u8* s, int i) {
+    int k = i & 3, grp = i >> 2;
+    int low = (grp & 1) ? s[4 + k] : s[k];
+    low = grp >= 2 ? (low >> 4) : (low & 0xF);
+    int high = (s[8 + k] >> (2 * grp)) & 3;
+    return (low | (high << 4)) - 32;
+}
+
+// Q4_K / Q5_K: scale and min j (0..7) from the 12 scale bytes (ggml's get_scale_min_k4).
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+template <int QT> struct BlockInfo;
+template <> struct BlockInfo<QT_F32> { static constexpr int values = 1, bytes = 4; };
+template <> struct BlockInfo<QT_F16> { static constexpr int values = 1, bytes = 2; };
+template <> struct BlockInfo<QT_BF16> { static constexpr int values = 1, bytes = 2; };
+template <> struct BlockInfo<QT_Q4_0> { static constexpr int values = 32, bytes = 18; };
+template <> struct BlockInfo<QT_Q4_1> { static constexpr int values = 32, bytes = 20; };
+template <> struct BlockInfo<QT_Q5_0> { static constexpr int values = 32, bytes = 22; };
+template <> struct BlockInfo<QT_Q5_1> { static constexpr int values = 32, bytes = 24; };
+template <> struct BlockInfo<QT_Q8_0> { static constexpr int values = 32, bytes = 34; };
+template <> struct BlockInfo<QT_Q2_K> { static constexpr int values = 256, bytes = 84; };
+template <> struct BlockInfo<QT_Q3_K> { static constexpr int values = 256, bytes = 110; };
+template <> struct BlockInfo<QT_Q4_K> { static constexpr int values = 256, bytes = 144; };
+template <> struct BlockInfo<QT_Q5_K> { static constexpr int values = 256, bytes = 176; };
+template <> struct BlockInfo<QT_Q6_K> { static constexpr int values = 256, bytes = 210; };
+
+// Decode chunk c (values 32c .. 32c+31) of `row` into w[0..31].
+template <int QT> __device__ __forceinline__ void decode32(const u8* __restrict__ row, int c, float* w);
+
+template <> __device__ __forceinline__ void decode32<QT_F32>(const u8* __restrict__ row, int c, float* w) {
+    const float4* p = reinterpret_cast<const float4*>(row + (size_t)c * 128);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        float4 v = p[i];
+        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_F16>(const u8* __restrict__ row, int c, float* w) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + (size_t)c * 64);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        uint4 v = p[i];
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            w[8 * i + 2 * k] = h2f((u16)(words[k] & 0xFFFFu));
+            w[8 * i + 2 * k + 1] = h2f((u16)(words[k] >> 16));
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_BF16>(const u8* __restrict__ row, int c, float* w) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + (size_t)c * 64);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        uint4 v = p[i];
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            w[8 * i + 2 * k] = __uint_as_float(words[k] << 16);
+            w[8 * i + 2 * k + 1] = __uint_as_float(words[k] & 0xFFFF0000u);
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q4_0>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)c * 18;
+    const float d = ld_half(b);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        u32 q = ld_u32_a2(b + 2 + 4 * i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            u32 v = byte_of(q, k);
+            w[4 * i + k] = d * (float)((int)(v & 0xF) - 8);
+            w[16 + 4 * i + k] = d * (float)((int)(v >> 4) - 8);
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q4_1>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)c * 20;
+    const float d = ld_half(b), m = ld_half(b + 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        u32 q = ld_u32(b + 4 + 4 * i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            u32 v = byte_of(q, k);
+            w[4 * i + k] = d * (float)(v & 0xF) + m;
+            w[16 + 4 * i + k] = d * (float)(v >> 4) + m;
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q5_0>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)c * 22;
+    const float d = ld_half(b);
+    const u32 qh = ld_u32_a2(b + 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        u32 q = ld_u32_a2(b + 6 + 4 * i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            int j = 4 * i + k;
+            u32 v = byte_of(q, k);
+            int lo = (int)((v & 0xF) | (((qh >> j) & 1u) << 4)) - 16;
+            int hi = (int)((v >> 4) | (((qh >> (j + 16)) & 1u) << 4)) - 16;
+            w[j] = d * (float)lo;
+            w[16 + j] = d * (float)hi;
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q5_1>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)c * 24;
+    const float d = ld_half(b), m = ld_half(b + 2);
+    const u32 qh = ld_u32(b + 4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        u32 q = ld_u32(b + 8 + 4 * i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            int j = 4 * i + k;
+            u32 v = byte_of(q, k);
+            u32 lo = (v & 0xF) | (((qh >> j) & 1u) << 4);
+            u32 hi = (v >> 4) | (((qh >> (j + 16)) & 1u) << 4);
+            w[j] = d * (float)lo + m;
+            w[16 + j] = d * (float)hi + m;
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q8_0>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)c * 34;
+    const float d = ld_half(b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        u32 q = ld_u32_a2(b + 2 + 4 * i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) w[4 * i + k] = d * (float)(signed char)byte_of(q, k);
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q2_K>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 84;
+    const int sub = c & 7, half = sub >> 2, j = sub & 3, shift = 2 * j;
+    const float d = ld_half(b + 80), dmin = ld_half(b + 82);
+    const u8* q = b + 16 + 32 * half;
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        const int sc = b[8 * half + 2 * j + part];
+        const float dl = d * (float)(sc & 0xF), ml = dmin * (float)(sc >> 4);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            u32 word = ld_u32(q + 16 * part + 4 * i);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) w[16 * part + 4 * i + k] = dl * (float)((byte_of(word, k) >> shift) & 3) - ml;
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q3_K>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 110;
+    const int sub = c & 7, half = sub >> 2, j = sub & 3, shift = 2 * j;
+    const u32 mask = 1u << (4 * half + j);
+    const float d = ld_half(b + 108);
+    const u8* hm = b;
+    const u8* q = b + 32 + 32 * half;
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        const float dl = d * (float)q3k_scale(b + 96, 8 * half + 2 * j + part);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            u32 word = ld_u32_a2(q + 16 * part + 4 * i);
+            u32 hword = ld_u32_a2(hm + 16 * part + 4 * i);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                int v = (int)((byte_of(word, k) >> shift) & 3) - ((byte_of(hword, k) & mask) ? 0 : 4);
+                w[16 * part + 4 * i + k] = dl * (float)v;
+            }
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q4_K>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 144;
+    const int sub = c & 7, shift = 4 * (sub & 1);
+    const float d = ld_half(b), dmin = ld_half(b + 2);
+    int sc, m;
+    scale_min_k4(sub, b + 4, sc, m);
+    const float d1 = d * (float)sc, m1 = dmin * (float)m;
+    const uint4* q = reinterpret_cast<const uint4*>(b + 16 + 32 * (sub >> 1));
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        uint4 v = q[i];
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 16; ++k) w[16 * i + k] = d1 * (float)((byte_of(words[k >> 2], k & 3) >> shift) & 0xF) - m1;
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q5_K>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 176;
+    const int sub = c & 7, shift = 4 * (sub & 1);
+    const u32 bit = 1u << sub;
+    const float d = ld_half(b), dmin = ld_half(b + 2);
+    int sc, m;
+    scale_min_k4(sub, b + 4, sc, m);
+    const float d1 = d * (float)sc, m1 = dmin * (float)m;
+    const uint4* qh = reinterpret_cast<const uint4*>(b + 16);
+    const uint4* ql = reinterpret_cast<const uint4*>(b + 48 + 32 * (sub >> 1));
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        uint4 v = ql[i], h = qh[i];
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+        const u32 hwords[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            u32 q = ((byte_of(words[k >> 2], k & 3) >> shift) & 0xF) + ((byte_of(hwords[k >> 2], k & 3) & bit) ? 16 : 0);
+            w[16 * i + k] = d1 * (float)q - m1;
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q6_K>(const u8* __restrict__ row, int c, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 210;
+    const int sub = c & 7, half = sub >> 2, k4 = sub & 3;
+    const int nib_shift = 4 * (k4 >> 1), qh_shift = 2 * k4;
+    const float d = ld_half(b + 208);
+    const signed char* scales = reinterpret_cast<const signed char*>(b + 192) + 8 * half + 2 * k4;
+    const u8* ql = b + 64 * half + 32 * (k4 & 1);
+    const u8* qh = b + 128 + 32 * half;
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        const float ds = d * (float)scales[part];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            u32 lw = ld_u32_a2(ql + 16 * part + 4 * i);
+            u32 hw = ld_u32_a2(qh + 16 * part + 4 * i);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                int q = (int)(((byte_of(lw, k) >> nib_shift) & 0xF) | (((byte_of(hw, k) >> qh_shift) & 3) << 4)) - 32;
+                w[16 * part + 4 * i + k] = ds * (float)q;
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+"""The Litestar app (`create_app`) and `run_server`, which `gdsllm serve` calls."""
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+from litestar import Litestar, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from gdsllm_core import __version__, settings
+from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.server import urls
+from gdsllm_core.server.deps import DEPENDENCIES
+from gdsllm_core.server.errors import EXCEPTION_HANDLERS
+from gdsllm_core.server.guards import PUBLIC, bearer_token_guard
+from gdsllm_core.server.ollama import OllamaController
+from gdsllm_core.server.openai import OpenAIController
+from gdsllm_core.server.schemas import HealthResponse
+from gdsllm_core.server.streams import Engine
+
+log = logging.getLogger("gdsllm.server")
+GRACEFUL_SHUTDOWN_S = 10
+
+
+@get(urls.HEALTH, opt=PUBLIC, tags=["server"])
+async def health() -> HealthResponse:
+    """Liveness: always open, even with GDSLLM_API_TOKEN set."""
+    return HealthResponse("ok")
+
+
+def real_engine(store: ModelStore) -> Engine:
+    from gdsllm_core.engine.engine import Engine as GdsllmEngine  # imports torch and the plugins: not at import
+
+    return GdsllmEngine(store=store)
+
+
+@asynccontextmanager
+async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Make the engine (and load the preloaded model) before serving; close it after the last response."""
+    state = app.state
+    log.info("gdsllm %s: auth %s", __version__, "ON (bearer token from GDSLLM_API_TOKEN)" if state.auth else
+             "OFF: open access, anyone who reaches this port can use it (set GDSLLM_API_TOKEN to require a token)")
+    state.engine = await anyio.to_thread.run_sync(state.engine_factory)
+    try:
+        if state.preload and state.default_model:
+            log.info("loading %s", state.default_model)
+            await anyio.to_thread.run_sync(state.engine.load, state.default_model)
+        yield
+    finally:
+        await anyio.to_thread.run_sync(state.engine.close)
+
+
+def create_app(store: ModelStore | None = None, default_model: str | None = None, preload: bool = False,
+               engine_factory: Callable[[], Engine] | None = None, api_token: str | None = None,
+               read_token_from_env: bool = True) -> Litestar:
+    """The server app. `engine_factory` makes the engine in the lifespan (default: the real Engine on `store`);
+    the bearer token is `api_token`, else GDSLLM_API_TOKEN unless `read_token_from_env` is False."""
+    store = store or ModelStore()
+    token = api_token or (settings.api_token() if read_token_from_env else None)
+    state = State({"store": store, "default_model": default_model, "preload": preload, "auth": token is not None,
+                   "engine_factory": engine_factory or (lambda: real_engine(store)), "engine": None})
+    return Litestar(
+        route_handlers=[health, OllamaController, OpenAIController],
+        dependencies=DEPENDENCIES,
+        guards=[bearer_token_guard(token)] if token else [],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[engine_lifespan],
+        state=state,
+        logging_config=None,  # run_server (uvicorn) owns logging; the app only logs to "gdsllm.server"
+        openapi_config=OpenAPIConfig(title="gdsllm", version=__version__, path=urls.SCHEMA),
+    )
+
+
+def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, preload: bool = False,
+               store: ModelStore | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn finishes open responses for up to GRACEFUL_SHUTDOWN_S seconds, then
+    cancels them, which cancels their generations, then closes the engine). `model` is what requests naming no
+    model get, loaded at start with `preload`."""
+    import uvicorn
+
+    store = store or ModelStore()
+    if model:
+        store.get(model)  # fail before binding the port when the model is not there
+    if not logging.getLogger("gdsllm").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logging.getLogger("gdsllm").addHandler(handler)
+        logging.getLogger("gdsllm").setLevel(logging.INFO)
+    app = create_app(store=store, default_model=model, preload=preload)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                  log_level="info")).run()

@@ -1,0 +1,107 @@
+"""The bridge between the routes and the engine: submit off the event loop, iterate a generation's events, and
+cancel the generation as soon as nobody is listening any more (client gone, server shutting down)."""
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+from litestar.types import Receive
+
+from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.types import GenerateRequest, TokenEvent
+
+
+@runtime_checkable
+class Generation(Protocol):
+    def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The surface of `gdsllm_core.engine.engine.Engine` the server uses."""
+
+    def submit(self, request: GenerateRequest) -> Generation: ...
+
+    def load(self, model: str) -> None: ...
+
+    def unload(self, model: str | None = None) -> None: ...
+
+    def running(self) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_model(store: ModelStore, name: str, default: str | None) -> str:
+    """The store's name for a requested model: "" is the served default (or the engine's loaded model), and
+    ollama's implicit ":latest" tag is dropped when the store has the bare name."""
+    if not name:
+        return default or ""
+    if name.endswith(":latest") and not store.exists(name) and store.exists(name.removesuffix(":latest")):
+        return name.removesuffix(":latest")
+    return name
+
+
+def check_model(store: ModelStore, name: str) -> None:
+    """ModelNotFoundError (404) before any generation work when a named model is not in the store."""
+    if name:
+        store.get(name)
+
+
+async def submit(engine: Engine, request: GenerateRequest) -> Generation:
+    """`Engine.submit` may load a model and tokenize: run it on a worker thread."""
+    return await anyio.to_thread.run_sync(engine.submit, request)
+
+
+async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
+    """The generation's events up to the done one; if the consumer stops early, the generation is cancelled."""
+    finished = False
+    try:
+        async for event in generation:
+            finished = event.done
+            yield event
+            if finished:
+                return
+    finally:
+        if not finished:
+            generation.cancel()
+
+
+async def collect(generation: Generation, receive: Receive) -> tuple[str, TokenEvent | None]:
+    """The whole text and the last event of a non-streamed generation; the generation is cancelled (and None
+    returned as the last event) if the client disconnects while it runs."""
+    parts: list[str] = []
+    last: TokenEvent | None = None
+    async with anyio.create_task_group() as group:
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch_disconnect)
+        async for event in events(generation):
+            parts.append(event.text)
+            last = event
+        group.cancel_scope.cancel()
+    return "".join(parts), last if last is not None and last.done else None
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def unix_to_rfc3339(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def unix_now() -> int:
+    return int(time.time())

@@ -1,0 +1,130 @@
+"""GGUF -> gdsllm model folder, for `general.architecture == "llama"`.
+
+Quantized tensors are copied in their GGUF block format (no re-quantization). llama.cpp's converter permutes the
+rows of attn_q / attn_k so that its rope rotates adjacent pairs; gdsllm's internal convention is HF's (rope over
+the two halves of each head, `rotate_half`), so those rows are permuted back here (a row permutation, which moves
+whole quant blocks and keeps the bytes exact). Tokenizer and chat template come from `tokenizer.ggml.*`.
+"""
+
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader
+
+from gdsllm_core.convert import ConvertOptions
+from gdsllm_core.errors import ConversionError
+from gdsllm_core.layout.qtypes import tensor_nbytes
+from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.quant.ggml import check_supported
+from gdsllm_llama.config import GGUF_ARCHITECTURE, LlamaConfig
+from gdsllm_llama.layout import LAYER_TENSORS, LlamaLayout
+from gdsllm_llama.tokenizer_gguf import build_tokenizer
+
+GGUF_MAGIC = b"GGUF"
+ROPE_FREQS = "rope_freqs.weight"  # LLaMA 3.1 GGUFs: per-frequency divisors of the rope inverse frequencies
+_STRING_TYPE = 8
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` read from the header without parsing the whole file (None if not found early)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                return None
+            handle.read(4 + 8)  # version, tensor count
+            (n_kv,) = struct.unpack("<Q", handle.read(8))
+            for _ in range(min(n_kv, 16)):
+                (key_len,) = struct.unpack("<Q", handle.read(8))
+                key = handle.read(key_len).decode("utf-8", "replace")
+                (value_type,) = struct.unpack("<I", handle.read(4))
+                if value_type != _STRING_TYPE:
+                    return None
+                (value_len,) = struct.unpack("<Q", handle.read(8))
+                value = handle.read(value_len).decode("utf-8", "replace")
+                if key == "general.architecture":
+                    return value
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rope permutation of attn_q/attn_k rows (per head: interleaved pairs -> two halves)."""
+    half = rows.shape[0] // n_heads // 2
+    return rows.reshape(n_heads, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def read_metadata(reader: GGUFReader) -> dict:
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+class GgufConverter:
+    name = "gguf"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        """A GGUF file whose architecture is llama (or cannot be read early: then convert reports why)."""
+        path = Path(path)
+        if not path.is_file():
+            return False
+        with open(path, "rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                return False
+        return gguf_architecture(path) in (GGUF_ARCHITECTURE, None)
+
+    @staticmethod
+    def default_name(path: Path) -> str:
+        return Path(path).stem.lower()
+
+    def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
+        if options.quant:
+            raise ConversionError(f"re-quantizing a GGUF ({source.name}) to {options.quant} is not supported",
+                                  "convert the GGUF as it is, or convert the original safetensors with --quant")
+        try:
+            reader = GGUFReader(source)
+        except Exception as exc:
+            raise ConversionError(f"cannot read GGUF {source}: {type(exc).__name__}: {exc}",
+                                  "the file is truncated or corrupt: re-download it") from exc
+        meta = read_metadata(reader)
+        tensors = {tensor.name: tensor for tensor in reader.tensors}
+        for tensor in tensors.values():
+            check_supported(tensor.tensor_type.name, f"tensor {tensor.name} in {source.name}")
+            shape = [int(d) for d in reversed(tensor.shape.tolist())]
+            expected = tensor_nbytes(tensor.tensor_type.name, shape)
+            if tensor.data.nbytes != expected:
+                raise ConversionError(f"tensor {tensor.name} in {source} has {tensor.data.nbytes} of its "
+                                      f"{expected} bytes", "the file is truncated: re-download it")
+        freq_factors = tensors.pop(ROPE_FREQS, None)
+        config = LlamaConfig.from_gguf(
+            meta, n_vocab=len(meta.get("tokenizer.ggml.tokens") or []), tied="output.weight" not in tensors,
+            rope_freq_factors=None if freq_factors is None else [float(x) for x in freq_factors.data.reshape(-1)])
+        groups = LlamaLayout.group(tensors, config.n_layers, config.tied_embeddings)
+        tokenizer, files = build_tokenizer(meta)
+        total, done = len(tensors), 0
+        for extent_name, names in groups.items():
+            entries = []
+            for name in _ordered(names):
+                tensor = tensors[name]
+                data = tensor.data
+                qtype = tensor.tensor_type.name
+                shape = [int(d) for d in reversed(tensor.shape.tolist())]
+                if name.endswith((".attn_q.weight", ".attn_k.weight")):
+                    heads = config.n_heads if ".attn_q." in name else config.n_kv_heads
+                    data = unpermute_rows(data.reshape(shape[0], -1), heads)
+                entries.append((name, qtype, shape, data))
+                done += 1
+                if options.progress:
+                    options.progress(name, done, total)
+            writer.add_extent(extent_name, entries)
+        counts = Counter(t.tensor_type.name for t in tensors.values() if len(t.shape) > 1)
+        writer.finish(architecture=GGUF_ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
+                      quant=counts.most_common(1)[0][0] if counts else "",
+                      source={"format": "gguf", "file": source.name, "name": meta.get("general.name", "")})
+
+
+def _ordered(names: list[str]) -> list[str]:
+    """Tensors of an extent in a fixed order (LAYER_TENSORS for layers), whatever the file's order."""
+    rank = {part: i for i, part in enumerate(LAYER_TENSORS)}
+    return sorted(names, key=lambda n: rank.get(n.split(".")[2] if n.startswith("blk.") else "", -1))

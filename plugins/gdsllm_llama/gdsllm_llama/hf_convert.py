@@ -1,0 +1,165 @@
+"""HF safetensors folder (config.json + *.safetensors, sharded or not, + tokenizer files) -> gdsllm model folder.
+
+Weights keep their dtype (F32/F16/BF16; norms are stored as F32) or are quantized with `--quant q8_0|q4_0|...`:
+every matrix gets the requested type except the embeddings and output head, which get Q8_0 when a 4/5-bit type is
+asked for (as llama.cpp keeps them at higher precision). HF's rope layout is gdsllm's convention: no permutation.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from gdsllm_core.convert import ConvertOptions
+from gdsllm_core.errors import ConversionError
+from gdsllm_core.layout.manifest import TokenizerInfo
+from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.quant.quantize import QUANTIZABLE, quantize
+from gdsllm_llama.config import GGUF_ARCHITECTURE, HF_ARCHITECTURES, LlamaConfig
+from gdsllm_llama.layout import LAYER_TENSORS, LlamaLayout
+from gdsllm_llama.names import gguf_name
+
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_HEAD_TENSORS = ("token_embd.weight", "output.weight")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot read {path}: {exc}", "the checkpoint is incomplete: re-download it") from exc
+
+
+def shard_files(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> the shard holding it; a missing shard is an error naming it."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map") or {}
+        missing = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
+        if missing:
+            raise ConversionError(f"{folder} lacks the shard(s) {', '.join(missing)} listed in {INDEX_FILE}",
+                                  "download the missing files (or the whole checkpoint) again")
+        return {name: folder / file for name, file in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{folder} has no *.safetensors files", "download the model's weights")
+    located = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            located.update({name: file for name in handle.keys()})
+    return located
+
+
+def _tokenizer(folder: Path, config: dict) -> tuple[TokenizerInfo, dict[str, bytes]]:
+    """The folder's tokenizer as it is (tokenizer.json preferred, else tokenizer.model), minus any BOS-adding
+    post-processor (the engine adds BOS when `add_bos` says so)."""
+    tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+    bos_id = config.get("bos_token_id", generation.get("bos_token_id"))
+    template = tok_config.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    add_bos = tok_config.get("add_bos_token")
+    if (folder / "tokenizer.json").is_file():
+        data = _read_json(folder / "tokenizer.json")
+        post = data.get("post_processor")
+        adds_bos = bos_id is not None and _template_adds_bos(post)
+        data["post_processor"] = None
+        kind, file, payload = "hf", "tokenizer.json", json.dumps(data, ensure_ascii=False).encode()
+        add_bos = adds_bos if add_bos is None else add_bos
+    elif (folder / "tokenizer.model").is_file():
+        kind, file, payload = "sentencepiece", "tokenizer.model", (folder / "tokenizer.model").read_bytes()
+        add_bos = True if add_bos is None else add_bos
+    else:  # weights only (e.g. a test model): the engine reports the missing tokenizer when it loads the model
+        return TokenizerInfo(kind="none", file="", bos_id=bos_id, eos_ids=eos_ids, chat_template=template), {}
+    info = TokenizerInfo(kind=kind, file=file, bos_id=bos_id, eos_ids=eos_ids, add_bos=bool(add_bos),
+                         chat_template=template)
+    return info, {file: payload}
+
+
+def _template_adds_bos(post: dict | None) -> bool:
+    if not post:
+        return False
+    if post.get("type") == "Sequence":
+        return any(_template_adds_bos(p) for p in post.get("processors", []))
+    single = post.get("single") if post.get("type") == "TemplateProcessing" else None
+    return bool(single) and "SpecialToken" in single[0]
+
+
+class HfSafetensorsConverter:
+    name = "hf-safetensors"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        config_path = Path(path) / "config.json"
+        if not config_path.is_file():
+            return False
+        try:
+            archs = json.loads(config_path.read_text()).get("architectures") or []
+        except ValueError:
+            return False
+        return any(arch in HF_ARCHITECTURES for arch in archs)
+
+    @staticmethod
+    def default_name(path: Path) -> str:
+        return Path(path).resolve().name.lower()
+
+    def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
+        raw_config = _read_json(source / "config.json")
+        config = LlamaConfig.from_hf(raw_config)
+        quant = options.quant.upper() if options.quant else None
+        if quant is not None and quant not in QUANTIZABLE:
+            raise ConversionError(f"--quant {options.quant} is not supported for safetensors input",
+                                  f"use one of {', '.join(q.lower() for q in QUANTIZABLE)}, or none to keep the dtype")
+        located = shard_files(source)
+        names = {}
+        for hf_name in located:
+            target = gguf_name(hf_name)
+            if target is not None:
+                names[target] = hf_name
+        if config.tied_embeddings:
+            names.pop("output.weight", None)
+        groups = LlamaLayout.group(names, config.n_layers, config.tied_embeddings)
+        tokenizer, files = _tokenizer(source, raw_config)
+        handles = {}
+        seen_dtypes: set[str] = set()
+        total, done = len(names), 0
+        try:
+            for extent_name, members in groups.items():
+                rank = {part: i for i, part in enumerate(LAYER_TENSORS)}
+                members = sorted(members, key=lambda n: rank.get(n.split(".")[2] if n.startswith("blk.") else "", -1))
+                entries = []
+                for name in members:
+                    file = located[names[name]]
+                    handle = handles.get(file) or handles.setdefault(file, safe_open(file, framework="pt"))
+                    tensor = handle.get_tensor(names[name])
+                    if tensor.dim() > 1:
+                        seen_dtypes.add(_DTYPES.get(tensor.dtype, str(tensor.dtype)))
+                    entries.append(self._tensor_entry(name, tensor, quant))
+                    done += 1
+                    if options.progress:
+                        options.progress(name, done, total)
+                writer.add_extent(extent_name, entries)
+        finally:
+            handles.clear()
+        writer.finish(architecture=GGUF_ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
+                      quant=quant or "/".join(sorted(seen_dtypes)),
+                      source={"format": "hf-safetensors", "folder": source.name,
+                              "architectures": raw_config.get("architectures"), "dtypes": sorted(seen_dtypes)})
+
+    @staticmethod
+    def _tensor_entry(name: str, tensor: torch.Tensor, quant: str | None) -> tuple:
+        if tensor.dtype not in _DTYPES:
+            raise ConversionError(f"tensor {name} has dtype {tensor.dtype}", "expected float32, float16 or bfloat16")
+        shape = list(tensor.shape)
+        if tensor.dim() == 1:
+            return name, "F32", shape, tensor.float()
+        if quant is None:
+            return name, _DTYPES[tensor.dtype], shape, tensor
+        qtype = "Q8_0" if name in _HEAD_TENSORS and quant != "Q8_0" else quant
+        return name, qtype, shape, quantize(tensor, qtype)
+

@@ -1,0 +1,106 @@
+"""QwenMoeConfig: the Qwen3.5-MoE hyper-parameters, read from an HF or MLX config.json (flat or with text_config)."""
+
+from dataclasses import asdict, dataclass, field, fields
+
+from gdsllm_core.errors import ConversionError
+
+FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"
+MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+
+
+@dataclass
+class QwenMoeConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_conv_kernel_dim: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    layer_types: list[str]
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    # derived sizes
+    @property
+    def key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types[layer] == LINEAR_ATTENTION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QwenMoeConfig":
+        """From the manifest's config (as written by `to_dict`)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "QwenMoeConfig":
+        """From config.json: HF `Qwen3_5MoeForCausalLM` (flat), `…ForConditionalGeneration` (text_config) or mlx_lm."""
+        text = dict(raw.get("text_config") or raw)
+        n_layers = _need(text, "num_hidden_layers")
+        layer_types = text.get("layer_types")
+        if not layer_types:
+            interval = text.get("full_attention_interval", 4)
+            layer_types = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(n_layers)]
+        if len(layer_types) != n_layers or set(layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION}:
+            raise ConversionError(f"config.json: layer_types {layer_types} does not describe {n_layers} layers",
+                                  "each entry must be 'linear_attention' or 'full_attention'")
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        hidden = _need(text, "hidden_size")
+        heads = _need(text, "num_attention_heads")
+        eos = raw.get("eos_token_id", text.get("eos_token_id"))
+        return cls(
+            vocab_size=_need(text, "vocab_size"), hidden_size=hidden, num_hidden_layers=n_layers,
+            num_attention_heads=heads, num_key_value_heads=_need(text, "num_key_value_heads"),
+            head_dim=text.get("head_dim") or hidden // heads,
+            linear_conv_kernel_dim=_need(text, "linear_conv_kernel_dim"),
+            linear_key_head_dim=_need(text, "linear_key_head_dim"),
+            linear_value_head_dim=_need(text, "linear_value_head_dim"),
+            linear_num_key_heads=_need(text, "linear_num_key_heads"),
+            linear_num_value_heads=_need(text, "linear_num_value_heads"),
+            moe_intermediate_size=_need(text, "moe_intermediate_size"),
+            shared_expert_intermediate_size=_need(text, "shared_expert_intermediate_size"),
+            num_experts=_need(text, "num_experts"), num_experts_per_tok=_need(text, "num_experts_per_tok"),
+            layer_types=list(layer_types), rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+        )
+
+
+def _need(config: dict, key: str):
+    if key not in config:
+        raise ConversionError(f"config.json has no {key!r}", "is this a Qwen3.5-MoE checkpoint?")
+    return config[key]

@@ -1,0 +1,130 @@
+"""The MoE block with selective expert loading and a host-RAM expert cache.
+
+Per layer the router runs first; only the experts it picked (the union over every token of the step: the batch in
+decode, the prompt chunk in prefill) are fetched, the cache misses in one batched `ExtentReader.submit`. Cached
+experts live in host RAM under a byte budget; eviction drops the expert requested least often (ties: least recently
+used), so frequently routed experts stay. Statistics: hits, misses, bytes read from storage, evictions."""
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from gdsllm_core.layout.manifest import Manifest
+from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_qwen_moe.config import QwenMoeConfig
+from gdsllm_qwen_moe.weights import Weight, group_weights, linear
+
+
+def expert_extent(layer: int, expert: int) -> str:
+    return f"blk.{layer}.expert.{expert}"
+
+
+def route(x: torch.Tensor, router: Weight, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, top-k, renormalised: (weights [N, k] in x's dtype, expert ids [N, k])."""
+    probs = torch.softmax(linear(x, router).to(torch.float32), dim=-1)
+    top_weights, top_ids = torch.topk(probs, top_k, dim=-1)
+    top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+    return top_weights.to(x.dtype), top_ids
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    reads: int = 0  # batched storage reads issued
+    evictions: int = 0
+    last_read_by_layer: dict[int, dict] = field(default_factory=dict)
+
+    def as_dict(self, cached_bytes: int, budget_bytes: int) -> dict:
+        requests = self.hits + self.misses
+        return {"host": {"hits": self.hits, "misses": self.misses,
+                         "hit_rate": self.hits / requests if requests else 0.0,
+                         "cached_bytes": cached_bytes, "budget_bytes": budget_bytes, "evictions": self.evictions},
+                "storage": {"bytes_read": self.bytes_read, "reads": self.reads}}
+
+
+class ExpertCache:
+    """Expert extents on demand: read from storage through `reader`, kept in host RAM up to `budget_bytes`."""
+
+    def __init__(self, reader: ExtentReader, manifest: Manifest, budget_bytes: int):
+        self.reader = reader
+        self.extents = {e.name: e for e in manifest.extents if ".expert." in e.name}
+        self.budget_bytes = budget_bytes
+        self.cached_bytes = 0
+        self._entries: OrderedDict[str, dict[str, Weight]] = OrderedDict()  # least recently used first
+        self.frequency: dict[str, int] = {}
+        self.stats = CacheStats()
+
+    def get(self, layer: int, experts: list[int]) -> dict[int, dict[str, Weight]]:
+        """The weights of `experts` of `layer`; misses are read together in one batched read."""
+        names = {e: expert_extent(layer, e) for e in experts}
+        found: dict[int, dict[str, Weight]] = {}
+        missing = []
+        for expert, name in names.items():
+            self.frequency[name] = self.frequency.get(name, 0) + 1
+            if name in self._entries:
+                self._entries.move_to_end(name)
+                found[expert] = self._entries[name]
+            else:
+                missing.append(expert)
+        self.stats.hits += len(found)
+        self.stats.misses += len(missing)
+        read_bytes = 0
+        if missing:
+            extents = [self.extents[names[e]] for e in missing]
+            buffers = [torch.empty(extent.nbytes, dtype=torch.uint8) for extent in extents]
+            self.reader.read(extents, buffers)
+            read_bytes = sum(extent.nbytes for extent in extents)
+            self.stats.reads += 1
+            for expert, extent, buffer in zip(missing, extents, buffers, strict=True):
+                found[expert] = group_weights(extent, extent_views(extent, buffer))
+                self._admit(extent.name, found[expert], extent.nbytes, keep=set(names.values()))
+        self.stats.bytes_read += read_bytes
+        self.stats.last_read_by_layer[layer] = {"ids": list(experts), "misses": len(missing),
+                                                 "bytes": read_bytes}
+        return found
+
+    def _admit(self, name: str, weights: dict[str, Weight], nbytes: int, keep: set[str]) -> None:
+        """Cache an expert if the budget allows, evicting less frequently used ones not needed by this step."""
+        if nbytes > self.budget_bytes:
+            return
+        while self.cached_bytes + nbytes > self.budget_bytes:
+            victims = [n for n in self._entries if n not in keep]
+            if not victims:
+                return
+            victim = min(victims, key=lambda n: self.frequency[n])  # ties: the least recently used (first)
+            if self.frequency[victim] > self.frequency[name]:
+                return  # the newcomer is the rarer one: do not displace a hotter expert
+            self._entries.pop(victim)
+            self.cached_bytes -= self.extents[victim].nbytes
+            self.stats.evictions += 1
+        self._entries[name] = weights
+        self.cached_bytes += nbytes
+
+    def cached_names(self) -> set[str]:
+        return set(self._entries)
+
+    def as_dict(self) -> dict:
+        return self.stats.as_dict(self.cached_bytes, self.budget_bytes)
+
+
+def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, config: QwenMoeConfig,
+              cache: ExpertCache) -> torch.Tensor:
+    """x [N, hidden] -> routed experts (weighted) + sigmoid-gated shared expert."""
+    weights, ids = route(x, w[prefix + "ffn_gate_inp.weight"], config.num_experts_per_tok)
+    selected = torch.unique(ids).tolist()
+    experts = cache.get(layer, selected)
+    out = torch.zeros_like(x)
+    for expert in selected:
+        tokens, slot = torch.where(ids == expert)
+        ew = experts[expert]
+        p = f"blk.{layer}.expert.{expert}."
+        hidden = x[tokens]
+        act = F.silu(linear(hidden, ew[p + "ffn_gate.weight"])) * linear(hidden, ew[p + "ffn_up.weight"])
+        out.index_add_(0, tokens, linear(act, ew[p + "ffn_down.weight"]) * weights[tokens, slot, None])
+    shared = linear(F.silu(linear(x, w[prefix + "ffn_gate_shexp.weight"])) * linear(x, w[prefix + "ffn_up_shexp.weight"]),
+                    w[prefix + "ffn_down_shexp.weight"])
+    return out + torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * shared

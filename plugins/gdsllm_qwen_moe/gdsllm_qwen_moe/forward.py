@@ -1,0 +1,149 @@
+"""QwenMoeForward: the torch forward pass of Qwen3.5-MoE (the reference path; runs on the CPU).
+
+Residency: the dense extents (embeddings, each layer's attention / router / shared expert / norms, output) are read
+once, in one batched `ExtentReader` read, and stay resident. Experts are never loaded up front: `ExpertCache` reads
+the ones the router picks, per layer and step, and keeps them in host RAM under `LoadOptions.host_cache` bytes.
+(The core's `TieredScheduler` reads every extent resident, so this plugin drives `ExtentReader` itself.)"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_core.errors import BackendUnavailableError, BadRequestError, ContextOverflowError
+from gdsllm_core.layout.store import ModelEntry
+from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
+from gdsllm_qwen_moe.config import QwenMoeConfig
+from gdsllm_qwen_moe.experts import ExpertCache, moe_block
+from gdsllm_qwen_moe.linear_attn import gated_deltanet
+from gdsllm_qwen_moe.weights import Weight, embedding_rows, group_weights, linear
+
+DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
+
+
+@dataclass
+class QwenMoeCache:
+    """One sequence's state: KV for full-attention layers, conv + recurrent state for linear ones."""
+
+    max_tokens: int
+    length: int = 0
+    kv: dict[int, KVCache] = field(default_factory=dict)
+    conv: dict[int, torch.Tensor] = field(default_factory=dict)  # [conv_dim, kernel-1]
+    recurrent: dict[int, torch.Tensor] = field(default_factory=dict)  # [Hv, Dk, Dv] fp32
+
+
+class QwenMoeForward:
+    """`ForwardPass` for architecture "qwen3_5_moe"."""
+
+    def __init__(self, entry: ModelEntry, options: LoadOptions):
+        self.entry = entry
+        self.config = QwenMoeConfig.from_dict(entry.manifest.config)
+        if options.device not in ("cpu", "auto", ""):
+            raise BackendUnavailableError(f"the Qwen3.5-MoE forward pass runs on the CPU only (asked: {options.device})",
+                                          "load it with device cpu (GDSLLM_DEVICE=cpu); the GPU path is not built yet")
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.vocab_size = self.config.vocab_size
+        self.max_context = min(options.max_context or self.config.max_position_embeddings,
+                               self.config.max_position_embeddings)
+        self.reader = ExtentReader(entry.path, entry.manifest)
+        dense = [e for e in entry.manifest.extents if ".expert." not in e.name]
+        arena = torch.empty(sum(e.nbytes for e in dense), dtype=torch.uint8)
+        buffers, start = [], 0
+        for extent in dense:
+            buffers.append(arena[start:start + extent.nbytes])
+            start += extent.nbytes
+        self.reader.read(dense, buffers)
+        self.dense_bytes = arena.numel()
+        self.weights: dict[str, Weight] = {}
+        for extent, buffer in zip(dense, buffers, strict=True):
+            self.weights.update(group_weights(extent, extent_views(extent, buffer)))
+        budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
+        self.experts = ExpertCache(self.reader, entry.manifest, budget)
+        self.tokens_processed = 0
+
+    # caches -------------------------------------------------------------------------------------------------
+    def new_cache(self, max_tokens: int) -> QwenMoeCache:
+        if max_tokens > self.max_context:
+            raise ContextOverflowError(f"a cache of {max_tokens} tokens exceeds the model's context of "
+                                       f"{self.max_context}", "lower num_ctx")
+        c = self.config
+        cache = QwenMoeCache(max_tokens=max_tokens)
+        for layer in range(c.num_hidden_layers):
+            if c.is_linear(layer):
+                cache.conv[layer] = torch.zeros(c.conv_dim, c.linear_conv_kernel_dim - 1, dtype=self.dtype,
+                                                device=self.device)
+                cache.recurrent[layer] = torch.zeros(c.linear_num_value_heads, c.linear_key_head_dim,
+                                                     c.linear_value_head_dim, dtype=torch.float32, device=self.device)
+            else:
+                cache.kv[layer] = KVCache(c, max_tokens, self.dtype, self.device)
+        return cache
+
+    # passes -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, cache: QwenMoeCache, all_logits: bool = False) -> torch.Tensor:
+        tokens = tokens.to(self.device).reshape(-1)
+        if tokens.numel() == 0:
+            raise BadRequestError("prefill needs at least one token")
+        self._check_room([cache], tokens.numel())
+        hidden = self._layers(tokens.reshape(1, -1), [cache])[0]  # [T, H]
+        return self._logits(hidden if all_logits else hidden[-1])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, caches: list[QwenMoeCache]) -> torch.Tensor:
+        tokens = tokens.to(self.device).reshape(-1)
+        if tokens.numel() != len(caches):
+            raise BadRequestError(f"decode got {tokens.numel()} tokens for {len(caches)} caches")
+        self._check_room(caches, 1)
+        return self._logits(self._layers(tokens.reshape(-1, 1), caches)[:, 0])
+
+    def _check_room(self, caches: list[QwenMoeCache], n_new: int) -> None:
+        for cache in caches:
+            if cache.length + n_new > cache.max_tokens:
+                raise ContextOverflowError(f"{cache.length} + {n_new} tokens exceed the cache of {cache.max_tokens}",
+                                           "start a new sequence or raise num_ctx")
+
+    def _layers(self, tokens: torch.Tensor, caches: list[QwenMoeCache]) -> torch.Tensor:
+        """tokens [B, T] (B sequences, each continuing its cache) -> final hidden states [B, T, H]."""
+        c, w = self.config, self.weights
+        batch, length = tokens.shape
+        x = embedding_rows(w["token_embd.weight"], tokens.reshape(-1), self.dtype).reshape(batch, length, -1)
+        starts = [cache.length for cache in caches]
+        for layer in range(c.num_hidden_layers):
+            p = f"blk.{layer}."
+            h = rms_norm(x, w[p + "attn_norm.weight"], c.rms_norm_eps)
+            if c.is_linear(layer):
+                conv = torch.stack([cache.conv[layer] for cache in caches])
+                state = torch.stack([cache.recurrent[layer] for cache in caches])
+                h, conv, state = gated_deltanet(h, w, p, c, conv, state)
+                for b, cache in enumerate(caches):
+                    cache.conv[layer], cache.recurrent[layer] = conv[b], state[b]
+            else:
+                h = gated_attention(h, w, p, c, [cache.kv[layer] for cache in caches], starts)
+            x = x + h
+            h = rms_norm(x, w[p + "post_attention_norm.weight"], c.rms_norm_eps)
+            x = x + moe_block(h.reshape(batch * length, -1), w, p, layer, c, self.experts).reshape(x.shape)
+        for cache in caches:
+            cache.length += length
+        self.tokens_processed += batch * length
+        return rms_norm(x, w["output_norm.weight"], c.rms_norm_eps)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.weights.get("output.weight", self.weights["token_embd.weight"])
+        return linear(hidden, head).to(torch.float32)
+
+    # reporting ----------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        experts = self.experts.as_dict()
+        tokens = self.tokens_processed
+        return {"backend": self.reader.backend.name,
+                "tiers": {"vram": 0, "host": self.dense_bytes + self.experts.cached_bytes,
+                          "storage": experts["storage"]["bytes_read"]},
+                "dense_resident_bytes": self.dense_bytes, "expert_cache": experts, "tokens": tokens,
+                "expert_bytes_read_per_token": experts["storage"]["bytes_read"] / tokens if tokens else 0.0}
+
+    def close(self) -> None:
+        self.weights.clear()
+        self.experts = ExpertCache(self.reader, self.entry.manifest, 0)
+        self.reader.close()

@@ -1,0 +1,66 @@
+"""Stored tensors as the CPU forward pass uses them: plain tensors, or `AffineWeight` (packed words + scales +
+biases, dequantized when used)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gdsllm_core.layout.manifest import ExtentInfo
+from gdsllm_qwen_moe import affine
+
+
+@dataclass
+class AffineWeight:
+    """An MLX-affine matrix [rows, cols]: `packed` words [rows, cols*bits/32] (uint32 bits held as int32),
+    scales/biases [rows, groups]."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    biases: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 32 // self.bits
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return affine.dequantize(self.packed, self.scales, self.biases, self.bits, self.group_size, dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Only the rows `index` (an embedding lookup), dequantized."""
+        return affine.dequantize(self.packed[index], self.scales[index], self.biases[index], self.bits,
+                                 self.group_size, dtype)
+
+
+Weight = torch.Tensor | AffineWeight
+
+
+def group_weights(extent: ExtentInfo, views: dict[str, torch.Tensor]) -> dict[str, Weight]:
+    """name -> tensor or AffineWeight for one extent's views (`.scales`/`.biases` folded into their matrix)."""
+    grouped: dict[str, Weight] = {}
+    for info in extent.tensors:
+        spec = info.extra.get("affine") if info.extra else None
+        if spec:
+            stem = info.name.removesuffix(".weight")
+            grouped[info.name] = AffineWeight(views[info.name].view(torch.int32), views[stem + ".scales"], views[stem + ".biases"],
+                                              spec["bits"], spec["group_size"])
+        elif not info.name.endswith((".scales", ".biases")):
+            grouped[info.name] = views[info.name]
+    return grouped
+
+
+def dense(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return weight.dense(dtype) if isinstance(weight, AffineWeight) else weight.to(dtype)
+
+
+def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """x @ weight.T in x's dtype."""
+    return F.linear(x, dense(weight, x.dtype))
+
+
+def embedding_rows(weight: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if isinstance(weight, AffineWeight):
+        return weight.rows(tokens, dtype)
+    return weight[tokens].to(dtype)

@@ -1,0 +1,140 @@
+"""The converted tiny model against transformers' Qwen3_5MoeForCausalLM (fp32): logits for a prompt and 16 cached
+decode steps, batched decode, and selective expert loading proven by counting bytes against HF's own router."""
+
+import pytest
+import torch
+
+from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_qwen_moe.experts import ExpertCache
+from gdsllm_qwen_moe.forward import QwenMoeForward
+
+pytestmark = pytest.mark.reference
+
+PROMPT_LENGTH = 70  # more than one 64-token chunk of the chunked delta rule
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def hf_router_choices(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the top-k expert ids transformers' router picks for each token [T, k]."""
+    with torch.no_grad():
+        logits = model(tokens[None], output_router_logits=True).router_logits
+    return [torch.topk(torch.softmax(lg.float(), -1), model.config.num_experts_per_tok, dim=-1).indices
+            for lg in logits]
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_prompt_and_16_decode_steps_match_transformers(hf_model, converted, layout):
+    forward = QwenMoeForward(converted[layout], LoadOptions(host_cache=1 << 20))
+    prompt = torch.randint(0, hf_model.config.vocab_size, (PROMPT_LENGTH,), generator=torch.Generator().manual_seed(1))
+    cache = forward.new_cache(PROMPT_LENGTH + 16)
+    ours = forward.prefill(prompt, cache, all_logits=True)
+    with torch.no_grad():
+        out = hf_model(prompt[None], use_cache=True)
+    assert relative_error(ours, out.logits[0]) < 1e-4
+    hf_cache, token = out.cache, out.logits[0, -1].argmax()
+    for _ in range(16):  # teacher-forced with transformers' greedy token
+        ours = forward.decode(token.reshape(1), [cache])[0]
+        with torch.no_grad():
+            out = hf_model(token.reshape(1, 1), cache=hf_cache, use_cache=True)
+        hf_cache, ref = out.cache, out.logits[0, -1]
+        assert relative_error(ours, ref) < 1e-4
+        token = ref.argmax()
+    assert cache.length == PROMPT_LENGTH + 16
+    forward.close()
+
+
+def test_batched_decode_equals_single(converted):
+    entry = converted["per_expert"]
+    prompts = [torch.arange(3, 12), torch.tensor([7, 300, 5, 61, 2])]
+    steps = torch.tensor([[11, 40], [12, 41], [13, 42]])  # step s feeds steps[s, b] to sequence b
+    singles = []
+    for b, prompt in enumerate(prompts):
+        forward = QwenMoeForward(entry, LoadOptions())
+        cache = forward.new_cache(32)
+        forward.prefill(prompt, cache)
+        singles.append(torch.stack([forward.decode(steps[s, b:b + 1], [cache])[0] for s in range(len(steps))]))
+        forward.close()
+    forward = QwenMoeForward(entry, LoadOptions())
+    caches = [forward.new_cache(32) for _ in prompts]
+    for prompt, cache in zip(prompts, caches, strict=True):
+        forward.prefill(prompt, cache)
+    batched = torch.stack([forward.decode(steps[s], caches) for s in range(len(steps))])  # [S, B, V]
+    for b in range(len(prompts)):
+        assert relative_error(batched[:, b], singles[b]) < 1e-5
+    assert [c.length for c in caches] == [len(p) + len(steps) for p in prompts]
+
+
+def test_only_routed_experts_are_read(hf_model, converted):
+    """With no cache, each layer reads exactly the experts transformers' router picks (union over the prompt,
+    top-k per decode token) x the expert extent's size, and nothing else."""
+    entry = converted["per_expert"]
+    expert_bytes = entry.manifest.extent("blk.0.expert.0").nbytes
+    assert {e.nbytes for e in entry.manifest.extents if ".expert." in e.name} == {expert_bytes}
+    forward = QwenMoeForward(entry, LoadOptions(host_cache=0))
+    read_before = forward.reader.bytes_read
+    prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(2))
+    cache = forward.new_cache(24)
+    logits = forward.prefill(prompt, cache)
+    choices = hf_router_choices(hf_model, prompt)
+    expected = [len(torch.unique(c)) * expert_bytes for c in choices]
+    got = [forward.experts.stats.last_read_by_layer[layer]["bytes"] for layer in range(4)]
+    assert got == expected
+    assert forward.reader.bytes_read - read_before == sum(expected)  # the reader's own count agrees
+    sequence = prompt
+    for _ in range(3):
+        token = logits.argmax().reshape(1)
+        sequence = torch.cat([sequence, token])
+        before = forward.reader.bytes_read
+        logits = forward.decode(token, [cache])[0]
+        top_k = hf_model.config.num_experts_per_tok
+        assert [forward.experts.stats.last_read_by_layer[layer]["bytes"] for layer in range(4)] == [top_k * expert_bytes] * 4
+        assert forward.reader.bytes_read - before == 4 * top_k * expert_bytes
+        assert [sorted(c[-1].tolist()) for c in hf_router_choices(hf_model, sequence)] == \
+               [sorted(forward.experts.stats.last_read_by_layer[layer]["ids"]) for layer in range(4)]
+    forward.close()
+
+
+def test_warm_cache_reads_only_misses(hf_model, converted):
+    entry = converted["per_expert"]
+    expert_bytes = entry.manifest.extent("blk.0.expert.0").nbytes
+    forward = QwenMoeForward(entry, LoadOptions(host_cache=32 * expert_bytes))  # every expert fits
+    prompt = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(3))
+    first = forward.new_cache(16)
+    logits = forward.prefill(prompt, first)
+    choices = hf_router_choices(hf_model, prompt)
+    seen = [set(c.flatten().tolist()) for c in choices]
+    assert forward.experts.stats.bytes_read == sum(len(s) for s in seen) * expert_bytes
+    before = forward.experts.stats.bytes_read
+    again = forward.new_cache(16)
+    assert torch.allclose(forward.prefill(prompt, again), logits, rtol=0, atol=1e-6)
+    assert forward.experts.stats.bytes_read == before  # all hits
+    assert forward.experts.stats.hits == sum(len(s) for s in seen)
+    token = logits.argmax().reshape(1)
+    forward.decode(token, [again])
+    new = hf_router_choices(hf_model, torch.cat([prompt, token]))
+    misses = sum(len(set(c[-1].tolist()) - s) for c, s in zip(new, seen, strict=True))
+    assert forward.experts.stats.bytes_read - before == misses * expert_bytes
+    stats = forward.stats()
+    assert stats["expert_cache"]["host"]["hits"] + stats["expert_cache"]["host"]["misses"] == \
+           2 * sum(len(s) for s in seen) + 4 * hf_model.config.num_experts_per_tok
+    assert stats["expert_cache"]["storage"]["bytes_read"] == forward.experts.stats.bytes_read
+    forward.close()
+
+
+def test_cache_evicts_the_least_frequently_used_expert(converted):
+    entry = converted["per_expert"]
+    expert_bytes = entry.manifest.extent("blk.0.expert.0").nbytes
+    forward = QwenMoeForward(entry, LoadOptions(host_cache=0))
+    cache = ExpertCache(forward.reader, entry.manifest, budget_bytes=2 * expert_bytes)
+    for _ in range(3):
+        cache.get(0, [0])  # expert 0 is hot
+    cache.get(0, [1])
+    cache.get(0, [2])  # full: evicts 1 (requested once), not 0 (requested 3 times)
+    assert cache.cached_names() == {"blk.0.expert.0", "blk.0.expert.2"}
+    cache.get(0, [0])
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (3, 3, 1)
+    assert cache.stats.bytes_read == 3 * expert_bytes
+    forward.close()

@@ -1,0 +1,360 @@
+"""`gdsllm pull` end to end against a loopback server speaking the Hugging Face hub protocol, through the real
+huggingface_hub client (HF_ENDPOINT): model info with siblings, HEAD/GET /resolve with ETag, X-Repo-Commit,
+Content-Length and Range, large files redirected to a "CDN" path with X-Linked-Etag / X-Linked-Size like the hub
+does. The pulled models must match converting the same files directly: same tensors (checksums) and the same greedy
+tokens from the engine."""
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from _cli_models import assert_one_line_error, cli_env, gdsllm, make_tiny_llama
+
+from gdsllm_core import pull as pull_mod
+from gdsllm_core.errors import UnsupportedQuantError
+
+GOOD_TOKEN = "hf_good_token"
+
+
+class FakeHub:
+    """A hub with a few repos. `crash_after[(repo, path)] = n`: serve n bytes of that file, then die (the listening
+    socket closes; later connections are refused) as a killed server would."""
+
+    def __init__(self):
+        self.repos: dict[str, dict] = {}
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.cdn_auth: list[bool] = []
+        self.crash_after: dict[tuple[str, str], int] = {}
+        self.private: set[str] = set()
+        self.servers: list[ThreadingHTTPServer] = []
+        self.ports = (0, 0)
+        self._start()
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes]) -> str:
+        commit = hashlib.sha1(repo_id.encode() + b"".join(files[name] for name in sorted(files))).hexdigest()
+        self.repos[repo_id] = {"commit": commit, "files": files,
+                               "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+        return commit
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def cdn(self) -> str:
+        """Large files live on another host, as on the hub: the client must not send the token there."""
+        return f"http://127.0.0.2:{self.ports[1]}"
+
+    def _start(self) -> None:
+        self.servers = []
+        for host, port in zip(("127.0.0.1", "127.0.0.2"), self.ports, strict=True):
+            server = ThreadingHTTPServer((host, port), self._handler())
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.servers.append(server)
+        self.ports = tuple(server.server_address[1] for server in self.servers)
+
+    def restart(self) -> None:
+        """Come back on the same ports after a crash."""
+        self._start()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            threading.Thread(target=server.shutdown, daemon=True).start()
+            server.server_close()
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self._serve(head=True)
+
+            def do_GET(self):
+                self._serve(head=False)
+
+            def _error(self, status: int, code: str | None = None, message: str | None = None):
+                body = json.dumps({"error": message or code or "error"}).encode()
+                self.send_response(status)
+                if code:
+                    self.send_header("X-Error-Code", code)
+                if message:
+                    self.send_header("X-Error-Message", message)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _auth_ok(self, repo_id: str) -> bool:
+                auth = self.headers.get("Authorization")
+                if auth is not None and auth != f"Bearer {GOOD_TOKEN}":
+                    self._error(401, message="Invalid credentials in Authorization header")
+                    return False
+                if repo_id in hub.private and auth is None:
+                    self._error(401, code="RepoNotFound", message="Repository not found")
+                    return False
+                return True
+
+            def _serve(self, head: bool):
+                path = self.path.split("?")[0]
+                hub.requests.append((self.command, path, self.headers.get("Range")))
+                parts = path.strip("/").split("/")
+                if parts[:2] == ["api", "models"]:
+                    repo_id = "/".join(parts[2:4])
+                    if not self._auth_ok(repo_id):
+                        return
+                    return self._model_info(repo_id)
+                if parts[0] == "cdn":
+                    hub.cdn_auth.append("Authorization" in self.headers)
+                    return self._blob(parts[1], parts[2], "/".join(parts[3:]), head)
+                if len(parts) >= 5 and parts[2] == "resolve":
+                    repo_id, path_in_repo = "/".join(parts[:2]), "/".join(parts[4:])
+                    if not self._auth_ok(repo_id):
+                        return
+                    return self._resolve(repo_id, parts[3], path_in_repo, head)
+                self._error(404, message="no such route")
+
+            def _model_info(self, repo_id: str):
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    return self._error(404, code="RepoNotFound", message="Repository not found")
+                body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": repo["commit"], "private": False,
+                                   "siblings": [{"rfilename": name} for name in repo["files"]]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _resolve(self, repo_id: str, revision: str, name: str, head: bool):
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    return self._error(404, code="RepoNotFound", message="Repository not found")
+                if revision not in ("main", repo["commit"]):
+                    return self._error(404, code="RevisionNotFound")
+                if name not in repo["files"]:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("X-Repo-Commit", repo["commit"])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                sha = repo["sha256"][name]
+                if name.endswith((".safetensors", ".gguf")):  # LFS files: redirect to the "CDN", like the hub
+                    self.send_response(302)
+                    self.send_header("Location", f"{hub.cdn}/cdn/{repo_id}/{name}")
+                    self.send_header("X-Repo-Commit", repo["commit"])
+                    self.send_header("X-Linked-Etag", f'"{sha}"')
+                    self.send_header("X-Linked-Size", str(len(repo["files"][name])))
+                    self.send_header("ETag", f'"{sha}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._send_bytes(repo_id, name, head, commit=repo["commit"])
+
+            def _blob(self, owner: str, repo: str, name: str, head: bool):
+                self._send_bytes(f"{owner}/{repo}", name, head, commit=None)
+
+            def _send_bytes(self, repo_id: str, name: str, head: bool, commit: str | None):
+                repo = hub.repos[repo_id]
+                data = repo["files"][name]
+                start = 0
+                range_header = self.headers.get("Range")
+                if range_header and not head:
+                    start = int(range_header.removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("ETag", f'"{repo["sha256"][name]}"')
+                if commit:
+                    self.send_header("X-Repo-Commit", commit)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if head:
+                    return
+                crash = hub.crash_after.pop((repo_id, name), None)
+                if crash is None:
+                    self.wfile.write(data[start:])
+                    return
+                self.wfile.write(data[start:start + crash])
+                self.wfile.flush()
+                hub.stop()  # no new connections from now on …
+                self.close_connection = True  # … and this one ends mid-file
+
+        return Handler
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-src") / "tiny-llama")
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    try:
+        server.stop()
+    except OSError:
+        pass
+
+
+def tiny_repo_files(folder: Path) -> dict[str, bytes]:
+    files = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    files["README.md"] = b"# tiny\n"
+    files["original/consolidated.00.pth"] = b"\0" * 1000  # must not be fetched
+    return files
+
+
+def greedy_tokens(store_root: Path, name: str, prompt: str, n: int = 6) -> list[int]:
+    from gdsllm_core.engine.engine import Engine
+    from gdsllm_core.engine.forward import LoadOptions
+    from gdsllm_core.layout.store import ModelStore
+    from gdsllm_core.types import GenerateRequest, SamplingParams
+
+    with Engine(store=ModelStore(store_root), options=LoadOptions(device="cpu"), keep_alive=None) as engine:
+        generation = engine.submit(GenerateRequest(model=name, prompt=prompt, max_tokens=n,
+                                                   sampling=SamplingParams(temperature=0, repeat_penalty=1.0)))
+        return [event.token_id for event in generation if event.token_id is not None]
+
+
+def tensor_index(store_root: Path, name: str) -> list[tuple]:
+    from gdsllm_core.layout.store import ModelStore
+
+    manifest = ModelStore(store_root).get(name).manifest
+    return [(t.name, t.qtype, t.shape, t.crc32) for e in manifest.extents for t in e.tensors]
+
+
+def convert_directly(source: Path, root: Path, name: str) -> None:
+    from gdsllm_core import plugins
+    from gdsllm_core.convert import convert
+    from gdsllm_core.layout.store import ModelStore
+
+    if plugins.pm.get_plugin("llama") is None:  # entry points may be off in tests: register the plugin itself
+        import gdsllm_llama.plugin
+
+        plugins.load_plugins()
+        if plugins.pm.get_plugin("llama") is None:
+            plugins.pm.register(gdsllm_llama.plugin, name="llama")
+    convert(source, ModelStore(root), name=name)
+
+
+def test_pull_safetensors_repo_matches_direct_conversion(tmp_path, hub, tiny_folder):
+    hub.add_repo("test-org/Tiny-Llama", tiny_repo_files(tiny_folder))
+    env = cli_env(tmp_path, HF_ENDPOINT=hub.endpoint)
+    result = gdsllm(["pull", "test-org/Tiny-Llama"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "pulled Tiny-Llama" in result.stdout
+
+    fetched = {path for method, path, _ in hub.requests if method == "GET" and ("/resolve/" in path or "/cdn/" in path)}
+    assert not any("README" in p or "original/" in p for p in fetched), fetched
+    assert any(p.endswith("model.safetensors") for p in fetched) and any(p.endswith("tokenizer.json") for p in fetched)
+
+    convert_directly(tiny_folder, tmp_path / "direct", "tiny")
+    assert tensor_index(tmp_path / "models", "Tiny-Llama") == tensor_index(tmp_path / "direct", "tiny")
+    pulled = greedy_tokens(tmp_path / "models", "Tiny-Llama", "hello there")
+    assert len(pulled) == 6
+    assert pulled == greedy_tokens(tmp_path / "direct", "tiny", "hello there")
+
+    listing = gdsllm(["list"], env, tmp_path)
+    assert "Tiny-Llama" in listing.stdout and "llama" in listing.stdout
+    again = gdsllm(["pull", "test-org/Tiny-Llama"], env, tmp_path)  # already there: nothing downloaded
+    assert again.returncode == 0 and "already pulled" in again.stdout
+
+
+@pytest.mark.slow  # ~12 s: huggingface_hub retries the dead server 5 times, 1 s apart, before giving up
+def test_interrupted_pull_leaves_nothing_and_resumes(tmp_path, hub, tiny_folder):
+    files = tiny_repo_files(tiny_folder)
+    hub.add_repo("test-org/Tiny-Llama", files)
+    size = len(files["model.safetensors"])
+    hub.crash_after[("test-org/Tiny-Llama", "model.safetensors")] = size // 2
+    env = cli_env(tmp_path, HF_ENDPOINT=hub.endpoint)
+
+    first = gdsllm(["pull", "test-org/Tiny-Llama"], env, tmp_path)
+    assert_one_line_error(first, "lost the connection", "run the same pull again")
+    assert "Tiny-Llama" not in gdsllm(["list"], env, tmp_path).stdout
+    assert not list((tmp_path / "models").glob("*")) if (tmp_path / "models").exists() else True
+    parts = list((tmp_path / "hf-cache").rglob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < size
+
+    hub.restart()
+    kept = parts[0].stat().st_size
+    second = gdsllm(["pull", "test-org/Tiny-Llama"], env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert ("GET", "/cdn/test-org/Tiny-Llama/model.safetensors", f"bytes={kept}-") in hub.requests
+    convert_directly(tiny_folder, tmp_path / "direct", "tiny")
+    assert tensor_index(tmp_path / "models", "Tiny-Llama") == tensor_index(tmp_path / "direct", "tiny")
+
+
+@pytest.mark.slow  # ~15 s: two conversions of the 98 MB bundled model and 8 greedy tokens through it
+def test_pull_one_gguf_by_quant_matches_direct_conversion(tmp_path, hub):
+    from gdsllm_core.bundled import default_gguf
+
+    gguf = default_gguf().read_bytes()
+    hub.add_repo("test-org/SmolLM2-135M-Instruct-GGUF", {
+        "SmolLM2-135M-Instruct.Q4_1.gguf": gguf,
+        "SmolLM2-135M-Instruct.Q8_0.gguf": b"GGUF-not-this-one" * 100,  # must not be fetched
+        "README.md": b"# gguf\n"})
+    env = cli_env(tmp_path, HF_ENDPOINT=hub.endpoint)
+    result = gdsllm(["pull", "hf.co/test-org/SmolLM2-135M-Instruct-GGUF:q4_1"], env, tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "pulled SmolLM2-135M-Instruct:Q4_1" in result.stdout
+    assert not any("Q8_0" in path or "README" in path for _, path, _ in hub.requests)
+
+    convert_directly(default_gguf(), tmp_path / "direct", "smollm2")
+    assert tensor_index(tmp_path / "models", "SmolLM2-135M-Instruct:Q4_1") == tensor_index(tmp_path / "direct", "smollm2")
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    pulled = greedy_tokens(tmp_path / "models", "SmolLM2-135M-Instruct:Q4_1", prompt, n=4)
+    assert pulled == greedy_tokens(tmp_path / "direct", "smollm2", prompt, n=4)
+
+
+def test_bad_token_and_missing_repo_are_one_line_errors(tmp_path, hub, tiny_folder):
+    hub.add_repo("test-org/Private", tiny_repo_files(tiny_folder))
+    hub.private.add("test-org/Private")
+    bad = gdsllm(["pull", "test-org/Private"], cli_env(tmp_path, HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_wrong"),
+                 tmp_path)
+    assert_one_line_error(bad, "rejected the Hugging Face token from HF_TOKEN", "401")
+    missing = gdsllm(["pull", "test-org/Nope"], cli_env(tmp_path, HF_ENDPOINT=hub.endpoint), tmp_path)
+    assert_one_line_error(missing, "repository test-org/Nope not found on", "HF_TOKEN")
+    good = gdsllm(["pull", "test-org/Private"],
+                  cli_env(tmp_path, HF_ENDPOINT=hub.endpoint, HUGGINGFACE_HUB_TOKEN=GOOD_TOKEN), tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert hub.cdn_auth and not any(hub.cdn_auth)  # the token went to the hub only, never to the CDN host
+    assert not list((tmp_path / "models").glob(".partial-*"))
+
+
+def test_gguf_selection_rules():
+    files = ["a/Model-Q4_K_M.gguf", "Model-Q8_0.gguf", "Model.IQ4_XS.gguf", "mmproj-Model-F16.gguf", "README.md"]
+    assert pull_mod.select_gguf(files, "Q8_0", "u/r") == "Model-Q8_0.gguf"
+    assert pull_mod.select_gguf(files, None, "u/r") == "a/Model-Q4_K_M.gguf"  # ollama's default pick
+    assert pull_mod.select_gguf(["x.safetensors", "config.json"], None, "u/r") is None
+    with pytest.raises(UnsupportedQuantError, match="IQ4_XS, Q4_K_M, Q8_0"):
+        pull_mod.select_gguf(files, "Q5_K_S", "u/r")
+    with pytest.raises(UnsupportedQuantError, match="split into several files"):
+        pull_mod.select_gguf(["M-Q4_0-00001-of-00002.gguf", "M-Q4_0-00002-of-00002.gguf"], "Q4_0", "u/r")
+    with pytest.raises(UnsupportedQuantError, match="no GGUF files"):
+        pull_mod.select_gguf(["config.json", "model.safetensors"], "Q4_0", "u/r")
+
+
+def test_source_parsing(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert pull_mod.parse_source(str(gguf)).local_path == gguf
+    assert pull_mod.parse_source("hf.co/user/Repo-GGUF:q4_k_m") == pull_mod.PullSource(repo_id="user/Repo-GGUF",
+                                                                                        quant="Q4_K_M")
+    assert pull_mod.default_model_name("user/Repo-GGUF", "Q4_K_M") == "Repo:Q4_K_M"
+    assert pull_mod.parse_source("https://huggingface.co/meta-llama/Llama-2-7b-hf").repo_id == "meta-llama/Llama-2-7b-hf"
+    for bad in ("./missing-folder", "missing.gguf", "not a repo", "a/b/c"):
+        with pytest.raises(pull_mod.BadRequestError):
+            pull_mod.parse_source(bad)

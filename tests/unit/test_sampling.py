@@ -1,0 +1,111 @@
+"""Sampling transforms against transformers' logits processors and warpers (the independent reference)."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gdsllm_core.engine import sampling
+from gdsllm_core.errors import BadRequestError
+from gdsllm_core.types import SamplingParams
+
+VOCAB = 300
+
+
+@pytest.fixture
+def logits():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(4, VOCAB, generator=generator) * 3
+
+
+def _same(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert torch.equal(torch.isinf(ours), torch.isinf(reference))
+    finite = ~torch.isinf(reference)
+    torch.testing.assert_close(ours[finite], reference[finite], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 40, VOCAB - 1])
+def test_top_k_matches_transformers(logits, top_k):
+    _same(sampling.apply_top_k(logits, top_k), TopKLogitsWarper(top_k)(None, logits.clone()))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_matches_transformers(logits, top_p):
+    _same(sampling.apply_top_p(logits, top_p), TopPLogitsWarper(top_p)(None, logits.clone()))
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 1.0])
+def test_min_p_matches_transformers(logits, min_p):
+    _same(sampling.apply_min_p(logits, min_p), MinPLogitsWarper(min_p)(None, logits.clone()))
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
+def test_temperature_matches_transformers(logits, temperature):
+    _same(sampling.apply_temperature(logits, temperature), TemperatureLogitsWarper(temperature)(None, logits.clone()))
+
+
+@pytest.mark.parametrize("penalty", [0.8, 1.1, 1.5])
+def test_repeat_penalty_matches_transformers(logits, penalty):
+    history = torch.tensor([[3, 7, 7, 250, 3, 12]])  # repeats count once, as in transformers
+    reference = RepetitionPenaltyLogitsProcessor(penalty)(history, logits[:1].clone())
+    _same(sampling.apply_repeat_penalty(logits[:1], history, penalty), reference)
+
+
+def test_pipeline_matches_transformers_chain(logits):
+    """The whole chain (penalty, temperature, top-k, top-p, min-p) in transformers' order."""
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, min_p=0.05, repeat_penalty=1.3, repeat_last_n=4)
+    history = [5, 9, 9, 11, 13, 17]
+    window = torch.tensor([history[-4:]])
+    reference = logits[:1].clone()
+    for step in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(50),
+                 TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
+        reference = step(window, reference)
+    _same(sampling.Sampler(params).process(logits[0], history), reference[0])
+
+
+def test_greedy_is_argmax_after_penalty(logits):
+    history = [int(logits[0].argmax())]
+    params = SamplingParams(temperature=0, repeat_penalty=100.0)
+    penalized = RepetitionPenaltyLogitsProcessor(100.0)(torch.tensor([history]), logits[:1].clone())
+    assert int(sampling.Sampler(params).sample(logits[0], history)) == int(penalized.argmax())
+    assert int(sampling.Sampler(SamplingParams(temperature=0, repeat_penalty=1.0)).sample(logits[0], history)) \
+        == history[0]
+
+
+def test_same_seed_same_tokens_and_per_row_independence(logits):
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=1234, repeat_penalty=1.0)
+
+    def draw(rows, n=20):
+        samplers = [sampling.Sampler(params) for _ in rows]
+        return [sampling.sample_batch(logits[rows], samplers, [[] for _ in rows]) for _ in range(n)]
+
+    alone = draw([2])
+    batched = draw([0, 2, 3])
+    assert [step[0] for step in alone] == [step[1] for step in batched]  # row 2 unaffected by its neighbours
+    assert draw([2]) == alone
+    other_seed = sampling.Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=99, repeat_penalty=1.0))
+    assert [sampling.sample_batch(logits[[2]], [other_seed], [[]])[0] for _ in range(20)] != [s[0] for s in alone]
+
+
+def test_sampled_distribution_follows_filtered_probabilities():
+    """Frequencies of sampled tokens match softmax of the filtered logits (chi-square-like bound)."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = SamplingParams(temperature=0.9, top_k=4, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=7)
+    sampler = sampling.Sampler(params)
+    expected = TopKLogitsWarper(4)(None, TemperatureLogitsWarper(0.9)(None, logits[None].clone()))[0].softmax(-1)
+    n = 20000
+    counts = torch.bincount(torch.tensor([int(sampler.sample(logits, [])) for _ in range(n)]), minlength=6)
+    assert counts[4:].sum() == 0
+    assert torch.allclose(counts.float() / n, expected, atol=0.015)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+                                         ("min_p", 1.2), ("repeat_penalty", 0.0), ("repeat_last_n", -2)])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(BadRequestError, match=field):
+        sampling.check_params(SamplingParams(**{field: value}))

@@ -1,0 +1,169 @@
+"""Storage backends on the CPU: every byte read equals os.pread of the same file region."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gdsllm_core.errors import BackendUnavailableError, BadRequestError, CorruptModelError
+from gdsllm_core.layout.manifest import ExtentInfo, Manifest, TokenizerInfo
+from gdsllm_core.storage import backends, cufile
+from gdsllm_core.storage.pinned import ALIGN, aligned_host_buffer
+from gdsllm_core.storage.posix import PosixBackend
+from gdsllm_core.storage.reader import CpuBackend, ExtentReader
+
+FILE_BYTES = 3 * (1 << 20) + 1234  # not a whole number of pages: reads near the end stop short of a block
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(7).integers(0, 256, FILE_BYTES, dtype=np.uint8).tobytes())
+    return path
+
+
+def pread(path, offset, nbytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, nbytes, offset)
+    finally:
+        os.close(fd)
+
+
+def random_extents(seed: int, count: int = 24) -> list[tuple[int, int]]:
+    """(offset, size) pairs: page-aligned and odd offsets, sizes from 1 byte to several bounce buffers, and the
+    file's last bytes."""
+    rng = np.random.default_rng(seed)
+    extents = [(0, 1), (ALIGN - 1, 2), (ALIGN, ALIGN), (FILE_BYTES - 1, 1), (FILE_BYTES - 5000, 5000)]
+    for _ in range(count):
+        size = int(rng.choice([rng.integers(1, 4097), rng.integers(4097, 300_000), rng.integers(300_000, 1 << 20)]))
+        offset = int(rng.integers(0, FILE_BYTES - size))
+        if rng.random() < 0.5:
+            offset -= offset % ALIGN
+        extents.append((offset, size))
+    return extents
+
+
+BACKENDS = {
+    "cpu": lambda: CpuBackend(),
+    "posix": lambda: PosixBackend(pin=False),
+    "posix-small-bounce": lambda: PosixBackend(pin=False, bounce_bytes=64 << 10, bounce_count=4),
+}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("aligned_dest", [True, False], ids=["aligned-dest", "plain-dest"])
+def test_read_into_host_equals_pread(data_file, name, aligned_dest):
+    backend = BACKENDS[name]()
+    handle = backend.open(data_file)
+    try:
+        for index, (offset, size) in enumerate(random_extents(seed=len(name) + aligned_dest)):
+            dest_offset = (index % 3) * ALIGN + (7 if index % 2 else 0)
+            capacity = dest_offset + size + 64
+            dest = aligned_host_buffer(capacity, pin=False) if aligned_dest else torch.empty(capacity, dtype=torch.uint8)
+            dest.fill_(0xA5)
+            backend.read_into(handle, offset, size, dest, dest_offset)
+            got = dest[dest_offset:dest_offset + size].numpy().tobytes()
+            assert got == pread(data_file, offset, size), f"{name}: bytes differ for extent at {offset}+{size}"
+            assert (dest[:dest_offset] == 0xA5).all() and (dest[dest_offset + size:] == 0xA5).all(), \
+                f"{name} wrote outside [{dest_offset}, {dest_offset + size})"
+    finally:
+        backend.close(handle)
+
+
+def manifest_for(extents: list[tuple[int, int]]) -> Manifest:
+    return Manifest(name="t", architecture="none", config={}, tokenizer=TokenizerInfo(kind="hf", file="tok.json"),
+                    extents=[ExtentInfo(f"e{i}", "weights.bin", offset, size, []) for i, (offset, size) in
+                             enumerate(extents)],
+                    files={"weights.bin": FILE_BYTES})
+
+
+@pytest.mark.parametrize("io", ["cpu", "posix"])
+def test_extent_reader_through_chosen_backend(data_file, monkeypatch, io):
+    monkeypatch.setenv("GDSLLM_IO", io)
+    extents = random_extents(seed=11)
+    manifest = manifest_for(extents)
+    with ExtentReader(data_file.parent, manifest, threads=4) as reader:
+        assert reader.backend.name == io
+        buffers = [torch.full((size,), 0x5A, dtype=torch.uint8) for _, size in extents]
+        reader.submit(manifest.extents, buffers).result(timeout=30)
+    for (offset, size), buffer in zip(extents, buffers, strict=True):
+        assert buffer.numpy().tobytes() == pread(data_file, offset, size)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_truncated_file_names_the_file(data_file, name):
+    backend = BACKENDS[name]()
+    handle = backend.open(data_file)
+    try:
+        dest = torch.empty(10_000, dtype=torch.uint8)
+        with pytest.raises(CorruptModelError, match=str(data_file)):
+            backend.read_into(handle, FILE_BYTES - 100, 10_000, dest, 0)
+    finally:
+        backend.close(handle)
+
+
+def test_o_direct_refusal_falls_back_to_buffered_reads(data_file, monkeypatch):
+    real_preadv = os.preadv
+    backend = PosixBackend(pin=False)
+    handle = backend.open(data_file)
+
+    def refuse_direct(fd, buffers, offset):
+        if fd == handle.direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", refuse_direct)
+    try:
+        dest = torch.empty(20_000, dtype=torch.uint8)
+        backend.read_into(handle, 4096, 20_000, dest, 0)
+        assert dest.numpy().tobytes() == pread(data_file, 4096, 20_000)
+        assert any("O_DIRECT read refused" in note for note in backend.notes), backend.notes
+    finally:
+        backend.close(handle)
+
+
+def test_auto_without_gpu_is_cpu_with_reasons(monkeypatch, tmp_path):
+    monkeypatch.setenv("GDSLLM_IO", "auto")
+    monkeypatch.setattr(backends, "gpu_status", lambda device=None: (False, "test: no GPU"))
+    backend = backends.choose_backend(probe_path=tmp_path, refresh=True)
+    assert backend.name == "cpu"
+    assert "test: no GPU" in backend.reason
+    assert any(reason.startswith("cufile:") for reason in backend.fallbacks)
+
+
+def test_forced_cufile_without_gpu_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("GDSLLM_IO", "cufile")
+    monkeypatch.setattr(backends, "gpu_status", lambda device=None: (False, "test: no GPU"))
+    with pytest.raises(BackendUnavailableError, match="GDSLLM_IO=cufile but there is no usable GPU: test: no GPU"):
+        backends.choose_backend(probe_path=tmp_path, refresh=True)
+
+
+def test_forced_cufile_without_libcufile_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("GDSLLM_IO", "cufile")
+    monkeypatch.setattr(backends, "gpu_status", lambda device=None: (True, "test: pretend GPU"))
+    monkeypatch.setattr(cufile, "candidate_paths", lambda: [str(tmp_path / "libcufile.so.0")])
+    monkeypatch.setattr(cufile, "_library", None)
+    monkeypatch.setattr(cufile, "_library_error", None)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    with pytest.raises(BackendUnavailableError, match="libcufile.so.0 not found"):
+        backends.choose_backend(probe_path=tmp_path, refresh=True)
+
+
+def test_unknown_io_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("GDSLLM_IO", "nvme")
+    with pytest.raises(BadRequestError, match="GDSLLM_IO='nvme'"):
+        backends.choose_backend(probe_path=tmp_path, refresh=True)
+
+
+def test_cufile_config_with_comments(tmp_path, monkeypatch):
+    config = tmp_path / "cufile.json"
+    config.write_text('{\n // "allow_compat_mode": false,\n "logging": {"dir": "http://x//y"},\n'
+                      ' "properties": {"allow_compat_mode": true // why\n }}\n')
+    monkeypatch.setenv("CUFILE_ENV_PATH_JSON", str(config))
+    env = cufile.environment()
+    assert env.allow_compat_mode is True
+    assert env.config_path == str(config)
+    assert env.mode == ("gds" if env.nvidia_fs else "compat")
