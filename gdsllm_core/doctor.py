@@ -4,6 +4,7 @@ how fast it reads a file from the model root's file system."""
 import importlib.metadata
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -123,8 +124,9 @@ def _gpus() -> list[GpuInfo]:
 def _driver() -> str | None:
     version_file = Path("/proc/driver/nvidia/version")
     if version_file.is_file():
-        first = version_file.read_text().splitlines()[0]
-        return " ".join(first.split("Kernel Module")[-1].split()[:1]) or first
+        first = version_file.read_text().splitlines()[0]  # "NVRM version: NVIDIA UNIX ... Module  580.159.04  ..."
+        match = re.search(r"\s(\d+\.\d+(?:\.\d+)*)\s", first)
+        return match.group(1) if match else first
     return None
 
 

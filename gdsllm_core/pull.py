@@ -32,6 +32,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_GGUF_QUANT = "Q4_K_M"  # what ollama picks when a GGUF repo is pulled without a tag
 SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+RESUME_CHUNK_BYTES = 1 << 20
 
 
 class DownloadBar(Protocol):
@@ -205,6 +206,7 @@ class HubClient:
         return target
 
     def _download(self, meta, blob: Path, filename: str, progress: PullProgress | None) -> None:
+        from huggingface_hub import constants as hub_constants
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
@@ -218,6 +220,9 @@ class HubClient:
             part.unlink()
             resume = 0
         bar_factory = _bar_factory(progress, filename)
+        # http_get hands the file what it received in chunks of this size: smaller chunks mean an interrupted
+        # download keeps all but the last MiB of what arrived (the default, 10 MiB, would lose up to that)
+        hub_constants.DOWNLOAD_CHUNK_SIZE = min(hub_constants.DOWNLOAD_CHUNK_SIZE, RESUME_CHUNK_BYTES)
         try:
             with open(part, "ab") as handle:
                 http_get(meta.location, handle, resume_size=resume, headers=headers, expected_size=meta.size,

@@ -14,6 +14,12 @@ import torch
 
 KERNEL_DIR = Path(__file__).resolve().parent
 NVRTC_OPTIONS = ("-std=c++17",)
+# Template instances the compile check builds (every block decoder, each gemv mode, each attention head size).
+CHECK_INSTANCES = {
+    "dequant.cu": tuple(f"dequant<{code},0>" for code in range(13)) + ("dequant<3,1>",),
+    "gemv.cu": tuple(f"gemv<{code},1,1,0>" for code in range(13)) + ("gemv<3,4,2,1>", "gemv<10,2,1,2>"),
+    "attention.cu": tuple(f"attn_{part}<{hd}>" for part in ("partial", "combine") for hd in (64, 128, 256)),
+}
 
 
 def kernel_sources() -> list[Path]:
@@ -73,12 +79,15 @@ def launch(file_name: str, name: str, grid: tuple[int, ...], block: tuple[int, .
 
 
 def compile_for_arch(path: Path, arch: str = "sm_90") -> bytes:
-    """Compile one source to a cubin with NVRTC, no GPU needed (the CI compile check). Raises RuntimeError with
-    the compiler log on failure."""
+    """Compile one source (and its CHECK_INSTANCES) to a cubin with NVRTC, no GPU needed: the CI compile check.
+    Raises RuntimeError with the compiler log on failure."""
     from cupy_backends.cuda.libs import nvrtc
 
+    path = Path(path)
     text = source_text(path.name) if path.parent == KERNEL_DIR else path.read_text()
     program = nvrtc.createProgram(text, str(path), [], [])
+    for name in CHECK_INSTANCES.get(path.name, ()):
+        nvrtc.addNameExpression(program, name)
     try:
         nvrtc.compileProgram(program, [f"-arch={arch}", *NVRTC_OPTIONS, f"-I{path.parent}"])
     except Exception as exc:

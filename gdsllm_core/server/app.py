@@ -1,8 +1,10 @@
 """The Litestar app (`create_app`) and `run_server`, which `gdsllm serve` calls."""
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 from litestar import Litestar, get
@@ -73,6 +75,21 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
     )
 
 
+@contextmanager
+def return_after_stop_signals() -> Iterator[None]:
+    """uvicorn re-raises SIGINT/SIGTERM once it has shut down gracefully; absorb that so `run_server` returns
+    normally and its caller's cleanup (the CLI's pid file) runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, preload: bool = False,
                store: ModelStore | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn finishes open responses for up to GRACEFUL_SHUTDOWN_S seconds, then
@@ -89,5 +106,7 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, pre
         logging.getLogger("gdsllm").addHandler(handler)
         logging.getLogger("gdsllm").setLevel(logging.INFO)
     app = create_app(store=store, default_model=model, preload=preload)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                  log_level="info")).run()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                           log_level="info"))
+    with return_after_stop_signals():
+        server.run()

@@ -28,7 +28,7 @@ DEFAULT_CONFIG = Path("/etc/cufile.json")
 HANDLE_TYPE_OPAQUE_FD = 1
 BATCH_MODE = 1
 OPCODE_READ = 0
-STATUS_COMPLETE, STATUS_FAILED, STATUS_CANCELED, STATUS_INVALID = 0x10, 0x40, 0x08, 0x04
+STATUS_COMPLETE = 0x10  # CUfileStatus_t
 
 # CUfileOpError codes (cufile.h: 5000 + n) and what they mean to a user.
 ERROR_REASONS = {

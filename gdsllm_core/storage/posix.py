@@ -104,20 +104,22 @@ class PosixBackend:
         stream = self._side_stream(target.device)
         pending: list[torch.cuda.Event | None] = [None, None]
         with self._pool.take(2) as buffers:
-            for index, (done, size, start, skip) in enumerate(self._pieces(file_offset, nbytes)):
-                slot = index % 2
-                if pending[slot] is not None:
-                    pending[slot].synchronize()  # the copy out of this buffer has finished: it may be refilled
-                buffer = buffers[slot]
-                self._pread(handle, buffer[:align_up(skip + size)], start, skip + size, (file_offset, nbytes))
-                with torch.cuda.stream(stream):
-                    target[done:done + size].copy_(buffer[skip:skip + size], non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                pending[slot] = event
-            for event in pending:
-                if event is not None:
-                    event.synchronize()
+            try:
+                for index, (done, size, start, skip) in enumerate(self._pieces(file_offset, nbytes)):
+                    slot = index % 2
+                    if pending[slot] is not None:
+                        pending[slot].synchronize()  # the copy out of this buffer has finished: it may be refilled
+                    buffer = buffers[slot]
+                    self._pread(handle, buffer[:align_up(skip + size)], start, skip + size, (file_offset, nbytes))
+                    with torch.cuda.stream(stream):
+                        target[done:done + size].copy_(buffer[skip:skip + size], non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    pending[slot] = event
+            finally:  # never hand a buffer back to the pool while a copy still reads from it
+                for event in pending:
+                    if event is not None:
+                        event.synchronize()
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         """This thread's copy stream for `device` (one per thread: waiting on it never waits for other threads)."""

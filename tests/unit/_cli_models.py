@@ -15,7 +15,7 @@ GDSLLM = str(Path(sys.executable).with_name("gdsllm"))
 
 
 def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer LLaMA (hidden 64, vocab ~300) saved with save_pretrained, with a BPE tokenizer and a ChatML
+    """A 2-layer LLaMA (hidden 128, 3.5 MB of fp32 weights, vocab 300) saved with save_pretrained, with a BPE tokenizer and a ChatML
     template. Its end-of-turn tokens are made unreachable (a constant residual feature with a large negative weight
     in their output rows), so greedy answers run until --max-tokens, which the Ctrl-C test needs."""
     import torch
@@ -33,7 +33,7 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     fast.save_pretrained(folder)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=128, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=4096,
                          tie_word_embeddings=False, eos_token_id=tokenizer.token_to_id("<|im_end|>"),
                          bos_token_id=None, pad_token_id=tokenizer.token_to_id("<|endoftext|>"))

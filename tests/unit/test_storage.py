@@ -167,3 +167,34 @@ def test_cufile_config_with_comments(tmp_path, monkeypatch):
     assert env.allow_compat_mode is True
     assert env.config_path == str(config)
     assert env.mode == ("gds" if env.nvidia_fs else "compat")
+
+
+def test_doctor_report_on_this_machine(tmp_path, monkeypatch):
+    from gdsllm_core.doctor import collect
+
+    monkeypatch.delenv("GDSLLM_IO", raising=False)
+    report = collect(model_root=tmp_path / "models", speed_bytes=8 << 20)
+    has_gpu, _ = backends.gpu_status()
+    assert report.backend in (("cufile", "posix") if has_gpu else ("cpu",)), report.backend_reason
+    assert report.gpu_status and report.backend_reason
+    assert report.read_speed is not None, report.read_speed_note
+    assert report.read_speed.verified and report.read_speed.nbytes == 8 << 20 and report.read_speed.gb_per_s > 0
+    assert not report.read_speed.warm_page_cache
+    assert not list((tmp_path / "models").iterdir()), "the speed test left its scratch file behind"
+
+
+def test_doctor_command_json(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from gdsllm_core.cli import commands  # noqa: F401  (registers `doctor`)
+    from gdsllm_core.cli.main import cli
+
+    monkeypatch.setenv("GDSLLM_MODEL_ROOT", str(tmp_path))
+    monkeypatch.setenv("GDSLLM_IO", "cpu")
+    result = CliRunner().invoke(cli, ["doctor", "--json", "--no-speed"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["backend"] == "cpu" and report["backend_reason"].startswith("GDSLLM_IO=cpu")
+    assert report["read_speed"] is None and report["model_root"] == str(tmp_path)

@@ -18,4 +18,4 @@ def register_weight_layouts(register):
 
 @hookimpl
 def register_forward_passes(register):
-    register(ARCHITECTURE, "gdsllm_llama.forward:LlamaForward")
+    register(ARCHITECTURE, "gdsllm_llama.forward_gpu:make_forward")  # CPU reference or GPU by device

@@ -3,12 +3,12 @@
 Two vocabularies occur in LLaMA-family GGUFs:
 - `gpt2`: byte-level BPE with merges (LLaMA 3, SmolLM2, ...); the split regex follows `tokenizer.ggml.pre`.
 - `llama`: SentencePiece-style BPE with scores and byte fallback (LLaMA 2, Mistral v0.1); merges are rebuilt from
-  the scores the way transformers does (`generate_merges`).
+  the scores the way transformers does (`generate_merges`); the dummy-prefix space is added as llama.cpp does.
 Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added tokens. The
 tokenizer.json adds no BOS itself: the engine adds it when `TokenizerInfo.add_bos` says so.
 """
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.manifest import TokenizerInfo
@@ -68,10 +68,14 @@ def _sentencepiece(meta: dict) -> Tokenizer:
                                      merges=_merges_from_scores(tokens, scores), unk_token=tokens[unk_id],
                                      fuse_unk=True, byte_fallback=True))
     prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
-                                                       prepend_scheme="first" if prefix else "never", split=False)
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    # Like llama.cpp (and sentencepiece's add_dummy_prefix): every text fragment gets a leading "▁", also when it
+    # already starts with a space and after each special token; spaces become "▁". (Metaspace would skip the
+    # prefix for text that starts with a space.)
+    prepend = [normalizers.Prepend("\u2581")] if prefix else []
+    tokenizer.normalizer = normalizers.Sequence(prepend + [normalizers.Replace(" ", "\u2581")])
+    strip = [decoders.Strip(" ", 1, 0)] if prefix else []
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           *strip])
     return tokenizer
 
 

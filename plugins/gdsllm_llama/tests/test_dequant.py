@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from gdsllm_llama.gguf_convert import unpermute_rows
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from llama_testing import random_blocks, store_is_empty, write_llama_gguf
@@ -13,7 +14,6 @@ from gdsllm_core.errors import GdsllmError, UnsupportedQuantError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.quant import ggml
 from gdsllm_core.scheduler import TieredScheduler
-from gdsllm_llama.gguf_convert import unpermute_rows
 
 ALL_TYPES = list(ggml.SUPPORTED_TYPES)
 

@@ -3,22 +3,29 @@ does), the CPU forward pass must give LlamaForCausalLM's logits for a prompt and
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from gdsllm_llama.forward import LlamaForward
+from gdsllm_llama.hf_convert import HfSafetensorsConverter
+from gdsllm_llama.names import gguf_name
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
-from llama_testing import (hf_logits_with_cache, llamacpp_permute, relative_error, store_is_empty, tiny_llama,
-                           write_llama_gguf)
+from llama_testing import (
+    hf_logits_with_cache,
+    llamacpp_permute,
+    relative_error,
+    store_is_empty,
+    tiny_llama,
+    write_llama_gguf,
+)
 
 from gdsllm_core.convert import ConvertOptions, convert
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import ContextOverflowError, ConversionError, UnknownArchitectureError
 from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.scheduler import TieredScheduler
-from gdsllm_llama.forward import LlamaForward
-from gdsllm_llama.names import gguf_name
 
 PROMPT = [3, 17, 99, 254, 42, 7, 128, 5, 64]
 STEPS = 16
@@ -191,8 +198,7 @@ def test_unknown_architecture_is_refused(tmp_path):
     with pytest.raises(UnknownArchitectureError, match="recognises|FancyNew"):
         convert(tmp_path / "hf", ModelStore(root), "tiny")
     assert store_is_empty(root)
-    from gdsllm_llama.hf_convert import HfSafetensorsConverter  # the converter itself names the architecture too
-    from gdsllm_core.layout.writer import ModelWriter
+    # the converter itself names the architecture too
     with pytest.raises(UnknownArchitectureError, match="FancyNewForCausalLM"), ModelWriter(root, "tiny") as writer:
         HfSafetensorsConverter().convert(tmp_path / "hf", writer, ConvertOptions())
     assert store_is_empty(root)

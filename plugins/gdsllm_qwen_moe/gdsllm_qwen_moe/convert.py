@@ -94,7 +94,7 @@ class QwenMoeConverter:
                     options.progress(extent_name, done, total)
             tokenizer, files = read_tokenizer(Path(source), config.eos_token_ids)
             quant = (f"affine{bits}-g{group_size}" if bits else "mlx-affine" if checkpoint.quantization
-                     else str(cast or checkpoint.dtype(plans[0][1][0].weight.key)).replace("torch.", "").lower())
+                     else options.quant.lower() if cast else checkpoint.dtype(plans[0][1][0].weight.key).lower())
             writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
                           quant=quant, source={"path": str(Path(source).resolve()), "skipped": checkpoint.skipped,
                                                "skipped_note": "mtp.* (multi-token prediction) and vision tensors "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gdsllm_core.layout.manifest import Manifest
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.config import QwenMoeConfig
-from gdsllm_qwen_moe.weights import Weight, group_weights, linear
+from gdsllm_qwen_moe.weights import Weight, group_weights, linear, to_device
 
 
 def expert_extent(layer: int, expert: int) -> str:
@@ -47,10 +47,13 @@ class CacheStats:
 
 
 class ExpertCache:
-    """Expert extents on demand: read from storage through `reader`, kept in host RAM up to `budget_bytes`."""
+    """Expert extents on demand: read from storage through `reader`, kept in host RAM (pinned when computing on a
+    GPU) up to `budget_bytes`, and handed out on `device`."""
 
-    def __init__(self, reader: ExtentReader, manifest: Manifest, budget_bytes: int):
+    def __init__(self, reader: ExtentReader, manifest: Manifest, budget_bytes: int,
+                 device: torch.device | None = None):
         self.reader = reader
+        self.device = device or torch.device("cpu")
         self.extents = {e.name: e for e in manifest.extents if ".expert." in e.name}
         self.budget_bytes = budget_bytes
         self.cached_bytes = 0
@@ -75,7 +78,8 @@ class ExpertCache:
         read_bytes = 0
         if missing:
             extents = [self.extents[names[e]] for e in missing]
-            buffers = [torch.empty(extent.nbytes, dtype=torch.uint8) for extent in extents]
+            pinned = self.device.type == "cuda"
+            buffers = [torch.empty(extent.nbytes, dtype=torch.uint8, pin_memory=pinned) for extent in extents]
             self.reader.read(extents, buffers)
             read_bytes = sum(extent.nbytes for extent in extents)
             self.stats.reads += 1
@@ -85,6 +89,8 @@ class ExpertCache:
         self.stats.bytes_read += read_bytes
         self.stats.last_read_by_layer[layer] = {"ids": list(experts), "misses": len(missing),
                                                  "bytes": read_bytes}
+        if self.device.type != "cpu":
+            found = {expert: to_device(weights, self.device) for expert, weights in found.items()}
         return found
 
     def _admit(self, name: str, weights: dict[str, Weight], nbytes: int, keep: set[str]) -> None:

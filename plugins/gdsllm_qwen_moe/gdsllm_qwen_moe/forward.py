@@ -1,16 +1,18 @@
-"""QwenMoeForward: the torch forward pass of Qwen3.5-MoE (the reference path; runs on the CPU).
+"""QwenMoeForward: the torch forward pass of Qwen3.5-MoE. Plain torch ops: the reference on the CPU; on a CUDA
+device the same ops run there (no custom kernels yet).
 
 Residency: the dense extents (embeddings, each layer's attention / router / shared expert / norms, output) are read
-once, in one batched `ExtentReader` read, and stay resident. Experts are never loaded up front: `ExpertCache` reads
-the ones the router picks, per layer and step, and keeps them in host RAM under `LoadOptions.host_cache` bytes.
-(The core's `TieredScheduler` reads every extent resident, so this plugin drives `ExtentReader` itself.)"""
+once, in one batched `ExtentReader` read, and stay resident on the compute device. Experts are never loaded up
+front: `ExpertCache` reads the ones the router picks, per layer and step, keeps them in host RAM under
+`LoadOptions.host_cache` bytes and hands them to the device when used. (The core's `TieredScheduler` reads every
+extent resident, so this plugin drives `ExtentReader` itself.)"""
 
 from dataclasses import dataclass, field
 
 import torch
 
 from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BackendUnavailableError, BadRequestError, ContextOverflowError
+from gdsllm_core.errors import BadRequestError, ContextOverflowError
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
@@ -20,6 +22,7 @@ from gdsllm_qwen_moe.linear_attn import gated_deltanet
 from gdsllm_qwen_moe.weights import Weight, embedding_rows, group_weights, linear
 
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
+PREFILL_CHUNK = 512  # prompt tokens per pass: experts are read once per chunk (the union of its routes)
 
 
 @dataclass
@@ -39,28 +42,27 @@ class QwenMoeForward:
     def __init__(self, entry: ModelEntry, options: LoadOptions):
         self.entry = entry
         self.config = QwenMoeConfig.from_dict(entry.manifest.config)
-        if options.device not in ("cpu", "auto", ""):
-            raise BackendUnavailableError(f"the Qwen3.5-MoE forward pass runs on the CPU only (asked: {options.device})",
-                                          "load it with device cpu (GDSLLM_DEVICE=cpu); the GPU path is not built yet")
-        self.device = torch.device("cpu")
+        self.device = torch.device("cpu" if options.device in ("auto", "") else options.device)
         self.dtype = torch.float32
         self.vocab_size = self.config.vocab_size
         self.max_context = min(options.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)
         self.reader = ExtentReader(entry.path, entry.manifest)
         dense = [e for e in entry.manifest.extents if ".expert." not in e.name]
-        arena = torch.empty(sum(e.nbytes for e in dense), dtype=torch.uint8)
-        buffers, start = [], 0
+        direct = self.device.type == "cuda" and self.reader.backend.name != "cpu"  # cuFile / staged into VRAM
+        arena = torch.empty(sum(e.nbytes for e in dense), dtype=torch.uint8, device=self.device if direct else "cpu")
+        offsets = [0]
         for extent in dense:
-            buffers.append(arena[start:start + extent.nbytes])
-            start += extent.nbytes
-        self.reader.read(dense, buffers)
+            offsets.append(offsets[-1] + extent.nbytes)
+        self.reader.read(dense, [arena[offsets[i]:offsets[i + 1]] for i in range(len(dense))])
         self.dense_bytes = arena.numel()
+        arena = arena.to(self.device)  # the dense part stays resident on the compute device
         self.weights: dict[str, Weight] = {}
-        for extent, buffer in zip(dense, buffers, strict=True):
-            self.weights.update(group_weights(extent, extent_views(extent, buffer)))
+        for i, extent in enumerate(dense):
+            self.weights.update(group_weights(extent, extent_views(extent, arena[offsets[i]:offsets[i + 1]])))
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
-        self.experts = ExpertCache(self.reader, entry.manifest, budget)
+        self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device)
+        self.prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
         self.tokens_processed = 0
 
     # caches -------------------------------------------------------------------------------------------------
@@ -87,8 +89,12 @@ class QwenMoeForward:
         if tokens.numel() == 0:
             raise BadRequestError("prefill needs at least one token")
         self._check_room([cache], tokens.numel())
-        hidden = self._layers(tokens.reshape(1, -1), [cache])[0]  # [T, H]
-        return self._logits(hidden if all_logits else hidden[-1])
+        logits = []
+        for start in range(0, tokens.numel(), self.prefill_chunk):
+            hidden = self._layers(tokens[start:start + self.prefill_chunk].reshape(1, -1), [cache])[0]  # [t, H]
+            if all_logits:
+                logits.append(self._logits(hidden))
+        return torch.cat(logits) if all_logits else self._logits(hidden[-1])
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, caches: list[QwenMoeCache]) -> torch.Tensor:
@@ -137,8 +143,10 @@ class QwenMoeForward:
     def stats(self) -> dict:
         experts = self.experts.as_dict()
         tokens = self.tokens_processed
-        return {"backend": self.reader.backend.name,
-                "tiers": {"vram": 0, "host": self.dense_bytes + self.experts.cached_bytes,
+        on_gpu = self.device.type == "cuda"
+        return {"backend": self.reader.backend.name, "device": str(self.device),
+                "tiers": {"vram": self.dense_bytes if on_gpu else 0,
+                          "host": self.experts.cached_bytes + (0 if on_gpu else self.dense_bytes),
                           "storage": experts["storage"]["bytes_read"]},
                 "dense_resident_bytes": self.dense_bytes, "expert_cache": experts, "tokens": tokens,
                 "expert_bytes_read_per_token": experts["storage"]["bytes_read"] / tokens if tokens else 0.0}

@@ -140,35 +140,34 @@ class CheckpointSource:
         return Plan(spec, weight, scales, biases, bits, group_size)
 
     def _locate(self, spec: TensorSpec) -> tuple[Part, Part | None, Part | None]:
-        base = spec.name
-        if (base, "weight") in self.index or (base, "") in self.index:
-            key = self.index.get((base, "weight")) or self.index[(base, "")]
-            return (Part(key), *(Part(self.index[(base, s)]) if (base, s) in self.index else None
-                                 for s in ("scales", "biases")))
-        parts = base.split(".")
-        if len(parts) == 5 and parts[2] == "expert":
-            layer, expert, proj = parts[1], int(parts[3]), parts[4]
-            own, fused, half = _FUSED[proj]
-            for name, is_half in ((own, False), (fused, True)):
-                if name is None:
-                    continue
-                stem = f"blk.{layer}.{name}"
-                key = self.index.get((stem, "weight")) or self.index.get((stem, ""))
-                if key is None:
-                    continue
-                n_rows = spec.shape[0]
+        """(weight, scales, biases) parts of a spec: its own tensor, or its slice of a fused / switch tensor."""
+        stem, expert, half, rows = spec.name, None, None, 0
+        if not self._has(stem):
+            parts = stem.split(".")
+            if len(parts) == 5 and parts[2] == "expert":
+                own, fused, fused_half = _FUSED[parts[4]]
+                expert, rows = int(parts[3]), spec.shape[0]
+                if self._has(f"blk.{parts[1]}.{own}"):
+                    stem = f"blk.{parts[1]}.{own}"
+                elif fused and self._has(f"blk.{parts[1]}.{fused}"):
+                    stem, half = f"blk.{parts[1]}.{fused}", fused_half
+            if not self._has(stem):
+                raise ConversionError(f"{self.folder}: tensor {hf_name(spec.name)} is missing",
+                                      "the checkpoint is incomplete: re-download it (all *.safetensors shards)")
+        weight_key = self.index.get((stem, "weight")) or self.index[(stem, "")]
+        extras = [Part(self.index[(stem, s)], expert, half, rows) if (stem, s) in self.index else None
+                  for s in ("scales", "biases")]
+        return Part(weight_key, expert, half, rows), extras[0], extras[1]
 
-                def part(k: str) -> Part:
-                    return Part(k, expert, half if is_half else None, n_rows)
-
-                return (part(key), *(part(self.index[(stem, s)]) if (stem, s) in self.index else None
-                                     for s in ("scales", "biases")))
-        raise ConversionError(f"{self.folder}: tensor {hf_name(base)} is missing",
-                              "the checkpoint is incomplete: re-download it (all *.safetensors shards)")
+    def _has(self, stem: str) -> bool:
+        return (stem, "weight") in self.index or (stem, "") in self.index
 
     def _check(self, part: Part, expected: tuple[int, ...], spec: TensorSpec, what: str = "") -> None:
-        actual = self.shape(part.key)
+        actual = full = self.shape(part.key)
+        where = ""
         if part.expert is not None:
+            where = f" (expert {part.expert}{'' if part.half is None else ', ' + ('gate', 'up')[part.half] + ' half'}" \
+                    f" of {full})"
             if len(actual) != 3 or actual[0] <= part.expert:
                 raise ConversionError(f"tensor {part.key} has shape {actual}: expected [experts, ...] with expert "
                                       f"{part.expert} present", "the checkpoint does not match its config.json")
@@ -179,7 +178,7 @@ class CheckpointSource:
             actual = [actual[0], actual[1] * actual[2]]
         if tuple(actual) != tuple(expected):
             raise ConversionError(
-                f"tensor {part.key} has shape {list(actual)}, expected {list(expected)}{what} for {spec.name}",
+                f"tensor {part.key} has shape {list(actual)}{where}, expected {list(expected)}{what} for {spec.name}",
                 "the checkpoint does not match its config.json")
 
     def _quant_format(self, key: str, spec: TensorSpec) -> tuple[int, int]:

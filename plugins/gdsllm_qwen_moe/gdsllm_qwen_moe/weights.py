@@ -37,6 +37,18 @@ class AffineWeight:
 Weight = torch.Tensor | AffineWeight
 
 
+def to_device(weights: dict[str, Weight], device: torch.device) -> dict[str, Weight]:
+    """The same weights on `device` (no copy when already there)."""
+    moved: dict[str, Weight] = {}
+    for name, weight in weights.items():
+        if isinstance(weight, AffineWeight):
+            moved[name] = AffineWeight(*(t.to(device, non_blocking=True) for t in
+                                         (weight.packed, weight.scales, weight.biases)), weight.bits, weight.group_size)
+        else:
+            moved[name] = weight.to(device, non_blocking=True)
+    return moved
+
+
 def group_weights(extent: ExtentInfo, views: dict[str, torch.Tensor]) -> dict[str, Weight]:
     """name -> tensor or AffineWeight for one extent's views (`.scales`/`.biases` folded into their matrix)."""
     grouped: dict[str, Weight] = {}

@@ -4,9 +4,9 @@ MLX supports, in fp32, bf16 and fp16."""
 import numpy as np
 import pytest
 import torch
+from gdsllm_qwen_moe import affine
 
 from gdsllm_core.errors import UnsupportedQuantError
-from gdsllm_qwen_moe import affine
 
 mx = pytest.importorskip("mlx.core")
 pytestmark = pytest.mark.reference

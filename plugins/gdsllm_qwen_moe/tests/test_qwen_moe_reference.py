@@ -1,12 +1,16 @@
 """The converted tiny model against transformers' Qwen3_5MoeForCausalLM (fp32): logits for a prompt and 16 cached
 decode steps, batched decode, and selective expert loading proven by counting bytes against HF's own router."""
 
+import json
+
 import pytest
 import torch
-
-from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_qwen_moe.experts import ExpertCache
 from gdsllm_qwen_moe.forward import QwenMoeForward
+from qwen_moe_helpers import convert_into, make_hf_model
+from safetensors.torch import save_file
+
+from gdsllm_core.engine.forward import LoadOptions
 
 pytestmark = pytest.mark.reference
 
@@ -138,3 +142,79 @@ def test_cache_evicts_the_least_frequently_used_expert(converted):
     assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (3, 3, 1)
     assert cache.stats.bytes_read == 3 * expert_bytes
     forward.close()
+
+
+def test_multimodal_bf16_checkpoint_with_mtp(hf_model, tmp_path):
+    """`model.language_model.*` names, a text_config, bf16 weights, vision and mtp tensors (skipped)."""
+    state = {("lm_head.weight" if k == "lm_head.weight" else "model.language_model." + k.removeprefix("model.")):
+             v.to(torch.bfloat16) for k, v in hf_model.state_dict().items()}
+    fused = {k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    for key in fused:  # write per-expert tensors, as the hub checkpoints do
+        stacked = state.pop(key)
+        proj = ("gate_proj", "up_proj") if key.endswith("gate_up_proj") else ("down_proj",)
+        for e in range(stacked.shape[0]):
+            for i, name in enumerate(proj):
+                rows = stacked.shape[1] // len(proj)
+                state[f"{key.rsplit('.', 1)[0]}.{e}.{name}.weight"] = stacked[e, i * rows:(i + 1) * rows].clone()
+    state["mtp.fc.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
+    state["mtp.norm.weight"] = torch.zeros(64, dtype=torch.bfloat16)
+    state["model.visual.patch_embed.proj.weight"] = torch.zeros(8, 3, dtype=torch.bfloat16)
+    folder = tmp_path / "mm"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    text = {**hf_model.config.to_dict(), "model_type": "qwen3_5_moe_text"}
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                                                    "model_type": "qwen3_5_moe", "text_config": text,
+                                                    "tie_word_embeddings": False}))
+    entry = convert_into(tmp_path / "store", folder)
+    assert entry.manifest.source["skipped"] == {"mtp": 2, "vision": 1}
+    assert entry.manifest.quant == "bf16"
+    rounded = make_hf_model()
+    rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in hf_model.state_dict().items()})
+    prompt = torch.randint(0, 512, (10,), generator=torch.Generator().manual_seed(6))
+    forward = QwenMoeForward(entry, LoadOptions())
+    ours = forward.prefill(prompt, forward.new_cache(10), all_logits=True)
+    with torch.no_grad():
+        ref = rounded(prompt[None]).logits[0]
+    assert relative_error(ours, ref) < 1e-4
+    forward.close()
+
+
+def test_registered_with_the_core(hf_checkpoints, registered_plugin):
+    from gdsllm_core import registry
+
+    assert registry.detect_converter(hf_checkpoints["fused"]) == "qwen3_5_moe"
+    assert registry.get_forward_pass("qwen3_5_moe") is QwenMoeForward
+
+
+def test_prompt_in_chunks_matches_transformers(hf_model, converted):
+    """A prompt run 16 tokens at a time (each chunk continuing the caches of the last) gives the same logits."""
+    forward = QwenMoeForward(converted["fused"], LoadOptions(host_cache=0, extra={"prefill_chunk": 16}))
+    prompt = torch.randint(0, 512, (PROMPT_LENGTH,), generator=torch.Generator().manual_seed(7))
+    ours = forward.prefill(prompt, forward.new_cache(PROMPT_LENGTH), all_logits=True)
+    with torch.no_grad():
+        ref = hf_model(prompt[None]).logits[0]
+    assert relative_error(ours, ref) < 1e-4
+    assert forward.experts.stats.reads == 4 * 5  # one batched expert read per layer per chunk (70 = 4x16 + 6)
+    forward.close()
+
+
+@pytest.mark.gpu
+def test_cuda_device_matches_cpu(converted):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    entry = converted["per_expert"]
+    prompt = torch.randint(0, 512, (PROMPT_LENGTH,), generator=torch.Generator().manual_seed(8))
+    results = []
+    for device in ("cpu", "cuda"):
+        forward = QwenMoeForward(entry, LoadOptions(device=device, host_cache=0))
+        cache = forward.new_cache(PROMPT_LENGTH + 4)
+        logits = [forward.prefill(prompt, cache, all_logits=True).cpu()]
+        for token in (5, 6, 7, 8):
+            logits.append(forward.decode(torch.tensor([token]), [cache]).cpu())
+        results.append((logits, forward.experts.stats.bytes_read))
+        forward.close()
+    (cpu_logits, cpu_bytes), (gpu_logits, gpu_bytes) = results
+    for ours, ref in zip(gpu_logits, cpu_logits, strict=True):
+        assert relative_error(ours, ref) < 1e-4
+    assert gpu_bytes == cpu_bytes

@@ -1,0 +1,353 @@
+"""LlamaForwardGPU: the LLaMA forward pass on a CUDA GPU, built from the kernels in `gdsllm_core.kernels`.
+
+Same config, tensor names, rope convention (HF half-split) and cache semantics as the CPU reference `forward.py`.
+Decode (1..8 sequences): fused dequant + GEMV kernels straight from the GGML blocks, RoPE fused with the KV-cache
+write, split-K decode attention; every length and position lives in device memory, so when all layers are
+resident one token of one sequence is a CUDA graph replay. Prefill: each weight is dequantized to fp16 into a
+reused scratch buffer and multiplied with cuBLAS; attention through torch SDPA. Layers come from the tiered
+scheduler (VRAM, pinned host RAM, storage), which streams non-resident ones while earlier layers compute.
+
+The residual stream is fp32; activations fed to matrix products and the KV cache are fp16; logits are fp32.
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gdsllm_core import registry
+from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_core.errors import ContextOverflowError, UnsupportedQuantError
+from gdsllm_core.kernels import ops
+from gdsllm_core.layout.store import ModelEntry
+from gdsllm_llama.config import LlamaConfig
+
+PREFILL_CHUNK = 512  # prompt tokens per pass through the layers (each streamed layer moves once per chunk)
+MAX_BATCH = ops.MAX_BATCH
+ACTIVATION_MARGIN = 256 << 20  # cuBLAS workspace and allocator slack, reserved beside the KV cache
+
+
+class LlamaGpuCache:
+    """KV cache of one sequence on the GPU: k, v fp16 [n_layers, max_tokens, n_kv_heads, head_dim], allocated
+    once. `length` is mirrored in device memory (`pos`) so decode kernels and graph replays read it there."""
+
+    def __init__(self, config: LlamaConfig, max_tokens: int, device: torch.device):
+        self.max_tokens = max_tokens
+        self.length = 0
+        shape = (config.n_layers, max_tokens, config.n_kv_heads, config.head_dim)
+        self.k = torch.empty(shape, dtype=torch.float16, device=device)
+        self.v = torch.empty(shape, dtype=torch.float16, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def reserve(self, n_new: int) -> None:
+        if self.length + n_new > self.max_tokens:
+            raise ContextOverflowError(f"{self.length + n_new} tokens do not fit the sequence's cache of "
+                                       f"{self.max_tokens}", "shorten the prompt or raise num_ctx")
+
+
+def kv_bytes(config: LlamaConfig, tokens: int) -> int:
+    return 2 * config.n_layers * tokens * config.n_kv_heads * config.head_dim * 2
+
+
+class LlamaForwardGPU:
+    """ForwardPass for architecture "llama" on CUDA. LoadOptions: vram_budget, host_cache, max_context; extra:
+    `scheduler` (default "tiered"), `max_vram_layers`, `ring_slots`, `cuda_graphs` (default True)."""
+
+    def __init__(self, entry: ModelEntry, options: LoadOptions | None = None):
+        options = options or LoadOptions(device="cuda")
+        self.entry = entry
+        self.config = c = LlamaConfig.from_dict(entry.manifest.config)
+        self.device = torch.device(options.device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.vocab_size = c.vocab_size
+        self.max_context = min(c.context_length, options.max_context or c.context_length)
+        self.use_graphs = bool(options.extra.get("cuda_graphs", True))
+        self._qtypes = {t.name: t.qtype for e in entry.manifest.extents for t in e.tensors}
+        self._check_types()
+        self._head_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
+        self._head_extent = "token_embd" if c.tied_embeddings else "output"
+        self._prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
+        reserved = self._reserved_bytes()
+        extra = {**options.extra, "reserved_vram_bytes": reserved}
+        scheduler_cls = registry.get_scheduler(options.extra.get("scheduler", "tiered"))
+        with torch.cuda.device(self.device):
+            self.scheduler = scheduler_cls(entry, LoadOptions(device=str(self.device), vram_budget=options.vram_budget,
+                                                              host_cache=options.host_cache,
+                                                              max_context=options.max_context, extra=extra))
+            self._allocate_workspace()
+        self.last_step: dict = {}
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+
+    def _check_types(self) -> None:
+        for name, qtype in self._qtypes.items():
+            if name.endswith("_norm.weight"):
+                continue
+            if qtype not in ops.QTYPE_CODES:
+                raise UnsupportedQuantError(f"tensor {name} is {qtype}, which has no GPU kernel",
+                                            f"convert the model to one of {', '.join(ops.QTYPE_CODES)}")
+
+    def _largest_matrix(self) -> int:
+        c = self.config
+        return max(c.ffn_dim * c.dim, c.n_heads * c.head_dim * c.dim)
+
+    def _reserved_bytes(self) -> int:
+        """VRAM the forward pass needs beside the weights: one sequence's KV cache for max_context, the fp16
+        dequant scratch, the workspace and the prefill activations of one chunk."""
+        c, chunk = self.config, self._prefill_chunk
+        scratch = self._largest_matrix() * 2
+        qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        per_token = 4 * c.dim + 2 * c.dim + 6 * qkv + 2 * c.n_heads * c.head_dim + 3 * 2 * c.ffn_dim + 4 * c.vocab_size
+        return kv_bytes(c, self.max_context) + scratch + chunk * per_token * 2 + ACTIVATION_MARGIN
+
+    def _allocate_workspace(self) -> None:
+        c, dev, B = self.config, self.device, MAX_BATCH
+        q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        self._scratch = torch.empty(self._largest_matrix(), dtype=torch.float16, device=dev)
+        self._h = torch.empty(B, c.dim, dtype=torch.float32, device=dev)
+        self._xn = torch.empty(B, c.dim, dtype=torch.float16, device=dev)
+        self._q = torch.empty(B, q_size, dtype=torch.float32, device=dev)
+        self._k = torch.empty(B, kv_size, dtype=torch.float32, device=dev)
+        self._v = torch.empty(B, kv_size, dtype=torch.float32, device=dev)
+        self._q16 = torch.empty(B, q_size, dtype=torch.float16, device=dev)
+        self._attn = torch.empty(B, q_size, dtype=torch.float16, device=dev)
+        self._act = torch.empty(B, c.ffn_dim, dtype=torch.float16, device=dev)
+        self._logits = torch.empty(B, c.vocab_size, dtype=torch.float32, device=dev)
+        self._tokens = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._pos = torch.zeros(B, dtype=torch.int32, device=dev)  # position of the new token, per sequence
+        self._len = torch.zeros(B, dtype=torch.int32, device=dev)  # cached positions after it, per sequence
+        self._attn_scratch = ops.attention_scratch(c.n_heads, c.head_dim, dev)
+        self._inv_freq = c.inv_freq().to(dev, torch.float32).contiguous()
+        self._scale = 1.0 / math.sqrt(c.head_dim)
+        self._norms: dict[str, torch.Tensor] = {}
+
+    # -- weights ----------------------------------------------------------------------------------------------
+
+    def _norm(self, views: dict[str, torch.Tensor], name: str, cache: bool) -> torch.Tensor:
+        """An fp32 norm weight (converted once for resident extents)."""
+        found = self._norms.get(name)
+        if found is not None:
+            return found
+        weight = views[name]
+        if weight.dtype != torch.float32:
+            weight = weight.float()
+            if cache:
+                self._norms[name] = weight
+        return weight
+
+    def _layer(self, i: int) -> tuple[dict[str, torch.Tensor], bool]:
+        extent = f"blk.{i}"
+        views = self.scheduler.fetch(extent)
+        resident = getattr(self.scheduler, "tier", {}).get(extent, "vram") == "vram"
+        return views, resident
+
+    def _dequant(self, views: dict[str, torch.Tensor], name: str, cols: int) -> torch.Tensor:
+        rows = views[name].shape[0]
+        out = self._scratch[:rows * cols].view(rows, cols)
+        return ops.dequantize(views[name], self._qtypes[name], cols, out=out)
+
+    def _gemv_group(self, views, names: list[str], x: torch.Tensor, outs: list[torch.Tensor],
+                    accumulate: bool = False) -> None:
+        """One launch per run of same-typed matrices (q, k, v share one when their types agree)."""
+        start = 0
+        while start < len(names):
+            end = start + 1
+            while end < len(names) and self._qtypes[names[end]] == self._qtypes[names[start]]:
+                end += 1
+            ops.gemv([views[n] for n in names[start:end]], self._qtypes[names[start]], x, outs[start:end],
+                     accumulate=accumulate)
+            start = end
+
+    # -- decode -----------------------------------------------------------------------------------------------
+
+    def _decode_layers(self, B: int, caches: list[LlamaGpuCache]) -> None:
+        c = self.config
+        h, xn = self._h[:B], self._xn[:B]
+        q, k, v, q16, attn, act = (self._q[:B], self._k[:B], self._v[:B], self._q16[:B], self._attn[:B],
+                                   self._act[:B])
+        for i in range(c.n_layers):
+            w, resident = self._layer(i)
+            p = f"blk.{i}."
+            ops.rmsnorm(h, self._norm(w, p + "attn_norm.weight", resident), c.rms_eps, out=xn)
+            self._gemv_group(w, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], xn, [q, k, v])
+            for b, cache in enumerate(caches):
+                ops.rope_store(q[b:b + 1], k[b:b + 1], v[b:b + 1], self._pos[b:b + 1], self._inv_freq, c.n_heads,
+                               c.n_kv_heads, c.head_dim, c.head_dim, True, q16[b:b + 1], cache.k[i], cache.v[i])
+                ops.attention_decode(q16[b].view(c.n_heads, c.head_dim), cache.k[i], cache.v[i],
+                                     self._len[b:b + 1], self._scale, attn[b].view(c.n_heads, c.head_dim),
+                                     self._attn_scratch)
+            self._gemv_group(w, [p + "attn_output.weight"], attn, [h], accumulate=True)
+            ops.rmsnorm(h, self._norm(w, p + "ffn_norm.weight", resident), c.rms_eps, out=xn)
+            gate, up = p + "ffn_gate.weight", p + "ffn_up.weight"
+            if self._qtypes[gate] == self._qtypes[up]:
+                ops.gemv_swiglu(w[gate], w[up], self._qtypes[gate], xn, act)
+            else:
+                g32 = torch.empty(B, c.ffn_dim, dtype=torch.float32, device=self.device)
+                u32 = torch.empty_like(g32)
+                self._gemv_group(w, [gate, up], xn, [g32, u32])
+                act.copy_(F.silu(g32) * u32)
+            self._gemv_group(w, [p + "ffn_down.weight"], act, [h], accumulate=True)
+        fixed = self.scheduler.fetch("output_norm")
+        ops.rmsnorm(h, self._norm(fixed, "output_norm.weight", True), c.rms_eps, out=xn)
+        head = self.scheduler.fetch(self._head_extent)
+        ops.gemv([head[self._head_name]], self._qtypes[self._head_name], xn, [self._logits[:B]])
+
+    def _embed(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        table = self.scheduler.fetch("token_embd")["token_embd.weight"]
+        ops.dequantize(table, self._qtypes["token_embd.weight"], self.config.dim, out=out, rows=tokens,
+                       dtype=torch.float32)
+
+    def _decode_step(self, B: int, caches: list[LlamaGpuCache]) -> None:
+        self._embed(self._tokens[:B], self._h[:B])
+        self._decode_layers(B, caches)
+
+    def _all_resident(self) -> bool:
+        tiers = getattr(self.scheduler, "tier", None)
+        return tiers is not None and all(t == "vram" for t in tiers.values())
+
+    def _graph_for(self, cache: LlamaGpuCache) -> torch.cuda.CUDAGraph | None:
+        """The captured one-token step for this cache (made on first use), or None where graphs do not apply."""
+        if not (self.use_graphs and self._all_resident()):
+            return None
+        if cache.graph is None:
+            self._decode_step(1, [cache])  # warm-up: compiles and loads every kernel outside the capture
+            torch.cuda.current_stream(self.device).synchronize()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._decode_step(1, [cache])
+            except RuntimeError:  # a launch that cannot be captured here: run eagerly from now on
+                self.use_graphs = False
+                return None
+            cache.graph = graph
+        return cache.graph
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, caches: list[LlamaGpuCache]) -> torch.Tensor:
+        """One step for B sequences (tokens [B]); logits [B, V] fp32 on the GPU."""
+        tokens = tokens.reshape(-1)
+        if tokens.numel() != len(caches):
+            raise ValueError(f"{tokens.numel()} tokens for {len(caches)} caches")
+        if len(caches) > MAX_BATCH:
+            return torch.cat([self.decode(tokens[i:i + MAX_BATCH], caches[i:i + MAX_BATCH])
+                              for i in range(0, len(caches), MAX_BATCH)])
+        began, counters = time.perf_counter(), dict(self.scheduler.stats())
+        B = len(caches)
+        with torch.cuda.device(self.device):
+            for cache in caches:
+                cache.reserve(1)
+            self._tokens[:B].copy_(tokens, non_blocking=True)
+            for b, cache in enumerate(caches):
+                self._pos[b:b + 1].fill_(cache.length)
+                self._len[b:b + 1].fill_(cache.length + 1)
+            graph = self._graph_for(caches[0]) if B == 1 else None
+            if graph is not None:
+                graph.replay()
+            else:
+                self._decode_step(B, caches)
+            for cache in caches:
+                cache.length += 1
+            logits = self._logits[:B].clone()
+        self._record_step(B, began, counters)
+        return logits
+
+    # -- prefill ----------------------------------------------------------------------------------------------
+
+    def _project(self, w, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] fp16 @ W^T -> fp16 [T, rows], through the dequant scratch and cuBLAS."""
+        return torch.matmul(x, self._dequant(w, name, x.shape[1]).t())
+
+    def _prefill_chunk_layers(self, h: torch.Tensor, cache: LlamaGpuCache, start: int) -> None:
+        c = self.config
+        T = h.shape[0]
+        S = start + T
+        q16 = torch.empty(T, c.n_heads * c.head_dim, dtype=torch.float16, device=self.device)
+        self._pos[:1].fill_(start)
+        mask = None
+        if start:
+            mask = (torch.arange(S, device=self.device)[None, :]
+                    <= torch.arange(start, S, device=self.device)[:, None])
+        for i in range(c.n_layers):
+            w, resident = self._layer(i)
+            p = f"blk.{i}."
+            xn = ops.rmsnorm(h, self._norm(w, p + "attn_norm.weight", resident), c.rms_eps)
+            q = self._project(w, p + "attn_q.weight", xn).float()
+            k = self._project(w, p + "attn_k.weight", xn).float()
+            v = self._project(w, p + "attn_v.weight", xn).float()
+            ops.rope_store(q, k, v, self._pos[:1], self._inv_freq, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim,
+                           True, q16, cache.k[i], cache.v[i])
+            qh = q16.view(T, c.n_heads, c.head_dim).transpose(0, 1).unsqueeze(0)  # [1, H, T, hd]
+            kh = cache.k[i, :S].transpose(0, 1).unsqueeze(0).contiguous()  # [1, KV, S, hd]
+            vh = cache.v[i, :S].transpose(0, 1).unsqueeze(0).contiguous()
+            attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=c.n_heads != c.n_kv_heads)
+            attn = attn[0].transpose(0, 1).reshape(T, c.n_heads * c.head_dim)  # [T, H*hd]
+            h += self._project(w, p + "attn_output.weight", attn)
+            xn = ops.rmsnorm(h, self._norm(w, p + "ffn_norm.weight", resident), c.rms_eps)
+            gate = self._project(w, p + "ffn_gate.weight", xn)
+            up = self._project(w, p + "ffn_up.weight", xn)
+            h += self._project(w, p + "ffn_down.weight", ops.swiglu(gate, up))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, V] of hidden rows h [T, D] fp32 (GEMV over the quantized head, 8 rows a launch)."""
+        c = self.config
+        norm = self._norm(self.scheduler.fetch("output_norm"), "output_norm.weight", True)
+        xn = ops.rmsnorm(h.contiguous(), norm, c.rms_eps)
+        head = self.scheduler.fetch(self._head_extent)[self._head_name]
+        logits = torch.empty(h.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
+        for r in range(0, h.shape[0], MAX_BATCH):
+            ops.gemv([head], self._qtypes[self._head_name], xn[r:r + MAX_BATCH], [logits[r:r + MAX_BATCH]])
+        return logits
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, cache: LlamaGpuCache, all_logits: bool = False) -> torch.Tensor:
+        tokens = tokens.reshape(-1).to(self.device, torch.int64)
+        began, counters = time.perf_counter(), dict(self.scheduler.stats())
+        cache.reserve(tokens.numel())
+        outputs = []
+        with torch.cuda.device(self.device):
+            for first in range(0, tokens.numel(), self._prefill_chunk):
+                chunk = tokens[first:first + self._prefill_chunk]
+                h = torch.empty(chunk.numel(), self.config.dim, dtype=torch.float32, device=self.device)
+                self._embed(chunk, h)
+                self._prefill_chunk_layers(h, cache, cache.length)
+                cache.length += chunk.numel()
+                outputs.append(h if all_logits else h[-1:])
+            hidden = torch.cat(outputs) if all_logits else outputs[-1]
+            logits = self._head(hidden)
+        self._record_step(tokens.numel(), began, counters)
+        return logits if all_logits else logits[0]
+
+    # -- protocol ---------------------------------------------------------------------------------------------
+
+    def new_cache(self, max_tokens: int) -> LlamaGpuCache:
+        return LlamaGpuCache(self.config, min(max_tokens, self.max_context), self.device)
+
+    def _record_step(self, tokens: int, began: float, before: dict) -> None:
+        after = self.scheduler.stats()
+        self.last_step = {
+            "tokens": tokens, "host_seconds": time.perf_counter() - began,
+            "io_wait_s": (after.get("io_wait_ns", 0) - before.get("io_wait_ns", 0)) / 1e9,
+            "bytes_from_host": after.get("bytes_from_host", 0) - before.get("bytes_from_host", 0),
+            "bytes_from_storage": after.get("bytes_from_storage", 0) - before.get("bytes_from_storage", 0),
+        }
+
+    def stats(self) -> dict:
+        return {**self.scheduler.stats(), "last_step": self.last_step, "cuda_graphs": self.use_graphs,
+                "vram_allocated": torch.cuda.memory_allocated(self.device)}
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self._norms.clear()
+
+
+def make_forward(entry: ModelEntry, options: LoadOptions | None = None):
+    """The LLaMA forward pass for `options.device`: this GPU version on CUDA, the CPU reference otherwise."""
+    options = options or LoadOptions()
+    if torch.device(options.device).type == "cuda":
+        return LlamaForwardGPU(entry, options)
+    from gdsllm_llama.forward import LlamaForward
+
+    return LlamaForward(entry, options)

@@ -1,0 +1,141 @@
+"""The LLaMA GPU forward pass against the CPU reference on the bundled SmolLM2 (greedy tokens and logits), the
+streamed tiers against the resident one, and the VRAM / pinned-RAM budgets against the allocator's peak."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
+
+PROMPT = [1, 504, 3458, 282, 4649, 314, 260, 1345, 28, 2683, 339, 5248, 30]
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from gdsllm_core import plugins
+    from gdsllm_core.bundled import default_gguf
+    from gdsllm_core.convert import convert
+    from gdsllm_core.layout.store import ModelStore
+
+    import gdsllm_llama.plugin
+
+    plugins.load_plugins()
+    if not any(p is gdsllm_llama.plugin for p in plugins.pm.get_plugins()):
+        plugins.pm.register(gdsllm_llama.plugin, name="llama")
+    return convert(default_gguf(), ModelStore(tmp_path_factory.mktemp("gpu-models")), "smollm2-135m-instruct")
+
+
+def greedy(forward, steps: int = STEPS) -> tuple[list[int], list[torch.Tensor]]:
+    cache = forward.new_cache(256)
+    logits = forward.prefill(torch.tensor(PROMPT), cache)
+    tokens, all_logits = [], [logits.float().cpu()]
+    for _ in range(steps):
+        token = int(logits.reshape(-1).argmax())
+        tokens.append(token)
+        logits = forward.decode(torch.tensor([token], device=forward.device), [cache])[0]
+        all_logits.append(logits.float().cpu())
+    return tokens, all_logits
+
+
+@pytest.fixture(scope="module")
+def cpu_run(smollm2):
+    from gdsllm_llama.forward import LlamaForward
+
+    forward = LlamaForward(smollm2, LoadOptions(device="cpu"))
+    try:
+        return greedy(forward)
+    finally:
+        forward.close()
+
+
+def gpu_forward(entry, **options):
+    from gdsllm_llama.forward_gpu import LlamaForwardGPU
+
+    extra = options.pop("extra", {})
+    return LlamaForwardGPU(entry, LoadOptions(device="cuda", max_context=512, extra=extra, **options))
+
+
+def assert_logits_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        scale = w.abs().max().item()
+        error = (g - w).abs().max().item()
+        assert error <= 0.02 * scale, f"step {step}: logits differ by {error:.4f} (max |logit| {scale:.2f})"
+
+
+def test_gpu_greedy_matches_cpu(smollm2, cpu_run):
+    forward = gpu_forward(smollm2)
+    try:
+        tokens, logits = greedy(forward)
+    finally:
+        forward.close()
+    assert tokens == cpu_run[0]
+    assert_logits_close(logits, cpu_run[1])
+
+
+def test_streamed_tiers_match_resident(smollm2, cpu_run):
+    """4 layers in VRAM, 10 in pinned RAM, the rest read from storage through the ring: the same tokens."""
+    layer_bytes = smollm2.manifest.extent("blk.0").nbytes
+    forward = gpu_forward(smollm2, host_cache=10 * layer_bytes, extra={"max_vram_layers": 4})
+    try:
+        assert forward.scheduler.stats()["layers"] == {"vram": 4, "host": 10, "storage": 16}
+        tokens, logits = greedy(forward, steps=8)
+        stats = forward.stats()
+    finally:
+        forward.close()
+    assert tokens == cpu_run[0][:8]
+    assert_logits_close(logits, cpu_run[1][:9])
+    assert stats["bytes_from_storage"] >= 9 * 16 * layer_bytes  # prefill + 8 decode steps, 16 layers each
+    assert stats["last_step"]["bytes_from_host"] == 10 * layer_bytes
+
+
+def test_prefill_all_logits_match_decode(smollm2):
+    forward = gpu_forward(smollm2)
+    try:
+        cache = forward.new_cache(64)
+        everything = forward.prefill(torch.tensor(PROMPT), cache, all_logits=True)
+        cache2 = forward.new_cache(64)
+        forward.prefill(torch.tensor(PROMPT[:5]), cache2)
+        step = forward.decode(torch.tensor([PROMPT[5]], device="cuda"), [cache2])[0]
+        batch = forward.decode(torch.tensor(PROMPT[6:8], device="cuda"), [cache2, cache])
+    finally:
+        forward.close()
+    assert everything.shape == (len(PROMPT), forward.vocab_size)
+    assert_logits_close([step.cpu()], [everything[5].cpu()])
+    assert batch.shape == (2, forward.vocab_size)
+    assert_logits_close([batch[0].cpu()], [everything[6].cpu()])
+
+
+def test_budgets_are_never_exceeded(smollm2):
+    """A VRAM budget that holds a few layers and a host budget for a few more: the allocator's peak stays under
+    the VRAM budget, the pinned arena under the host budget."""
+    layer_bytes = smollm2.manifest.extent("blk.0").nbytes
+    fixed = sum(e.nbytes for e in smollm2.manifest.extents if not e.name.startswith("blk."))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    probe = gpu_forward(smollm2, vram_budget=1 << 40, host_cache=0)
+    reserved = probe.scheduler.stats()["vram_budget"] and probe._reserved_bytes()
+    probe.close()
+    del probe
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    budget = fixed + reserved + 3 * layer_bytes + 5 * layer_bytes + (1 << 20)
+    host = 7 * layer_bytes
+    torch.cuda.reset_peak_memory_stats()
+    forward = gpu_forward(smollm2, vram_budget=budget, host_cache=host)
+    try:
+        stats = forward.scheduler.stats()
+        assert stats["layers"]["vram"] == 5 and stats["layers"]["host"] == 7
+        greedy(forward, steps=4)
+        peak = torch.cuda.max_memory_allocated() - baseline
+        pinned = forward.scheduler._pinned.nbytes
+    finally:
+        forward.close()
+    assert peak <= budget, f"peak {peak} > budget {budget}"
+    assert pinned <= host
