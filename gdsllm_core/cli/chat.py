@@ -74,7 +74,7 @@ def stream_answer(engine, request, verbose: bool) -> tuple[str, bool]:
     except KeyboardInterrupt:
         generation.cancel()
         sys.stdout.write("\n")
-        err_console.print("[dim](answer stopped)[/]")
+        err_console.print("[dim](answer stopped)[/]", highlight=False)
         return "".join(parts), False
     except BaseException:
         generation.cancel()
@@ -104,7 +104,7 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    console.print("[dim]Send a message (/? for help)[/]")
+    console.print("[dim]Send a message (/? for help)[/]", highlight=False)
     while True:
         try:
             text = read_message()
@@ -113,7 +113,7 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
             return
         except KeyboardInterrupt:
             sys.stdout.write("\n")
-            console.print("[dim]Use Ctrl + d or /bye to exit.[/]")
+            console.print("[dim]Use Ctrl + d or /bye to exit.[/]", highlight=False)
             continue
         command = text.strip()
         if not command:
@@ -122,7 +122,7 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
             return
         if command == "/clear":
             messages = fresh()
-            console.print("[dim]Cleared the conversation.[/]")
+            console.print("[dim]Cleared the conversation.[/]", highlight=False)
             continue
         if command in ("/?", "/help"):
             console.print(HELP, highlight=False, markup=False)

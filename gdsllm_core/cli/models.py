@@ -78,7 +78,7 @@ def show(model: str) -> None:
     rows = [
         ("name", entry.name),
         ("architecture", manifest.architecture),
-        ("parameters", human_count(parameter_count(manifest))),
+        ("parameters", f"{parameter_count(manifest):,} ({human_count(parameter_count(manifest))})"),
         ("layers", str(layer_count(manifest))),
         ("context", str(context_length(manifest.config) or "unknown")),
         ("quantization", quant_label(manifest)),

@@ -229,7 +229,7 @@ class Engine:
         else:
             busy = bool(self._active or self._waiting)
             expires_at = (time.time() if busy else self._last_used) + self.keep_alive
-        stats = {**_safe_stats(loaded.forward), "active_sequences": len(self._active),
+        stats = {**_safe_stats(loaded.forward), "load_ns": loaded.load_ns, "active_sequences": len(self._active),
                  "waiting_requests": len(self._waiting)}
         return [RunningModel(name=loaded.name, size_bytes=loaded.size_bytes, vram_bytes=loaded.vram_bytes,
                              expires_at=expires_at, stats=stats, device=str(loaded.forward.device),
@@ -311,13 +311,14 @@ class Engine:
                 if item.kind == "close":
                     self._shutdown(item)
                     return True
-                if self._active and (item.kind == "unload" or item.model != self._loaded_name()):
+                loaded = self._loaded_name()
+                if self._active and (item.model != loaded if item.kind == "load" else item.model in (None, loaded)):
                     return False  # wait for the running generations of the current model to end
                 self._waiting.popleft()
                 try:
                     if item.kind == "load":
                         self._load(item.model)
-                    elif item.model in (None, self._loaded_name()):
+                    elif item.model in (None, loaded):
                         self._unload()
                     item.future.set_result(None)
                 except BaseException as exc:
@@ -437,7 +438,7 @@ class Engine:
         sequence.history.append(token)
         sequence.last_token = token
         if token in self._model.tokenizer.eos_ids:
-            self._finish(sequence, "stop", self._drain(sequence))
+            self._finish(sequence, "stop", self._drain(sequence), token)
             return True
         text, stopped = sequence.stops.feed(sequence.detokenizer.add(token))
         if stopped:

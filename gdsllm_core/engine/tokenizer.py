@@ -20,8 +20,8 @@ class Tokenizer:
         self._backend = backend
         self.bos_id = info.bos_id
         self.add_bos = info.add_bos and info.bos_id is not None
-        self.special_ids: frozenset[int] = frozenset(backend.special_tokens().values())
         specials = backend.special_tokens()
+        self.special_ids: frozenset[int] = frozenset(specials.values())
         self.eos_ids: frozenset[int] = frozenset(info.eos_ids) | frozenset(
             specials[token] for token in END_OF_TURN_TOKENS if token in specials)
         self.chat_template = info.chat_template
@@ -137,8 +137,7 @@ class _SentencePieceBackend:
 
     def token_to_id(self, token: str) -> int | None:
         token_id = self.processor.piece_to_id(token)
-        return None if token_id == self.processor.unk_id() and token != self.processor.id_to_piece(token_id) \
-            else token_id
+        return token_id if self.processor.id_to_piece(token_id) == token else None
 
     def encode(self, text: str) -> list[int]:
         if self._split is None:

@@ -17,7 +17,8 @@ NVRTC_OPTIONS = ("-std=c++17",)
 # Template instances the compile check builds (every block decoder, each gemv mode, each attention head size).
 CHECK_INSTANCES = {
     "dequant.cu": tuple(f"dequant<{code},0>" for code in range(13)) + ("dequant<3,1>",),
-    "gemv.cu": tuple(f"gemv<{code},1,1,0>" for code in range(13)) + ("gemv<3,4,2,1>", "gemv<10,2,1,2>"),
+    "gemv.cu": tuple(f"gemv<{code},1,1,0,false>" for code in range(13))
+    + ("gemv<3,1,1,0,true>", "gemv<7,4,2,1,true>", "gemv<10,2,1,2,false>"),
     "attention.cu": tuple(f"attn_{part}<{hd}>" for part in ("partial", "combine") for hd in (64, 128, 256)),
 }
 
@@ -28,7 +29,6 @@ def kernel_sources() -> list[Path]:
 
 
 def source_text(file_name: str) -> str:
-    path = KERNEL_DIR / file_name
     return f'#line 1 "{path}"\n' + path.read_text()
 
 
@@ -36,12 +36,10 @@ def source_text(file_name: str) -> str:
 def _module(file_name: str, name_expressions: tuple[str, ...]):
     import cupy
 
-    path = KERNEL_DIR / file_name
     options = (*NVRTC_OPTIONS, f"-I{KERNEL_DIR}")
     module = cupy.RawModule(code=source_text(file_name), options=options,
                             name_expressions=list(name_expressions) or None)
     module.compile()
-    module._gdsllm_path = path
     return module
 
 

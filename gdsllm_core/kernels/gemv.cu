@@ -31,13 +31,87 @@ __device__ __forceinline__ void dot_chunk(const float* w, const u16* __restrict_
     }
 }
 
+// Packed-half arithmetic in PTX (no CUDA headers needed).
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+    u32 d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+__device__ __forceinline__ float half2_sum(u32 v) { return h2f((u16)(v & 0xFFFFu)) + h2f((u16)(v >> 16)); }
+
+// Chunk dot products. Q4_0 and Q8_0 codes turn into exact fp16 values with integer ops alone (the half
+// 0x6400 | code is 1024 + code), so with FAST the hot loop runs on packed-half FMAs at full rate: products are
+// summed in fp16 over 8 values, then in fp32, and the block scale is applied in fp32. Every other case decodes
+// the chunk to fp32 and accumulates in fp32.
+#define HALF_1024 0x64006400u
+
+// w[m]: half2 weights for values (2m, 2m+1) of the chunk, m < 16; d: the block scale.
+template <int B>
+__device__ __forceinline__ void half2_dot(const u32* w, float d, const u16* __restrict__ x, int K, int c, float* acc) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)b * K + (size_t)c * 32);
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            uint4 v = __ldg(xv + i);
+            u32 part = hfma2(w[4 * i], v.x, 0u);
+            part = hfma2(w[4 * i + 1], v.y, part);
+            part = hfma2(w[4 * i + 2], v.z, part);
+            part = hfma2(w[4 * i + 3], v.w, part);
+            s += half2_sum(part);
+        }
+        acc[b] = fmaf(d, s, acc[b]);
+    }
+}
+
+template <int QT, int B, bool FAST>
+__device__ __forceinline__ void chunk_dot(const u8* __restrict__ row, int c, const u16* __restrict__ x, int K,
+                                          float* acc) {
+    if constexpr (FAST && QT == QT_Q4_0) {
+        const u8* blk = row + (size_t)c * 18;
+        u32 w[16];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 q = ld_u32_a2(blk + 2 + 4 * i);
+            const u32 t0 = __byte_perm(q, 0u, 0x4140), t1 = __byte_perm(q, 0u, 0x4342);
+            w[2 * i] = hsub2((t0 & 0x000F000Fu) | HALF_1024, 0x64086408u);
+            w[2 * i + 1] = hsub2((t1 & 0x000F000Fu) | HALF_1024, 0x64086408u);
+            w[8 + 2 * i] = hsub2(((t0 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
+            w[8 + 2 * i + 1] = hsub2(((t1 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
+        }
+        half2_dot<B>(w, ld_half(blk), x, K, c, acc);
+    } else if constexpr (FAST && QT == QT_Q8_0) {
+        const u8* blk = row + (size_t)c * 34;
+        u32 w[16];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const u32 q = ld_u32_a2(blk + 2 + 4 * i) ^ 0x80808080u;
+            w[2 * i] = hsub2(__byte_perm(q, 0x64646464u, 0x4140), 0x64806480u);
+            w[2 * i + 1] = hsub2(__byte_perm(q, 0x64646464u, 0x4342), 0x64806480u);
+        }
+        half2_dot<B>(w, ld_half(blk), x, K, c, acc);
+    } else {
+        float w[32];
+        decode32<QT>(row, c, w);
+        dot_chunk<B>(w, x, K, c, acc);
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
-template <int QT, int B, int R, int MODE>
+template <int QT, int B, int R, int MODE, bool FAST>
 __global__ void __launch_bounds__(WARPS * 32)
 gemv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2, int n0, int n1, int n2,
      int K, long long row_bytes, const u16* __restrict__ x, float* y0, float* y1, float* y2,
@@ -71,11 +145,7 @@ gemv(const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict_
 #pragma unroll 2
     for (int c = lane; c < chunks; c += 32) {
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            float w[32];
-            decode32<QT>(rows[m], c, w);
-            dot_chunk<B>(w, x, K, c, acc[m]);
-        }
+        for (int m = 0; m < M; ++m) chunk_dot<QT, B, FAST>(rows[m], c, x, K, acc[m]);
     }
 #pragma unroll
     for (int m = 0; m < M; ++m)

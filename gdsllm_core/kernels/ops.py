@@ -45,13 +45,16 @@ def _check_weight(weight: torch.Tensor, qtype: str, cols: int) -> tuple[int, int
     return rows, nbytes
 
 
-def _check(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> None:
+def _check(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
+           align: int = 16) -> None:
+    """A contiguous CUDA tensor of `dtype` (and `shape`) starting on an `align`-byte boundary (16 where the kernel
+    reads it with vector loads)."""
     if not tensor.is_cuda or tensor.dtype != dtype or not tensor.is_contiguous():
         raise ValueError(f"{name} must be a contiguous {dtype} CUDA tensor, got {tensor.dtype} on {tensor.device}")
     if shape is not None and tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
-    if tensor.data_ptr() % 16:
-        raise ValueError(f"{name} must start on a 16-byte boundary")
+    if tensor.data_ptr() % align:
+        raise ValueError(f"{name} must start on a {align}-byte boundary")
 
 
 def dequantize(weight: torch.Tensor, qtype: str, cols: int, out: torch.Tensor | None = None,
@@ -61,7 +64,7 @@ def dequantize(weight: torch.Tensor, qtype: str, cols: int, out: torch.Tensor | 
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"dequantize writes float16 or float32, not {dtype}")
     if rows is not None:
-        _check(rows, "rows", torch.int64)
+        _check(rows, "rows", torch.int64, align=8)
         n_rows = rows.numel()
     if out is None:
         out = torch.empty(n_rows, cols, dtype=dtype, device=weight.device)
@@ -80,9 +83,9 @@ def _gemv_rows_per_warp(batch: int, mode: int) -> int:
 
 
 def gemv(weights: list[torch.Tensor], qtype: str, x: torch.Tensor, outs: list[torch.Tensor],
-         accumulate: bool = False) -> None:
+         accumulate: bool = False, exact: bool = False) -> None:
     """outs[i][b] (=|+=) weights[i] @ x[b] for up to three matrices of one type and the same K in one launch.
-    x: fp16 [B, K], B <= 8; outs: fp32 [B, rows_i]."""
+    x: fp16 [B, K], B <= 8; outs: fp32 [B, rows_i]. Q4_0/Q8_0 sum products in fp16 over 8 values unless `exact`."""
     if not 1 <= len(weights) <= 3 or len(weights) != len(outs):
         raise ValueError("gemv takes one to three weights, each with its output")
     _check(x, "x", torch.float16)
@@ -95,10 +98,11 @@ def gemv(weights: list[torch.Tensor], qtype: str, x: torch.Tensor, outs: list[to
         _check(out, "out", torch.float32, (batch, rows))
         counts.append(rows)
     mode = 1 if accumulate else 0
-    _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, None)
+    _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, None, not exact)
 
 
-def gemv_swiglu(gate: torch.Tensor, up: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor) -> None:
+def gemv_swiglu(gate: torch.Tensor, up: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor,
+                exact: bool = False) -> None:
     """out[b] = fp16(silu(gate @ x[b]) * (up @ x[b])): the decode FFN's first half in one launch."""
     _check(x, "x", torch.float16)
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
@@ -108,31 +112,32 @@ def gemv_swiglu(gate: torch.Tensor, up: torch.Tensor, qtype: str, x: torch.Tenso
     if _check_weight(up, qtype, cols)[0] != rows:
         raise ValueError(f"gate has {rows} rows but up has {up.shape[0]}")
     _check(out, "out", torch.float16, (batch, rows))
-    _launch_gemv(qtype, batch, 2, [gate, up], [rows, rows], cols, nbytes, x, [], out)
+    _launch_gemv(qtype, batch, 2, [gate, up], [rows, rows], cols, nbytes, x, [], out, not exact)
 
 
-def _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, out_h) -> None:
+def _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, out_h, fast) -> None:
     per_warp = _gemv_rows_per_warp(batch, mode)
     ws = [ptr(w) for w in weights] + [np.uint64(0)] * (3 - len(weights))
     ns = [np.int32(n) for n in counts] + [np.int32(0)] * (3 - len(counts))
     ys = [ptr(o) for o in outs] + [np.uint64(0)] * (3 - len(outs))
     total = counts[0] if mode == 2 else sum(counts)
     rows_per_block = GEMV_WARPS * per_warp
-    name = f"gemv<{QTYPE_CODES[qtype]},{batch},{per_warp},{mode}>"
+    fast = fast and qtype in ("Q4_0", "Q8_0")
+    name = f"gemv<{QTYPE_CODES[qtype]},{batch},{per_warp},{mode},{'true' if fast else 'false'}>"
     launch("gemv.cu", name, ((total + rows_per_block - 1) // rows_per_block,), (GEMV_WARPS * 32,),
            (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(x), *ys, ptr(out_h)))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 RMSNorm of fp32 rows x [T, d] with an fp32 weight [d]."""
-    _check(x, "x", torch.float32)
+    _check(x, "x", torch.float32, align=4)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, d], got {tuple(x.shape)}")
     rows, d = x.shape
-    _check(weight, "weight", torch.float32, (d,))
+    _check(weight, "weight", torch.float32, (d,), align=4)
     if out is None:
         out = torch.empty(rows, d, dtype=torch.float16, device=x.device)
-    _check(out, "out", torch.float16, (rows, d))
+    _check(out, "out", torch.float16, (rows, d), align=2)
     threads = min(1024, max(32, (d // 4 + 31) // 32 * 32))
     if rows:
         launch("rmsnorm.cu", "rmsnorm_f32", (rows,), (threads,), (ptr(x), ptr(weight), ptr(out), np.int32(d),
@@ -161,14 +166,14 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: torch.Te
     if head_dim % 2 or rot_dim % 2 or rot_dim > head_dim or n_kv <= 0 or n_head % n_kv:
         raise ValueError(f"bad attention geometry: heads {n_head}/{n_kv}, head_dim {head_dim}, rot {rot_dim}")
     tokens = q.shape[0]
-    _check(q, "q", torch.float32, (tokens, n_head * head_dim))
-    _check(k, "k", torch.float32, (tokens, n_kv * head_dim))
-    _check(v, "v", torch.float32, (tokens, n_kv * head_dim))
-    _check(pos0, "pos0", torch.int32, (1,))
-    _check(inv_freq, "inv_freq", torch.float32, (rot_dim // 2,))
-    _check(q_out, "q_out", torch.float16, (tokens, n_head * head_dim))
+    _check(q, "q", torch.float32, (tokens, n_head * head_dim), align=4)
+    _check(k, "k", torch.float32, (tokens, n_kv * head_dim), align=4)
+    _check(v, "v", torch.float32, (tokens, n_kv * head_dim), align=4)
+    _check(pos0, "pos0", torch.int32, (1,), align=4)
+    _check(inv_freq, "inv_freq", torch.float32, (rot_dim // 2,), align=4)
+    _check(q_out, "q_out", torch.float16, (tokens, n_head * head_dim), align=2)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(cache, name, torch.float16)
+        _check(cache, name, torch.float16, align=2)
         if cache.dim() != 3 or tuple(cache.shape[1:]) != (n_kv, head_dim):
             raise ValueError(f"{name} must be [max_T, {n_kv}, {head_dim}], got {tuple(cache.shape)}")
     if tokens:
@@ -193,12 +198,12 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n_head, head_dim = q.shape
     if head_dim not in ATTN_HEAD_DIMS:
         raise ValueError(f"decode attention supports head_dim {ATTN_HEAD_DIMS}, got {head_dim}")
-    _check(q, "q", torch.float16)
-    _check(out, "out", torch.float16, (n_head, head_dim))
-    _check(length, "length", torch.int32, (1,))
+    _check(q, "q", torch.float16, align=2)
+    _check(out, "out", torch.float16, (n_head, head_dim), align=2)
+    _check(length, "length", torch.int32, (1,), align=4)
     n_kv = k_cache.shape[1] if k_cache.dim() == 3 else 0
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(cache, name, torch.float16)
+        _check(cache, name, torch.float16, align=2)
         if cache.dim() != 3 or cache.shape[2] != head_dim or cache.shape[1] != n_kv:
             raise ValueError(f"{name} must be [max_T, n_kv, {head_dim}], got {tuple(cache.shape)}")
     if n_kv == 0 or n_head % n_kv:

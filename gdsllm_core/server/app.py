@@ -10,6 +10,7 @@ import anyio
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 
 from gdsllm_core import __version__, settings
 from gdsllm_core.layout.store import ModelStore
@@ -24,6 +25,10 @@ from gdsllm_core.server.streams import Engine
 
 log = logging.getLogger("gdsllm.server")
 GRACEFUL_SHUTDOWN_S = 10
+STREAMED_BODIES = {urls.OLLAMA_GENERATE: ("application/x-ndjson", "one JSON object per line, the last with done"),
+                   urls.OLLAMA_CHAT: ("application/x-ndjson", "one JSON object per line, the last with done"),
+                   urls.OPENAI_CHAT: ("text/event-stream", "chat.completion.chunk events, then [DONE]"),
+                   urls.OPENAI_COMPLETIONS: ("text/event-stream", "text_completion events, then [DONE]")}
 
 
 @get(urls.HEALTH, opt=PUBLIC, tags=["server"])
@@ -54,6 +59,13 @@ async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(state.engine.close)
 
 
+def document_streamed_bodies(app: Litestar) -> None:
+    """Litestar documents one media type per status: add the NDJSON / SSE bodies the generation routes stream."""
+    for path, (media_type, description) in STREAMED_BODIES.items():
+        content = app.openapi_schema.paths[path].post.responses["200"].content
+        content[media_type] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, description=description))
+
+
 def create_app(store: ModelStore | None = None, default_model: str | None = None, preload: bool = False,
                engine_factory: Callable[[], Engine] | None = None, api_token: str | None = None,
                read_token_from_env: bool = True) -> Litestar:
@@ -63,7 +75,7 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
     token = api_token or (settings.api_token() if read_token_from_env else None)
     state = State({"store": store, "default_model": default_model, "preload": preload, "auth": token is not None,
                    "engine_factory": engine_factory or (lambda: real_engine(store)), "engine": None})
-    return Litestar(
+    app = Litestar(
         route_handlers=[health, OllamaController, OpenAIController],
         dependencies=DEPENDENCIES,
         guards=[bearer_token_guard(token)] if token else [],
@@ -73,6 +85,8 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
         logging_config=None,  # run_server (uvicorn) owns logging; the app only logs to "gdsllm.server"
         openapi_config=OpenAPIConfig(title="gdsllm", version=__version__, path=urls.SCHEMA),
     )
+    document_streamed_bodies(app)
+    return app
 
 
 @contextmanager

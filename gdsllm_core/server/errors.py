@@ -6,6 +6,7 @@ import logging
 import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 from gdsllm_core.errors import BadRequestError, ContextOverflowError, GdsllmError, ModelNotFoundError
 from gdsllm_core.server import urls
@@ -20,6 +21,13 @@ class InvalidFieldError(BadRequestError):
     def __init__(self, param: str, message: str, hint: str | None = None):
         super().__init__(message, hint)
         self.param = param
+
+
+ERROR_DESCRIPTIONS = {400: "a field is missing, of the wrong type or out of range; the prompt exceeds the context",
+                      401: "GDSLLM_API_TOKEN is set and the bearer token is missing or wrong",
+                      404: "the model is not in the store", 500: "the engine failed"}
+OLLAMA_ERRORS = {status: ResponseSpec(OllamaError, description=text) for status, text in ERROR_DESCRIPTIONS.items()}
+OPENAI_ERRORS = {status: ResponseSpec(OpenAIError, description=text) for status, text in ERROR_DESCRIPTIONS.items()}
 
 
 def is_openai_path(path: str) -> bool:

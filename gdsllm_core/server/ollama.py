@@ -16,7 +16,7 @@ from gdsllm_core import __version__
 from gdsllm_core.errors import GdsllmError
 from gdsllm_core.server import catalog, urls
 from gdsllm_core.server.deps import DefaultModelDep, EngineDep, StoreDep
-from gdsllm_core.server.errors import InvalidFieldError, error_body
+from gdsllm_core.server.errors import OLLAMA_ERRORS, InvalidFieldError, error_body
 from gdsllm_core.server.schemas import (
     OllamaChatRequest,
     OllamaChatResponse,
@@ -38,6 +38,7 @@ from gdsllm_core.server.streams import (
     check_model,
     collect,
     events,
+    find_model,
     now_rfc3339,
     resolve_model,
     stop_list,
@@ -49,7 +50,7 @@ from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams, Toke
 log = logging.getLogger("gdsllm.server")
 
 NDJSON = "application/x-ndjson"
-CHAT_ROLES = {"system", "user", "assistant", "tool"}
+Chunk = Callable[[str, dict | None], msgspec.Struct]  # (text, done fields or None) -> one response object
 DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -116,7 +117,7 @@ def done_fields(event: TokenEvent) -> dict:
     return fields
 
 
-async def ndjson(generation: Generation, chunk: Callable[[str, dict | None], msgspec.Struct], path: str,
+async def ndjson(generation: Generation, chunk: Chunk, path: str,
                  after: Callable[[], None] | None) -> AsyncIterator[bytes]:
     """One JSON object per line: a text chunk per event with text, then the done object; an error mid-stream
     becomes ollama's `{"error": ...}` line (the ollama clients raise it)."""
@@ -145,7 +146,7 @@ def unload_after(engine: Engine, model: str, keep_alive: float | None) -> Callab
 class OllamaController(Controller):
     tags = ["ollama"]
 
-    @post(urls.OLLAMA_GENERATE, status_code=200, responses={200: ResponseSpec(
+    @post(urls.OLLAMA_GENERATE, status_code=200, responses={**OLLAMA_ERRORS, 200: ResponseSpec(
         OllamaGenerateResponse, description="one object, or NDJSON of them when `stream` is true (the default)")})
     async def generate(self, data: JSONBody[OllamaGenerateRequest], request: Request, engine: EngineDep,
                        store: StoreDep, default_model: DefaultModelDep) -> Response:
@@ -165,17 +166,11 @@ class OllamaController(Controller):
         if not data.prompt and not data.system:
             reason = await self._load_or_unload(engine, model, keep_alive)
             return Response(chunk("", {"done_reason": reason}))
-        generation = await submit(engine, GenerateRequest(
-            model=model, prompt=data.prompt, system=data.system, raw=data.raw, truncate=data.truncate, **fields))
-        after = unload_after(engine, model, keep_alive)
-        if data.stream:
-            return Stream(ndjson(generation, chunk, request.url.path, after), media_type=NDJSON)
-        text, last = await collect(generation, request.receive)
-        if after is not None:
-            await anyio.to_thread.run_sync(after)
-        return Response(chunk(text, done_fields(last) if last else {"done_reason": "cancelled"}))
+        return await self._answer(request, engine, GenerateRequest(
+            model=model, prompt=data.prompt, system=data.system, raw=data.raw, truncate=data.truncate, **fields),
+            chunk, data.stream, keep_alive)
 
-    @post(urls.OLLAMA_CHAT, status_code=200, responses={200: ResponseSpec(
+    @post(urls.OLLAMA_CHAT, status_code=200, responses={**OLLAMA_ERRORS, 200: ResponseSpec(
         OllamaChatResponse, description="one object, or NDJSON of them when `stream` is true (the default)")})
     async def chat(self, data: JSONBody[OllamaChatRequest], request: Request, engine: EngineDep, store: StoreDep,
                    default_model: DefaultModelDep) -> Response:
@@ -185,9 +180,6 @@ class OllamaController(Controller):
         if data.tools:
             raise InvalidFieldError("tools", "tool calling is not supported by gdsllm", "leave `tools` out")
         for index, message in enumerate(data.messages):
-            if message.role not in CHAT_ROLES:
-                raise InvalidFieldError(f"messages[{index}].role", f"unknown message role {message.role!r}",
-                                        f"use one of {', '.join(sorted(CHAT_ROLES))}")
             if message.images:
                 raise InvalidFieldError(f"messages[{index}].images", "images are not supported: gdsllm serves "
                                         "text-only models")
@@ -204,10 +196,16 @@ class OllamaController(Controller):
             reason = await self._load_or_unload(engine, model, keep_alive)
             return Response(chunk("", {"done_reason": reason}))
         messages = [ChatMessage(role=message.role, content=message.content) for message in data.messages]
-        generation = await submit(engine, GenerateRequest(model=model, messages=messages, truncate=data.truncate,
-                                                          **fields))
-        after = unload_after(engine, model, keep_alive)
-        if data.stream:
+        return await self._answer(request, engine, GenerateRequest(
+            model=model, messages=messages, truncate=data.truncate, **fields), chunk, data.stream, keep_alive)
+
+    @staticmethod
+    async def _answer(request: Request, engine: Engine, generate: GenerateRequest, chunk: Chunk, stream: bool,
+                      keep_alive: float | None) -> Response:
+        """Submit, then stream NDJSON or answer with one object (cancelled if the client leaves first)."""
+        generation = await submit(engine, generate)
+        after = unload_after(engine, generate.model, keep_alive)
+        if stream:
             return Stream(ndjson(generation, chunk, request.url.path, after), media_type=NDJSON)
         text, last = await collect(generation, request.receive)
         if after is not None:
@@ -223,7 +221,7 @@ class OllamaController(Controller):
         await anyio.to_thread.run_sync(engine.load, model)
         return "load"
 
-    @get(urls.OLLAMA_TAGS, sync_to_thread=True)
+    @get(urls.OLLAMA_TAGS, sync_to_thread=True, responses=OLLAMA_ERRORS)
     def tags_(self, store: StoreDep) -> OllamaTagsResponse:
         """The local models."""
         return OllamaTagsResponse([
@@ -231,11 +229,11 @@ class OllamaController(Controller):
                               size=entry.size_bytes, digest=catalog.digest(entry), details=catalog.details(entry))
             for entry in store.list()])
 
-    @post(urls.OLLAMA_SHOW, status_code=200, sync_to_thread=True)
+    @post(urls.OLLAMA_SHOW, status_code=200, sync_to_thread=True, responses=OLLAMA_ERRORS)
     def show(self, data: JSONBody[OllamaModelRequest], store: StoreDep,
              default_model: DefaultModelDep) -> OllamaShowResponse:
         """One model's details, configuration and chat template."""
-        entry = store.get(resolve_model(store, data.model_name, default_model) or self._required(data))
+        entry = find_model(store, resolve_model(store, data.model_name, default_model) or self._required(data))
         manifest = entry.manifest
         model_info = {"general.architecture": manifest.architecture, "general.quantization": manifest.quant,
                       **{f"{manifest.architecture}.{key}": value for key, value in manifest.config.items()}}
@@ -243,7 +241,7 @@ class OllamaController(Controller):
                                   details=catalog.details(entry), model_info=model_info,
                                   modified_at=catalog.modified_at(entry), capabilities=["completion"])
 
-    @get(urls.OLLAMA_PS, sync_to_thread=True)
+    @get(urls.OLLAMA_PS, sync_to_thread=True, responses=OLLAMA_ERRORS)
     def ps(self, engine: EngineDep, store: StoreDep) -> OllamaPsResponse:
         """The loaded models, with their residency statistics."""
         models = []
@@ -257,16 +255,15 @@ class OllamaController(Controller):
                 stats=running.stats))
         return OllamaPsResponse(models)
 
-    @get(urls.OLLAMA_VERSION)
+    @get(urls.OLLAMA_VERSION, responses=OLLAMA_ERRORS)
     async def version(self) -> OllamaVersionResponse:
         """gdsllm's version."""
         return OllamaVersionResponse(__version__)
 
-    @delete(urls.OLLAMA_DELETE, status_code=200, sync_to_thread=True)
+    @delete(urls.OLLAMA_DELETE, status_code=200, sync_to_thread=True, responses=OLLAMA_ERRORS)
     def delete_(self, data: JSONBody[OllamaModelRequest], engine: EngineDep, store: StoreDep) -> None:
         """Unload (if loaded) and delete a local model."""
-        name = resolve_model(store, self._required(data), None)
-        store.get(name)
+        name = find_model(store, resolve_model(store, self._required(data), None)).name
         if any(running.name == name for running in engine.running()):
             engine.unload(name)
         store.remove(name)

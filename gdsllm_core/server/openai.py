@@ -13,7 +13,7 @@ from litestar.response import ServerSentEvent
 from gdsllm_core.errors import GdsllmError
 from gdsllm_core.server import urls
 from gdsllm_core.server.deps import DefaultModelDep, EngineDep, StoreDep
-from gdsllm_core.server.errors import InvalidFieldError, error_body, openai_code
+from gdsllm_core.server.errors import OPENAI_ERRORS, InvalidFieldError, error_body, openai_code
 from gdsllm_core.server.schemas import (
     OpenAIChatChoice,
     OpenAIChatChunk,
@@ -36,6 +36,7 @@ from gdsllm_core.server.streams import (
     check_model,
     collect,
     events,
+    find_model,
     resolve_model,
     stop_list,
     submit,
@@ -62,28 +63,17 @@ def sampling_of(data: OpenAISampling) -> SamplingParams:
                           repeat_penalty=1.0, seed=data.seed)
 
 
-def message_text(message: OpenAIMessage, index: int) -> str:
-    """A message's content: a string, or a list of text parts joined."""
+def message_text(message: OpenAIMessage) -> str:
+    """A message's content: a string, or its text parts joined."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
-    for part in message.content:
-        if part.type != "text" or part.text is None:
-            raise InvalidFieldError(f"messages[{index}].content", f"content part of type {part.type!r} is not "
-                                    "supported", "send text parts only: {\"type\": \"text\", \"text\": \"...\"}")
-    return "".join(part.text or "" for part in message.content)
+    return "".join(part.text for part in message.content)
 
 
 def chat_messages(data: OpenAIChatRequest) -> list[ChatMessage]:
     if not data.messages:
         raise InvalidFieldError("messages", "messages is empty", "send at least one message")
-    messages = []
-    for index, message in enumerate(data.messages):
-        role = ROLES.get(message.role)
-        if role is None:
-            raise InvalidFieldError(f"messages[{index}].role", f"unknown message role {message.role!r}",
-                                    f"use one of {', '.join(ROLES)}")
-        messages.append(ChatMessage(role=role, content=message_text(message, index)))
-    return messages
+    return [ChatMessage(role=ROLES[message.role], content=message_text(message)) for message in data.messages]
 
 
 def finish_reason(event: TokenEvent | None) -> str:
@@ -124,7 +114,7 @@ async def sse(generation: Generation, first: list[msgspec.Struct], delta: Callab
 class OpenAIController(Controller):
     tags = ["openai"]
 
-    @post(urls.OPENAI_CHAT, status_code=200, responses={200: ResponseSpec(
+    @post(urls.OPENAI_CHAT, status_code=200, responses={**OPENAI_ERRORS, 200: ResponseSpec(
         OpenAIChatCompletion, description="a chat completion, or SSE of chat.completion.chunk when `stream`")})
     async def chat_completions(self, data: JSONBody[OpenAIChatRequest], request: Request, engine: EngineDep,
                                store: StoreDep, default_model: DefaultModelDep) -> Response:
@@ -138,7 +128,8 @@ class OpenAIController(Controller):
             stop=stop_list(data.stop), sampling=sampling_of(data)))
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", unix_now()
 
-        def chunk(delta: OpenAIDelta | None, reason: str | None = None, usage: OpenAIUsage | None = None):
+        def chunk(delta: OpenAIDelta | None, reason: str | None = None,
+                  usage: OpenAIUsage | None = None) -> OpenAIChatChunk:
             choices = [] if delta is None else [OpenAIChunkChoice(0, delta, reason)]
             return OpenAIChatChunk(id=completion_id, created=created, model=data.model, choices=choices,
                                    usage=usage)
@@ -156,7 +147,7 @@ class OpenAIController(Controller):
             id=completion_id, created=created, model=data.model, usage=usage_of(last),
             choices=[OpenAIChatChoice(0, OpenAIResponseMessage("assistant", text), finish_reason(last))]))
 
-    @post(urls.OPENAI_COMPLETIONS, status_code=200, responses={200: ResponseSpec(
+    @post(urls.OPENAI_COMPLETIONS, status_code=200, responses={**OPENAI_ERRORS, 200: ResponseSpec(
         OpenAICompletion, description="a text completion, or SSE of text_completion chunks when `stream`")})
     async def completions(self, data: JSONBody[OpenAICompletionRequest], request: Request, engine: EngineDep,
                           store: StoreDep, default_model: DefaultModelDep) -> Response:
@@ -173,7 +164,8 @@ class OpenAIController(Controller):
             sampling=sampling_of(data)))
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", unix_now()
 
-        def chunk(text: str | None, reason: str | None = None, usage: OpenAIUsage | None = None):
+        def chunk(text: str | None, reason: str | None = None,
+                  usage: OpenAIUsage | None = None) -> OpenAICompletion:
             choices = [] if text is None else [OpenAICompletionChoice(0, text, reason)]
             return OpenAICompletion(id=completion_id, created=created, model=data.model, choices=choices,
                                     usage=usage)
@@ -188,14 +180,14 @@ class OpenAIController(Controller):
         text, last = await collect(generation, request.receive)
         return Response(chunk((prompt if data.echo else "") + text, finish_reason(last), usage_of(last)))
 
-    @get(urls.OPENAI_MODELS, sync_to_thread=True)
+    @get(urls.OPENAI_MODELS, sync_to_thread=True, responses=OPENAI_ERRORS)
     def models(self, store: StoreDep) -> OpenAIModelList:
         """The local models."""
         return OpenAIModelList(data=[OpenAIModel(id=entry.name, created=int(entry.modified))
                                      for entry in store.list()])
 
-    @get(urls.OPENAI_MODEL, sync_to_thread=True)
+    @get(urls.OPENAI_MODEL, sync_to_thread=True, responses=OPENAI_ERRORS)
     def model(self, model_id: FromPath[str], store: StoreDep) -> OpenAIModel:
         """One local model."""
-        entry = store.get(resolve_model(store, model_id, None))
+        entry = find_model(store, resolve_model(store, model_id, None))
         return OpenAIModel(id=model_id, created=int(entry.modified))

@@ -3,7 +3,7 @@
 Field names and meanings follow ollama's `api/types.go` and OpenAI's API reference. Unknown request fields are
 ignored (msgspec's default); a field of the wrong type or out of range is a 400 in the dialect's error shape."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -44,7 +44,7 @@ class OllamaGenerateRequest(msgspec.Struct, kw_only=True):
 
 
 class OllamaMessage(msgspec.Struct, kw_only=True):
-    role: str
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
 
@@ -74,18 +74,6 @@ class OllamaModelRequest(msgspec.Struct, kw_only=True):
 class OllamaResponseMessage(msgspec.Struct):
     role: str
     content: str
-
-
-class OllamaDone(msgspec.Struct, kw_only=True):
-    """The counters on the last object of a generation; durations in nanoseconds."""
-
-    done_reason: str
-    total_duration: int
-    load_duration: int
-    prompt_eval_count: int
-    prompt_eval_duration: int
-    eval_count: int
-    eval_duration: int
 
 
 class OllamaGenerateResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -179,12 +167,12 @@ class OllamaError(msgspec.Struct):
 class OpenAIContentPart(msgspec.Struct, kw_only=True):
     """One part of a message's content list; only `{"type": "text", "text": ...}` is supported."""
 
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class OpenAIMessage(msgspec.Struct, kw_only=True):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[OpenAIContentPart] | None = None
 
 

@@ -9,7 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from litestar.types import Receive
 
-from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.errors import ModelNotFoundError
+from gdsllm_core.layout.store import NAME_PATTERN, ModelEntry, ModelStore
 from gdsllm_core.types import GenerateRequest, TokenEvent
 
 
@@ -40,15 +41,23 @@ def resolve_model(store: ModelStore, name: str, default: str | None) -> str:
     ollama's implicit ":latest" tag is dropped when the store has the bare name."""
     if not name:
         return default or ""
-    if name.endswith(":latest") and not store.exists(name) and store.exists(name.removesuffix(":latest")):
-        return name.removesuffix(":latest")
+    bare = name.removesuffix(":latest")
+    if bare != name and NAME_PATTERN.match(name) and not store.exists(name) and store.exists(bare):
+        return bare
     return name
 
 
+def find_model(store: ModelStore, name: str) -> ModelEntry:
+    """The stored model, or ModelNotFoundError (404), also for names no model can have."""
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise ModelNotFoundError(f"model {name!r} not found", "see the local models at /api/tags or /v1/models")
+    return store.get(name)
+
+
 def check_model(store: ModelStore, name: str) -> None:
-    """ModelNotFoundError (404) before any generation work when a named model is not in the store."""
+    """404 before any generation work when a named model is not in the store ("" is the engine's business)."""
     if name:
-        store.get(name)
+        find_model(store, name)
 
 
 async def submit(engine: Engine, request: GenerateRequest) -> Generation:
@@ -72,9 +81,11 @@ async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
 
 async def collect(generation: Generation, receive: Receive) -> tuple[str, TokenEvent | None]:
     """The whole text and the last event of a non-streamed generation; the generation is cancelled (and None
-    returned as the last event) if the client disconnects while it runs."""
+    returned as the last event) if the client disconnects while it runs. The engine's errors are re-raised as
+    they are (not wrapped in an exception group)."""
     parts: list[str] = []
     last: TokenEvent | None = None
+    failure: Exception | None = None
     async with anyio.create_task_group() as group:
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -82,10 +93,15 @@ async def collect(generation: Generation, receive: Receive) -> tuple[str, TokenE
             group.cancel_scope.cancel()
 
         group.start_soon(watch_disconnect)
-        async for event in events(generation):
-            parts.append(event.text)
-            last = event
+        try:
+            async for event in events(generation):
+                parts.append(event.text)
+                last = event
+        except Exception as exc:
+            failure = exc
         group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     return "".join(parts), last if last is not None and last.done else None
 
 

@@ -75,17 +75,23 @@ def test_dequantize_gathers_rows():
     torch.testing.assert_close(out.cpu(), reference(weight, "Q8_0", 64)[rows], rtol=1e-6, atol=1e-7)
 
 
+def gemv_tolerance(qtype: str, exact: bool) -> float:
+    """fp32 accumulation: float rounding; Q4_0/Q8_0's fast path sums 8 products in fp16 first."""
+    return 2e-6 if exact or qtype not in ("Q4_0", "Q8_0") else 1e-3
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("batch", [1, 3, 8])
-def test_gemv_matches_float64(qtype, batch):
+@pytest.mark.parametrize("exact", [True, False])
+def test_gemv_matches_float64(qtype, batch, exact):
     rng = np.random.default_rng(hash((qtype, batch)) % 2**32)
     rows, cols = 45, odd_cols(qtype)
     weight = random_weight(qtype, rows, cols, rng)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch)).half()
     want = x.double() @ reference(weight, qtype, cols).double().t()
     out = torch.full((batch, rows), float("nan"), device=CUDA)
-    ops.gemv([weight.to(CUDA)], qtype, x.to(CUDA), [out])
-    assert rel_error(out, want) < 2e-6
+    ops.gemv([weight.to(CUDA)], qtype, x.to(CUDA), [out], exact=exact)
+    assert rel_error(out, want) < gemv_tolerance(qtype, exact)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q6_K", "F16"])
@@ -99,7 +105,7 @@ def test_gemv_three_matrices_and_accumulate(qtype):
     ops.gemv([w.to(CUDA) for w in weights], qtype, x.to(CUDA), outs, accumulate=True)
     for w, s, out in zip(weights, start, outs, strict=True):
         want = s.double() + x.double() @ reference(w, qtype, cols).double().t()
-        assert rel_error(out, want) < 2e-6
+        assert rel_error(out, want) < gemv_tolerance(qtype, False)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0"])
@@ -107,7 +113,7 @@ def test_gemv_swiglu(qtype):
     rng = np.random.default_rng(3)
     rows, cols = 77, 1024
     gate, up = random_weight(qtype, rows, cols, rng), random_weight(qtype, rows, cols, rng)
-    x = torch.randn(4, cols).half()
+    x = (torch.randn(4, cols) * 0.02).half()  # keeps silu(g) * u inside fp16's range
     g = x.double() @ reference(gate, qtype, cols).double().t()
     u = x.double() @ reference(up, qtype, cols).double().t()
     want = F.silu(g) * u

@@ -17,12 +17,12 @@ STEPS = 32
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
+    import gdsllm_llama.plugin
+
     from gdsllm_core import plugins
     from gdsllm_core.bundled import default_gguf
     from gdsllm_core.convert import convert
     from gdsllm_core.layout.store import ModelStore
-
-    import gdsllm_llama.plugin
 
     plugins.load_plugins()
     if not any(p is gdsllm_llama.plugin for p in plugins.pm.get_plugins()):
@@ -120,7 +120,7 @@ def test_budgets_are_never_exceeded(smollm2):
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
     probe = gpu_forward(smollm2, vram_budget=1 << 40, host_cache=0)
-    reserved = probe.scheduler.stats()["vram_budget"] and probe._reserved_bytes()
+    reserved = probe._reserved_bytes()
     probe.close()
     del probe
     torch.cuda.synchronize()

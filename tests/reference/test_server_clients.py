@@ -14,8 +14,6 @@ import openai
 import pytest
 import uvicorn
 
-from gdsllm_core.bundled import default_gguf
-from gdsllm_core.convert import convert
 from gdsllm_core.engine.engine import Engine
 from gdsllm_core.layout import ModelStore
 from gdsllm_core.server import create_app, urls
@@ -31,13 +29,9 @@ SYSTEM = "Answer briefly."
 
 
 @pytest.fixture(scope="module")
-def model(request, tmp_path_factory):
-    """(store, model name): the lead's session `smollm2` fixture when there is one, else our own conversion."""
-    try:
-        entry = request.getfixturevalue("smollm2")
-    except pytest.FixtureLookupError:
-        entry = convert(default_gguf(), ModelStore(tmp_path_factory.mktemp("models")))
-    return ModelStore(entry.path.parent), entry.name
+def model(smollm2_store, smollm2):
+    """(store, model name) of the bundled SmolLM2, converted once per session (conftest.py)."""
+    return smollm2_store, smollm2.name
 
 
 class Reference:
@@ -164,6 +158,9 @@ def test_openai_bad_requests(oai, model):
     with pytest.raises(openai.NotFoundError) as caught:
         oai.chat.completions.create(model="gpt-4o", messages=messages)
     assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as caught:  # longer than the context: refused before any prefill
+        oai.chat.completions.create(model=model[1], messages=chat_messages("hello " * 20000))
+    assert caught.value.body["code"] == "context_length_exceeded" and "context" in caught.value.body["message"]
 
 
 # ---- ollama ------------------------------------------------------------------------------------------------------
@@ -207,6 +204,9 @@ def test_ollama_errors(oll, model):
     with pytest.raises(ollama.ResponseError) as caught:
         oll.generate(model=model[1], prompt="x", options={"temperature": "hot"})
     assert caught.value.status_code == 400 and "temperature" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        oll.generate(model=model[1], prompt="a b c d e f g h i j k l", raw=True, options={"num_ctx": 8})
+    assert caught.value.status_code == 400 and "context window is 8 tokens" in caught.value.error
 
 
 # ---- auth, disconnects, concurrency ------------------------------------------------------------------------------

@@ -76,3 +76,46 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     message = " ".join(lines)
     for fragment in fragments:
         assert fragment in message, (fragment, result.stderr)
+
+
+def shared_tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint folder, model root holding it converted as "tiny"), made once per test session."""
+    base = tmp_path_factory.getbasetemp() / "cli-tiny-llama"
+    folder, root = base / "checkpoint", base / "models"
+    if not (root / "tiny" / "manifest.json").is_file():
+        make_tiny_llama(folder)
+        convert_into(folder, root, "tiny")
+    return folder, root
+
+
+def convert_into(source: Path, root: Path, name: str) -> None:
+    """Convert in this process (registering the LLaMA plugin itself where entry points are off in tests)."""
+    from gdsllm_core import plugins
+    from gdsllm_core.convert import convert
+    from gdsllm_core.layout.store import ModelStore
+
+    plugins.load_plugins()
+    if not any(plugins.pm.get_name(p) == "llama" or getattr(p, "__name__", "") == "gdsllm_llama.plugin"
+               for p in plugins.pm.get_plugins()):
+        import gdsllm_llama.plugin
+
+        plugins.pm.register(gdsllm_llama.plugin, name="llama")
+    convert(source, ModelStore(root), name=name)
+
+
+def copy_store(source_root: Path, target_root: Path) -> Path:
+    """A private copy of a model root (tests that delete or corrupt models get their own)."""
+    import shutil
+
+    shutil.copytree(source_root, target_root)
+    return target_root
+
+
+def invoke(args: list[str], input: str | None = None):
+    """Run `gdsllm ARGS` in this process (click's CliRunner): fast, for tests that need no separate process."""
+    from click.testing import CliRunner
+
+    from gdsllm_core.cli.main import _add_commands, cli
+
+    _add_commands()
+    return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)

@@ -1,6 +1,7 @@
 """Streaming detokenization equals a full decode of the same ids, on real tokenizers: SmolLM2's byte-level BPE (as
 transformers reads it from the bundled GGUF) and a SentencePiece model with byte fallback trained here."""
 
+import json
 import random
 
 import pytest
@@ -56,6 +57,21 @@ def sentencepiece_tokenizer(tmp_path_factory):
     info = TokenizerInfo(kind="sentencepiece", file="tokenizer.model", bos_id=1, eos_ids=[2], add_bos=True)
     processor = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     return Tokenizer.from_info(info, folder), processor
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_as_hf(sentencepiece_tokenizer, tmp_path_factory):
+    """The same model as tokenizer.json the way LLaMA-2-style models ship it (Metaspace, byte fallback, Strip)."""
+    from transformers import AutoTokenizer
+
+    _, processor = sentencepiece_tokenizer
+    folder = tmp_path_factory.mktemp("spm_hf")
+    (folder / "tokenizer.model").write_bytes(processor.serialized_model_proto())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    reference = AutoTokenizer.from_pretrained(folder)
+    reference.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    info = TokenizerInfo(kind="hf", file="tokenizer.json", bos_id=1, eos_ids=[2], add_bos=True)
+    return Tokenizer.from_info(info, folder), reference
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -122,3 +138,17 @@ def test_sentencepiece_control_tokens_in_text(sentencepiece_tokenizer):
     assert ids == [1] + processor.encode("hello") + [2] + processor.encode("world")
     assert tokenizer.decode(ids) == processor.decode(ids)
     assert tokenizer.decode(ids, skip_special=False) == "<s>hello</s>world"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_sentencepiece_tokenizer_json_stream_equals_full_decode(sentencepiece_as_hf, text):
+    tokenizer, reference = sentencepiece_as_hf
+    ids = reference.encode(text, add_special_tokens=False)
+    assert tokenizer.encode(text, add_special=False) == ids
+    pieces = _stream(tokenizer, ids)
+    assert "".join(pieces) == reference.decode(ids)
+    assert not any(REPLACEMENT_CHAR in piece for piece in pieces)
+    prompt = reference.encode("hello world the", add_special_tokens=False)
+    streamed = "".join(_stream(tokenizer, ids, context=[1] + prompt))
+    assert reference.decode([1] + prompt + ids, skip_special_tokens=True) == \
+        reference.decode([1] + prompt, skip_special_tokens=True) + streamed

@@ -1,4 +1,5 @@
-"""The engine on the real bundled model (SmolLM2-135M-Instruct Q4_1, LLaMA plugin, CPU forward pass).
+"""The engine on the real bundled model (SmolLM2-135M-Instruct Q4_1, LLaMA plugin, CPU forward pass), converted
+once per session by the `smollm2_store` fixture of the root conftest.
 
 One CPU decode step takes about 0.3-0.6 s here (2 shared cores), so answers are kept to 8 tokens."""
 
@@ -6,13 +7,10 @@ import threading
 
 import pytest
 
-from gdsllm_core import plugins
-from gdsllm_core.bundled import DEFAULT_MODEL, default_gguf
-from gdsllm_core.convert import convert
+from gdsllm_core.bundled import DEFAULT_MODEL
 from gdsllm_core.engine.engine import Engine
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import ContextOverflowError
-from gdsllm_core.layout import ModelStore
 from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
@@ -27,18 +25,6 @@ def chat(question: str, **fields) -> GenerateRequest:
 
 def token_ids(events) -> list[int]:
     return [e.token_id for e in events if e.token_id is not None]
-
-
-@pytest.fixture(scope="session")
-def smollm2_store(tmp_path_factory):
-    plugins.load_plugins()
-    if plugins.pm.get_plugin("llama") is None:
-        import gdsllm_llama.plugin
-
-        plugins.pm.register(gdsllm_llama.plugin, name="llama")
-    store = ModelStore(tmp_path_factory.mktemp("smollm2_store"))
-    convert(default_gguf(), store, DEFAULT_MODEL)
-    return store
 
 
 @pytest.fixture(scope="module")

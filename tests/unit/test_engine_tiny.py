@@ -13,7 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from gdsllm_core import hookimpl, plugins
-from gdsllm_core.engine.engine import Engine, RunningModel
+from gdsllm_core.engine.engine import Engine, RunningModel, default_device
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import BadRequestError, ContextOverflowError, ModelNotFoundError
 from gdsllm_core.layout import ModelStore, ModelWriter, TokenizerInfo
@@ -26,6 +26,8 @@ CONTEXT = 512
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
+EOS_AFTER = 8  # with it, tiny-b answers PROMPTS[2] with 7 tokens then EOS
+EOS_IDS = (0, 2)  # <|im_end|> (the manifest's EOS) and <|endoftext|> (an end-of-turn token by name)
 PROMPTS = ["the cat sat on the mat", "a dog ran in the park", "birds fly over the sea at dawn", "x y z"]
 
 
@@ -34,6 +36,7 @@ class TinyForward:
 
     decode_batch_sizes: list[int] = []
     closed: list[str] = []
+    fail_next_decode = False
 
     def __init__(self, entry, options):
         self.name = entry.name
@@ -61,6 +64,9 @@ class TinyForward:
 
     def decode(self, tokens, caches):
         TinyForward.decode_batch_sizes.append(len(caches))
+        if TinyForward.fail_next_decode:
+            TinyForward.fail_next_decode = False
+            raise RuntimeError("simulated device failure")
         if self.step_delay:
             time.sleep(self.step_delay)
         hidden = torch.stack([self._step(int(t), c) for t, c in zip(tokens, caches, strict=True)])
@@ -91,10 +97,14 @@ def _train_tokenizer() -> HfTokenizer:
     return tokenizer
 
 
-def _write_model(root, name, seed, tokenizer_json: bytes, vocab: int):
+def _write_model(root, name, seed, tokenizer_json: bytes, vocab: int, eos_after: int | None = None):
+    """Random weights; with `eos_after`, the output row of <|im_end|> (2) makes it the likely next token after
+    token `eos_after`, so generations end by EOS."""
     generator = torch.Generator().manual_seed(seed)
     emb = torch.randn(vocab, DIM, generator=generator)
     out = torch.randn(vocab, DIM, generator=generator)
+    if eos_after is not None:
+        out[2] = 2 * emb[eos_after]
     with ModelWriter(root, name) as writer:
         writer.add_extent("token_embd", [("token_embd.weight", "F32", [vocab, DIM], emb)])
         writer.add_extent("output", [("output.weight", "F32", [vocab, DIM], out)])
@@ -109,8 +119,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     hf = _train_tokenizer()
     vocab = hf.get_vocab_size()
-    weights = {name: _write_model(root, name, seed, hf.to_str().encode(), vocab)
-               for name, seed in (("tiny-a", 1), ("tiny-b", 2))}
+    weights = {name: _write_model(root, name, seed, hf.to_str().encode(), vocab, eos_after)
+               for name, seed, eos_after in (("tiny-a", 1, None), ("tiny-b", 2, EOS_AFTER))}
     plugin = TinyPlugin()
     plugins.pm.register(plugin, name="tiny-test-plugin")
     try:
@@ -136,7 +146,7 @@ def reference_logits(weights, ids: list[int]) -> torch.Tensor:
     return 4 * (rows[-1] + means[-1]) @ out.T
 
 
-def reference_generate(weights, prompt_ids, max_tokens, eos=(2,), sampling: SamplingParams = GREEDY):
+def reference_generate(weights, prompt_ids, max_tokens, eos=EOS_IDS, sampling: SamplingParams = GREEDY):
     ids, new = list(prompt_ids), []
     generator = None
     if sampling.temperature > 0:
@@ -160,10 +170,8 @@ def reference_generate(weights, prompt_ids, max_tokens, eos=(2,), sampling: Samp
 
 
 def generated_ids(events) -> list[int]:
-    ids = [e.token_id for e in events if e.token_id is not None]
-    if events[-1].done_reason == "stop" and events[-1].token_id is None:
-        ids.append(2)  # EOS ends the stream without text
-    return ids
+    """Every sampled token is the token_id of exactly one event (an end-of-turn token's event has no text)."""
+    return [e.token_id for e in events if e.token_id is not None]
 
 
 def run(engine, request):
@@ -178,10 +186,10 @@ def test_greedy_matches_recomputation(engine, tiny):
     assert generated_ids(events) == expected
     assert generation.prompt_ids == tiny["hf"].encode(PROMPTS[0]).ids
     text = "".join(e.text for e in events)
-    assert text == tiny["hf"].decode([t for t in expected if t != 2])
+    assert text == tiny["hf"].decode([t for t in expected if t not in EOS_IDS])
     last = events[-1]
     assert last.done and all(not e.done for e in events[:-1])
-    assert last.done_reason == ("stop" if expected[-1] == 2 else "length")
+    assert last.done_reason == ("stop" if expected[-1] in EOS_IDS else "length")
     assert last.completion_tokens == len(expected) and last.prompt_tokens == len(generation.prompt_ids)
     assert last.total_ns >= last.prompt_eval_ns + last.eval_ns > 0 and last.load_ns > 0
 
@@ -403,3 +411,30 @@ def test_bad_requests(engine):
         engine.submit(GenerateRequest(model="tiny-a", prompt="a", max_tokens=-3))
     with pytest.raises(BadRequestError, match="empty"):
         engine.submit(GenerateRequest(model="tiny-a", prompt="", raw=True))
+
+
+def test_a_forward_error_reaches_the_consumer_and_the_engine_goes_on(engine):
+    request = GenerateRequest(model="tiny-a", prompt=PROMPTS[0], raw=True, max_tokens=5, sampling=GREEDY)
+    _, before = run(engine, request)
+    TinyForward.fail_next_decode = True
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        list(engine.submit(request))
+    _, after = run(engine, request)
+    assert generated_ids(after) == generated_ids(before)
+
+
+def test_default_device_follows_gdsllm_device(monkeypatch):
+    monkeypatch.setenv("GDSLLM_DEVICE", "cpu")
+    assert default_device() == "cpu"
+    monkeypatch.setenv("GDSLLM_DEVICE", "auto")
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_eos_ends_the_generation_without_its_text(engine, tiny):
+    generation, events = run(engine, GenerateRequest(model="tiny-b", prompt=PROMPTS[2], raw=True, max_tokens=40,
+                                                     sampling=GREEDY))
+    expected = reference_generate(tiny["weights"]["tiny-b"], generation.prompt_ids, 40)
+    assert expected[-1] == 2 and len(expected) < 40  # the reference ends by EOS
+    assert generated_ids(events) == expected
+    assert events[-1].done_reason == "stop" and events[-1].text == "" and events[-1].completion_tokens == len(expected)
+    assert "".join(e.text for e in events) == tiny["hf"].decode(expected[:-1])

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from _cli_models import assert_one_line_error, cli_env, gdsllm, make_tiny_llama
+from _cli_models import assert_one_line_error, cli_env, convert_into, gdsllm, make_tiny_llama
 
 from gdsllm_core import pull as pull_mod
 from gdsllm_core.errors import UnsupportedQuantError
@@ -246,17 +246,7 @@ def assert_same_model(root_a: Path, name_a: str, root_b: Path, name_b: str) -> N
 
 
 def convert_directly(source: Path, root: Path, name: str) -> None:
-    from gdsllm_core import plugins
-    from gdsllm_core.convert import convert
-    from gdsllm_core.layout.store import ModelStore
-
-    if plugins.pm.get_plugin("llama") is None:  # entry points may be off in tests: register the plugin itself
-        import gdsllm_llama.plugin
-
-        plugins.load_plugins()
-        if plugins.pm.get_plugin("llama") is None:
-            plugins.pm.register(gdsllm_llama.plugin, name="llama")
-    convert(source, ModelStore(root), name=name)
+    convert_into(source, root, name)
 
 
 def test_pull_safetensors_repo_matches_direct_conversion(tmp_path, hub, tiny_folder):

@@ -109,3 +109,24 @@ def test_sampled_distribution_follows_filtered_probabilities():
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(BadRequestError, match=field):
         sampling.check_params(SamplingParams(**{field: value}))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sampling_is_seeded_per_sequence_and_matches_cpu_transforms(logits):
+    on_gpu = logits.cuda()
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, repeat_penalty=1.2, seed=5)
+    history = [1, 2, 3, 250]
+
+    def draw(rows):
+        samplers = [sampling.Sampler(params, "cuda") for _ in rows]
+        return [sampling.sample_batch(on_gpu[rows], samplers, [history] * len(rows)) for _ in range(10)]
+
+    alone = draw([1])
+    assert [step[1] for step in draw([0, 1, 3])] == [step[0] for step in alone]
+    assert draw([1]) == alone
+    _same(sampling.Sampler(params, "cuda").process(on_gpu[0], history).cpu(),
+          sampling.Sampler(params).process(logits[0], history))
+    greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
+    assert sampling.sample_batch(on_gpu, [sampling.Sampler(greedy, "cuda")] * 4, [[]] * 4) == \
+        logits.argmax(-1).tolist()

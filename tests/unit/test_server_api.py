@@ -17,8 +17,9 @@ import pytest
 import schemathesis
 import uvicorn
 from litestar.testing import TestClient
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from gdsllm_core.errors import ContextOverflowError, ModelNotFoundError
+from gdsllm_core.errors import ContextOverflowError, CorruptModelError, ModelNotFoundError
 from gdsllm_core.layout import ModelStore, ModelWriter, TokenizerInfo
 from gdsllm_core.server import create_app, urls
 from gdsllm_core.types import GenerateRequest, TokenEvent
@@ -48,6 +49,9 @@ class EchoGeneration:
                 break
             time.sleep(self.engine.delay)
             word = self.words[index % len(self.words)]
+            if word == "FAIL":  # the engine failing mid-generation: its error reaches the consumer
+                emit(CorruptModelError("tensor blk.0.attn_q.weight does not match its checksum", "re-convert"))
+                break
             if word in self.stop:
                 emit(self._last("", "stop", count, started))
                 break
@@ -74,6 +78,8 @@ class EchoGeneration:
         threading.Thread(target=self._produce, args=(events.put,), daemon=True).start()
         while True:
             event = events.get()
+            if isinstance(event, Exception):
+                raise event
             yield event
             if event.done:
                 return
@@ -85,6 +91,8 @@ class EchoGeneration:
                          daemon=True).start()
         while True:
             event = await events.get()
+            if isinstance(event, Exception):
+                raise event
             yield event
             if event.done:
                 return
@@ -142,9 +150,9 @@ class EchoEngine:
         self.closed = True
 
 
-def echo(text: str, limit: int | None = None) -> str:
-    words = text.split()
-    return " ".join(words[:limit] if limit else words)
+def echo(text: str) -> str:
+    """What the echo engine answers: the prompt's words, single-spaced."""
+    return " ".join(text.split())
 
 
 def write_tiny_model(root, name: str = MODEL) -> None:
@@ -392,7 +400,7 @@ def test_openai_models(client):
     ({"messages": "hello"}, 400, "messages"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
-     "messages[0].content"),
+     "messages[0].content[0].type"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"model": "gpt-4o"}, 404, "model"),
 ])
@@ -419,6 +427,19 @@ def test_health_and_openapi_schema(client):
                  urls.OPENAI_MODELS, urls.HEALTH):
         assert path in schema["paths"]
     assert "OpenAIChatRequest" in json.dumps(schema["components"])
+
+
+def test_an_engine_error_mid_generation_reaches_the_client_in_its_dialect(client):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "fine so far FAIL"}]}
+    response = client.post(urls.OPENAI_CHAT, json=chat)
+    assert response.status_code == 500 and "checksum" in response.json()["error"]["message"]
+    response = client.post(urls.OLLAMA_CHAT, json={**chat, "stream": False})
+    assert response.status_code == 500 and "checksum" in response.json()["error"]
+    objects = ndjson(client.post(urls.OLLAMA_CHAT, json=chat))  # streamed: the status line was already sent
+    assert "".join(o.get("message", {}).get("content", "") for o in objects) == "fine so far"
+    assert "checksum" in objects[-1]["error"] and not any(o.get("done") for o in objects)
+    payloads = sse_payloads(client.post(urls.OPENAI_CHAT, json={**chat, "stream": True}).text)
+    assert payloads[-1] == "[DONE]" and "checksum" in json.loads(payloads[-2])["error"]["message"]
 
 
 # ---- auth, lifespan ----------------------------------------------------------------------------------------------
@@ -529,9 +550,7 @@ def test_closing_a_stream_cancels_its_generation(live_server, path, body):
     base = live_server(engine)
     with httpx.Client(base_url=base, timeout=10) as http:
         with http.stream("POST", path, json=body) as response:
-            lines = response.iter_lines()
-            received = [next(lines) for _ in range(3)]
-            assert all(received) or len(received) == 3
+            assert next(line for line in response.iter_lines() if line)  # streaming has begun
         assert wait_for(lambda: len(engine.cancelled) == 1), "the engine never saw the cancel"
         generation = engine.cancelled[0]
         assert wait_for(generation.finished.is_set)
@@ -574,7 +593,9 @@ def test_concurrent_streams_are_never_mixed(live_server):
 
 def test_generated_requests_get_no_5xx_and_match_the_schema(live_server):
     """Every operation of the served schema, with bounded generated bodies: no 5xx, statuses, content types and
-    bodies as documented. (Driven through hypothesis directly: schemathesis' pytest plugin fails on pytest 9.)"""
+    bodies as documented. Schema-valid requests may still be refused with a documented 400 (unsupported `format`,
+    n=2, a context overflow…), so `positive_data_acceptance` is left out. (Driven through hypothesis directly:
+    schemathesis' pytest plugin fails on pytest 9.)"""
     schema = schemathesis.openapi.from_url(live_server(EchoEngine()) + urls.SCHEMA + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == 12
@@ -583,6 +604,6 @@ def test_generated_requests_get_no_5xx_and_match_the_schema(live_server):
         @hypothesis.settings(max_examples=15, deadline=None, database=None,
                              suppress_health_check=list(hypothesis.HealthCheck))
         def check(case) -> None:
-            case.call_and_validate()
+            case.call_and_validate(excluded_checks=[positive_data_acceptance])
 
         check()

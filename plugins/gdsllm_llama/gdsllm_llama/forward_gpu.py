@@ -192,7 +192,7 @@ class LlamaForwardGPU:
         fixed = self.scheduler.fetch("output_norm")
         ops.rmsnorm(h, self._norm(fixed, "output_norm.weight", True), c.rms_eps, out=xn)
         head = self.scheduler.fetch(self._head_extent)
-        ops.gemv([head[self._head_name]], self._qtypes[self._head_name], xn, [self._logits[:B]])
+        ops.gemv([head[self._head_name]], self._qtypes[self._head_name], xn, [self._logits[:B]], exact=True)
 
     def _embed(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
         table = self.scheduler.fetch("token_embd")["token_embd.weight"]
@@ -298,7 +298,8 @@ class LlamaForwardGPU:
         head = self.scheduler.fetch(self._head_extent)[self._head_name]
         logits = torch.empty(h.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
         for r in range(0, h.shape[0], MAX_BATCH):
-            ops.gemv([head], self._qtypes[self._head_name], xn[r:r + MAX_BATCH], [logits[r:r + MAX_BATCH]])
+            ops.gemv([head], self._qtypes[self._head_name], xn[r:r + MAX_BATCH], [logits[r:r + MAX_BATCH]],
+                     exact=True)
         return logits
 
     @torch.inference_mode()

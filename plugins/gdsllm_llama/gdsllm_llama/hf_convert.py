@@ -1,8 +1,8 @@
 """HF safetensors folder (config.json + *.safetensors, sharded or not, + tokenizer files) -> gdsllm model folder.
 
-Weights keep their dtype (F32/F16/BF16; norms are stored as F32) or are quantized with `--quant q8_0|q4_0|...`:
-every matrix gets the requested type except the embeddings and output head, which get Q8_0 when a 4/5-bit type is
-asked for (as llama.cpp keeps them at higher precision). HF's rope layout is gdsllm's convention: no permutation.
+Weights keep their dtype (F32/F16/BF16; norms are stored as F32) or are quantized with `--quant q8_0|q4_0|q4_k|...`
+(see `quant_type_for`: the embeddings and output head stay at Q8_0, as llama.cpp keeps them at higher precision).
+HF's rope layout is gdsllm's convention: no permutation.
 """
 
 import json
@@ -15,7 +15,7 @@ from gdsllm_core.convert import ConvertOptions
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.manifest import TokenizerInfo
 from gdsllm_core.layout.writer import ModelWriter
-from gdsllm_core.quant.quantize import QUANTIZABLE, quantize
+from gdsllm_core.quant.quantize import QUANTIZABLE, block_values, quantize
 from gdsllm_llama.config import GGUF_ARCHITECTURE, HF_ARCHITECTURES, LlamaConfig
 from gdsllm_llama.layout import LAYER_TENSORS, LlamaLayout
 from gdsllm_llama.names import gguf_name
@@ -160,6 +160,16 @@ class HfSafetensorsConverter:
             return name, "F32", shape, tensor.float()
         if quant is None:
             return name, _DTYPES[tensor.dtype], shape, tensor
-        qtype = "Q8_0" if name in _HEAD_TENSORS and quant != "Q8_0" else quant
+        qtype = quant_type_for(name, shape, quant)
         return name, qtype, shape, quantize(tensor, qtype)
+
+
+def quant_type_for(name: str, shape: list[int], quant: str) -> str:
+    """The type a matrix gets under `--quant quant`: Q8_0 for the embeddings and output head when a smaller type
+    is asked for; Q5_0 for Q4_K rows that are not a multiple of 256 values (as llama-quantize falls back)."""
+    if name in _HEAD_TENSORS and quant != "Q8_0":
+        return "Q8_0"
+    if shape[-1] % block_values(quant):
+        return "Q5_0"
+    return quant
 

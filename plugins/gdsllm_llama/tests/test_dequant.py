@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 from gdsllm_llama.gguf_convert import unpermute_rows
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from llama_testing import random_blocks, store_is_empty, write_llama_gguf
 
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import GdsllmError, UnsupportedQuantError
+from gdsllm_core.errors import GdsllmError, UnknownArchitectureError, UnsupportedQuantError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.quant import ggml
 from gdsllm_core.scheduler import TieredScheduler
@@ -125,4 +125,18 @@ def test_truncated_gguf_is_refused(tmp_path, cut):
     root = tmp_path / "models"
     with pytest.raises(GdsllmError, match="truncated|cut.gguf"):
         convert(path, ModelStore(root), "cut")
+    assert store_is_empty(root)
+
+
+def test_gguf_of_another_architecture_is_not_claimed(tmp_path):
+    writer = GGUFWriter(str(tmp_path / "other.gguf"), arch="mamba")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    root = tmp_path / "models"
+    with pytest.raises(UnknownArchitectureError, match="other.gguf"):
+        convert(tmp_path / "other.gguf", ModelStore(root), "other")
     assert store_is_empty(root)

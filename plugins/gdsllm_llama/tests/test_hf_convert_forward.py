@@ -3,6 +3,7 @@ does), the CPU forward pass must give LlamaForCausalLM's logits for a prompt and
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from gdsllm_llama.forward import LlamaForward
@@ -19,6 +20,7 @@ from llama_testing import (
     tiny_llama,
     write_llama_gguf,
 )
+from tokenizers import Tokenizer
 
 from gdsllm_core.convert import ConvertOptions, convert
 from gdsllm_core.engine.forward import LoadOptions
@@ -133,9 +135,32 @@ def test_quantize_at_conversion_matches_gguf_py(tmp_path, quant):
     assert_logits_match(run_ours(entry, PROMPT, fed), reference)
 
 
-def test_gguf_with_llamacpp_rope_permutation(tmp_path):
-    """A GGUF written the way llama.cpp's converter writes it (q/k rows permuted) gives transformers' logits."""
-    model = tiny_llama(num_key_value_heads=2)
+def llamacpp_rope_factors(config) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for LLaMA 3.1 scaling (convert_hf_to_gguf.py `generate_extra_tensors`)."""
+    rope = config.rope_parameters
+    head_dim = config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen = rope["original_max_position_embeddings"] / rope["low_freq_factor"]
+    high_wavelen = rope["original_max_position_embeddings"] / rope["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(rope["factor"])
+        else:
+            smooth = ((rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"])
+                      / (rope["high_freq_factor"] - rope["low_freq_factor"]))
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gguf_written_like_llamacpp_matches_transformers(tmp_path, variant):
+    """A GGUF written the way llama.cpp's converter writes it (q/k rows permuted for its rope, LLaMA 3.1 scaling
+    as a rope_freqs tensor, no output.weight when tied) gives transformers' logits."""
+    model = tiny_llama(**VARIANTS[variant])
     config = model.config
     tensors = {}
     for name, param in model.state_dict().items():
@@ -145,11 +170,15 @@ def test_gguf_with_llamacpp_rope_permutation(tmp_path):
             data = llamacpp_permute(data, config.num_attention_heads)
         elif target.endswith("attn_k.weight"):
             data = llamacpp_permute(data, config.num_key_value_heads)
-        tensors[target] = (data, "F32")
+        if not (variant == "tied" and target == "output.weight"):
+            tensors[target] = (data, "F32")
+    if variant == "llama3-rope":
+        tensors["rope_freqs.weight"] = (llamacpp_rope_factors(config), "F32")
     path = write_llama_gguf(tmp_path / "tiny.gguf", tensors, n_layers=2, dim=64, n_heads=4, n_kv_heads=2,
                             ffn_dim=128, vocab_size=256, rope_theta=10000.0, rms_eps=1e-5)
     reference, fed = hf_logits_with_cache(model, PROMPT, STEPS)
     entry = convert(path, ModelStore(tmp_path / "models"), "tiny")
+    assert entry.manifest.config["tied_embeddings"] == (variant == "tied")
     assert_logits_match(run_ours(entry, PROMPT, fed), reference)
 
 
@@ -214,3 +243,52 @@ def test_gguf_requantization_is_refused(tmp_path):
         convert(path, ModelStore(root), "t", ConvertOptions(quant="q4_0"))
     assert store_is_empty(root)
     assert convert(path, ModelStore(root), "t").manifest.quant == "F32"
+
+
+def _train_bpe_tokenizer(vocab_size: int = 256):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<|eot|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", 0)])
+    return tokenizer
+
+
+def test_hf_tokenizer_files_are_carried(tmp_path):
+    model = tiny_llama(bos_token_id=0, eos_token_id=1)
+    model.save_pretrained(tmp_path / "hf")
+    original = _train_bpe_tokenizer()
+    original.save(str(tmp_path / "hf" / "tokenizer.json"))
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    entry = convert(tmp_path / "hf", ModelStore(tmp_path / "models"), "tiny")
+    info = entry.manifest.tokenizer
+    assert (info.kind, info.file, info.bos_id, info.eos_ids, info.add_bos) == ("hf", "tokenizer.json", 0, [1, 2], True)
+    assert info.chat_template == template
+    carried = Tokenizer.from_file(str(entry.path / "tokenizer.json"))
+    text = "the lazy fox"
+    assert carried.encode(text).ids == original.encode(text).ids[1:]  # BOS is the engine's job (add_bos)
+    assert original.encode(text).ids[0] == 0
+
+
+def test_sentencepiece_tokenizer_model_is_carried(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    tiny_llama().save_pretrained(tmp_path / "hf")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 50),
+                                   model_writer=model, model_type="bpe", vocab_size=300, byte_fallback=True,
+                                   minloglevel=2)
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(model.getvalue())
+    entry = convert(tmp_path / "hf", ModelStore(tmp_path / "models"), "tiny")
+    info = entry.manifest.tokenizer
+    assert (info.kind, info.file, info.add_bos) == ("sentencepiece", "tokenizer.model", True)
+    assert (entry.path / "tokenizer.model").read_bytes() == model.getvalue()

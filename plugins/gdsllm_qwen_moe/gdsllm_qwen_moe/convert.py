@@ -92,7 +92,7 @@ class QwenMoeConverter:
                 writer.add_extent(extent_name, tensors)
                 if options.progress:
                     options.progress(extent_name, done, total)
-            tokenizer, files = read_tokenizer(Path(source), config.eos_token_ids)
+            tokenizer, files = read_tokenizer(Path(source), eos_ids(Path(source), config.eos_token_ids))
             quant = (f"affine{bits}-g{group_size}" if bits else "mlx-affine" if checkpoint.quantization
                      else options.quant.lower() if cast else checkpoint.dtype(plans[0][1][0].weight.key).lower())
             writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
@@ -143,6 +143,16 @@ def affine_entries(name: str, packed: torch.Tensor, scales: torch.Tensor, biases
     return [(name, "U32", list(packed.shape), packed.contiguous(), extra),
             (stem + ".scales", scale_type, list(scales.shape), scales.contiguous()),
             (stem + ".biases", _TORCH_QTYPES[biases.dtype], list(biases.shape), biases.to(scales.dtype).contiguous())]
+
+
+def eos_ids(folder: Path, from_config: list[int]) -> list[int]:
+    """End-of-sequence ids: generation_config.json's (Qwen lists <|im_end|> and <|endoftext|>), else config.json's."""
+    path = folder / "generation_config.json"
+    if path.is_file():
+        found = json.loads(path.read_text()).get("eos_token_id")
+        if found is not None:
+            return [found] if isinstance(found, int) else list(found)
+    return from_config
 
 
 def read_tokenizer(folder: Path, eos_ids: list[int]) -> tuple[TokenizerInfo, dict[str, bytes]]:

@@ -5,6 +5,7 @@ decode, the prompt chunk in prefill) are fetched, the cache misses in one batche
 experts live in host RAM under a byte budget; eviction drops the expert requested least often (ties: least recently
 used), so frequently routed experts stay. Statistics: hits, misses, bytes read from storage, evictions."""
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class CacheStats:
     misses: int = 0
     bytes_read: int = 0
     reads: int = 0  # batched storage reads issued
+    read_ns: int = 0  # time spent waiting for them
     evictions: int = 0
     last_read_by_layer: dict[int, dict] = field(default_factory=dict)
 
@@ -43,12 +45,13 @@ class CacheStats:
         return {"host": {"hits": self.hits, "misses": self.misses,
                          "hit_rate": self.hits / requests if requests else 0.0,
                          "cached_bytes": cached_bytes, "budget_bytes": budget_bytes, "evictions": self.evictions},
-                "storage": {"bytes_read": self.bytes_read, "reads": self.reads}}
+                "storage": {"bytes_read": self.bytes_read, "reads": self.reads, "read_ns": self.read_ns}}
 
 
 class ExpertCache:
     """Expert extents on demand: read from storage through `reader`, kept in host RAM (pinned when computing on a
-    GPU) up to `budget_bytes`, and handed out on `device`."""
+    GPU) up to `budget_bytes`, and handed out on `device`. Read buffers come from a pool: those of experts that
+    were not kept (or were evicted) are reused by later reads, so steady-state decoding allocates nothing."""
 
     def __init__(self, reader: ExtentReader, manifest: Manifest, budget_bytes: int,
                  device: torch.device | None = None):
@@ -57,12 +60,16 @@ class ExpertCache:
         self.extents = {e.name: e for e in manifest.extents if ".expert." in e.name}
         self.budget_bytes = budget_bytes
         self.cached_bytes = 0
-        self._entries: OrderedDict[str, dict[str, Weight]] = OrderedDict()  # least recently used first
+        self._entries: OrderedDict[str, tuple[dict[str, Weight], torch.Tensor]] = OrderedDict()  # LRU first
+        self._in_use: list[torch.Tensor] = []  # buffers of the last step's uncached experts
+        self._free: dict[int, list[torch.Tensor]] = {}  # nbytes -> reusable buffers
         self.frequency: dict[str, int] = {}
         self.stats = CacheStats()
 
     def get(self, layer: int, experts: list[int]) -> dict[int, dict[str, Weight]]:
         """The weights of `experts` of `layer`; misses are read together in one batched read."""
+        self._release(self._in_use)
+        self._in_use = []
         names = {e: expert_extent(layer, e) for e in experts}
         found: dict[int, dict[str, Weight]] = {}
         missing = []
@@ -70,7 +77,7 @@ class ExpertCache:
             self.frequency[name] = self.frequency.get(name, 0) + 1
             if name in self._entries:
                 self._entries.move_to_end(name)
-                found[expert] = self._entries[name]
+                found[expert] = self._entries[name][0]
             else:
                 missing.append(expert)
         self.stats.hits += len(found)
@@ -78,14 +85,16 @@ class ExpertCache:
         read_bytes = 0
         if missing:
             extents = [self.extents[names[e]] for e in missing]
-            pinned = self.device.type == "cuda"
-            buffers = [torch.empty(extent.nbytes, dtype=torch.uint8, pin_memory=pinned) for extent in extents]
+            buffers = [self._buffer(extent.nbytes) for extent in extents]
+            began = time.perf_counter_ns()
             self.reader.read(extents, buffers)
+            self.stats.read_ns += time.perf_counter_ns() - began
             read_bytes = sum(extent.nbytes for extent in extents)
             self.stats.reads += 1
             for expert, extent, buffer in zip(missing, extents, buffers, strict=True):
                 found[expert] = group_weights(extent, extent_views(extent, buffer))
-                self._admit(extent.name, found[expert], extent.nbytes, keep=set(names.values()))
+                if not self._admit(extent.name, found[expert], buffer, keep=set(names.values())):
+                    self._in_use.append(buffer)
         self.stats.bytes_read += read_bytes
         self.stats.last_read_by_layer[layer] = {"ids": list(experts), "misses": len(missing),
                                                  "bytes": read_bytes}
@@ -93,22 +102,37 @@ class ExpertCache:
             found = {expert: to_device(weights, self.device) for expert, weights in found.items()}
         return found
 
-    def _admit(self, name: str, weights: dict[str, Weight], nbytes: int, keep: set[str]) -> None:
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        pool = self._free.get(nbytes)
+        if pool:
+            return pool.pop()
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def _release(self, buffers: list[torch.Tensor]) -> None:
+        if buffers and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # their copies to the GPU have landed
+        for buffer in buffers:
+            self._free.setdefault(buffer.numel(), []).append(buffer)
+
+    def _admit(self, name: str, weights: dict[str, Weight], buffer: torch.Tensor, keep: set[str]) -> bool:
         """Cache an expert if the budget allows, evicting less frequently used ones not needed by this step."""
+        nbytes = buffer.numel()
         if nbytes > self.budget_bytes:
-            return
+            return False
         while self.cached_bytes + nbytes > self.budget_bytes:
             victims = [n for n in self._entries if n not in keep]
             if not victims:
-                return
+                return False
             victim = min(victims, key=lambda n: self.frequency[n])  # ties: the least recently used (first)
             if self.frequency[victim] > self.frequency[name]:
-                return  # the newcomer is the rarer one: do not displace a hotter expert
-            self._entries.pop(victim)
-            self.cached_bytes -= self.extents[victim].nbytes
+                return False  # the newcomer is the rarer one: do not displace a hotter expert
+            _, victim_buffer = self._entries.pop(victim)
+            self._release([victim_buffer])
+            self.cached_bytes -= victim_buffer.numel()
             self.stats.evictions += 1
-        self._entries[name] = weights
+        self._entries[name] = (weights, buffer)
         self.cached_bytes += nbytes
+        return True
 
     def cached_names(self) -> set[str]:
         return set(self._entries)

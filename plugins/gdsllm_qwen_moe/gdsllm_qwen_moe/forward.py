@@ -83,7 +83,7 @@ class QwenMoeForward:
         return cache
 
     # passes -------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, cache: QwenMoeCache, all_logits: bool = False) -> torch.Tensor:
         tokens = tokens.to(self.device).reshape(-1)
         if tokens.numel() == 0:
@@ -96,10 +96,10 @@ class QwenMoeForward:
                 logits.append(self._logits(hidden))
         return torch.cat(logits) if all_logits else self._logits(hidden[-1])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor, caches: list[QwenMoeCache]) -> torch.Tensor:
         tokens = tokens.to(self.device).reshape(-1)
-        if tokens.numel() != len(caches):
+        if not caches or tokens.numel() != len(caches):
             raise BadRequestError(f"decode got {tokens.numel()} tokens for {len(caches)} caches")
         self._check_room(caches, 1)
         return self._logits(self._layers(tokens.reshape(-1, 1), caches)[:, 0])

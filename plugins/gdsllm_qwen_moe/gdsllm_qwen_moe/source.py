@@ -13,7 +13,7 @@ from safetensors import safe_open
 from gdsllm_core.errors import ConversionError, UnsupportedQuantError
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.config import MODEL_TYPES, QwenMoeConfig
-from gdsllm_qwen_moe.names import LAYER_NAMES, TensorSpec, skipped_kind, to_internal
+from gdsllm_qwen_moe.names import LAYER_NAMES, TensorSpec, skipped_kind, strip_prefix, to_internal
 
 _FUSED = {"ffn_gate": ("ffn_gate_exps", "ffn_gate_up_exps", 0), "ffn_up": ("ffn_up_exps", "ffn_gate_up_exps", 1),
           "ffn_down": ("ffn_down_exps", None, 0)}
@@ -102,6 +102,9 @@ class CheckpointSource:
                                   "is this a Qwen3.5-MoE checkpoint? gdsllm reads HF and mlx_lm layouts")
         quant = self.raw_config.get("quantization") or self.raw_config.get("quantization_config") or {}
         self.quantization = quant if "bits" in quant or any(isinstance(v, dict) for v in quant.values()) else {}
+        # per-path overrides, by the text model's own module path (mlx_lm names them after its module tree)
+        self._overrides = {strip_prefix(path): value for path, value in self.quantization.items()
+                           if isinstance(value, dict)}
         conv = next((k for (name, _), k in self.index.items() if name.endswith("ssm_conv1d")), None)
         # mlx_lm stores conv1d as [C, K, 1] with norms already holding 1 + w; HF stores [C, 1, K] and w
         self.norms_hold_one_plus_w = conv is not None and self.shape(conv)[-1] == 1
@@ -183,8 +186,8 @@ class CheckpointSource:
 
     def _quant_format(self, key: str, spec: TensorSpec) -> tuple[int, int]:
         module = key.rsplit(".", 1)[0] if key.endswith(".weight") else key
-        override = self.quantization.get(module)
-        settings = override if isinstance(override, dict) else self.quantization
+        override = self._overrides.get(strip_prefix(module))
+        settings = override if override is not None else self.quantization
         if not settings or "bits" not in settings:
             raise ConversionError(f"tensor {key} is quantized but config.json gives no bits for it",
                                   "add a \"quantization\": {\"bits\": …, \"group_size\": …} section")

@@ -28,13 +28,14 @@ class AffineWeight:
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return affine.dequantize(self.packed, self.scales, self.biases, self.bits, self.group_size, dtype)
 
-    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Only the rows `index` (an embedding lookup), dequantized."""
+    def rows(self, index: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Only the rows `index` (an embedding lookup, a block of rows), dequantized."""
         return affine.dequantize(self.packed[index], self.scales[index], self.biases[index], self.bits,
                                  self.group_size, dtype)
 
 
 Weight = torch.Tensor | AffineWeight
+DEQUANT_BLOCK_VALUES = 1 << 24  # values dequantized at once by `linear` (int64 codes: 128 MiB)
 
 
 def to_device(weights: dict[str, Weight], device: torch.device) -> dict[str, Weight]:
@@ -68,8 +69,15 @@ def dense(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """x @ weight.T in x's dtype."""
-    return F.linear(x, dense(weight, x.dtype))
+    """x @ weight.T in x's dtype; an affine matrix is dequantized a block of rows at a time (bounded memory)."""
+    if not isinstance(weight, AffineWeight):
+        return F.linear(x, weight.to(x.dtype))
+    rows, cols = weight.shape
+    step = max(1, DEQUANT_BLOCK_VALUES // cols)
+    if step >= rows:
+        return F.linear(x, weight.dense(x.dtype))
+    return torch.cat([F.linear(x, weight.rows(slice(start, start + step), x.dtype)) for start in range(0, rows, step)],
+                     dim=-1)
 
 
 def embedding_rows(weight: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

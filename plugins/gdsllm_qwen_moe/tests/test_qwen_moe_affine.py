@@ -72,3 +72,19 @@ def test_pack_matches_mlx_words_on_3d_expert_tensors(bits):
 def test_widths_and_groups_mlx_does_not_define_are_refused(bits, group_size):
     with pytest.raises(UnsupportedQuantError, match="blk.0.attn_q"):
         affine.check_format(bits, group_size, "blk.0.attn_q.weight")
+
+
+@pytest.mark.parametrize("block_values", [64 * 5, 1 << 24])  # 5 rows at a time (uneven), or all at once
+def test_affine_linear_equals_mlx_quantized_matmul(block_values, monkeypatch):
+    from gdsllm_qwen_moe import weights
+
+    monkeypatch.setattr(weights, "DEQUANT_BLOCK_VALUES", block_values)
+    rng = np.random.default_rng(9)
+    w = mx.array(rng.standard_normal((48, 64)).astype(np.float32))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    packed, scales, biases = mx.quantize(w, group_size=32, bits=6)
+    ref = np.array(mx.quantized_matmul(mx.array(x), packed, scales, biases, transpose=True, group_size=32, bits=6))
+    weight = weights.AffineWeight(torch.from_numpy(np.array(packed).view(np.int32)), torch.from_numpy(np.array(scales)),
+                                  torch.from_numpy(np.array(biases)), bits=6, group_size=32)
+    ours = weights.linear(torch.from_numpy(x), weight).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

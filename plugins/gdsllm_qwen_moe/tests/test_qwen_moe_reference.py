@@ -30,6 +30,7 @@ def hf_router_choices(model, tokens: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")  # the name older transformers know too
 def test_prompt_and_16_decode_steps_match_transformers(hf_model, converted, layout):
     forward = QwenMoeForward(converted[layout], LoadOptions(host_cache=1 << 20))
     prompt = torch.randint(0, hf_model.config.vocab_size, (PROMPT_LENGTH,), generator=torch.Generator().manual_seed(1))
@@ -38,12 +39,12 @@ def test_prompt_and_16_decode_steps_match_transformers(hf_model, converted, layo
     with torch.no_grad():
         out = hf_model(prompt[None], use_cache=True)
     assert relative_error(ours, out.logits[0]) < 1e-4
-    hf_cache, token = out.cache, out.logits[0, -1].argmax()
+    hf_cache, token = out.past_key_values, out.logits[0, -1].argmax()
     for _ in range(16):  # teacher-forced with transformers' greedy token
         ours = forward.decode(token.reshape(1), [cache])[0]
         with torch.no_grad():
-            out = hf_model(token.reshape(1, 1), cache=hf_cache, use_cache=True)
-        hf_cache, ref = out.cache, out.logits[0, -1]
+            out = hf_model(token.reshape(1, 1), past_key_values=hf_cache, use_cache=True)
+        hf_cache, ref = out.past_key_values, out.logits[0, -1]
         assert relative_error(ours, ref) < 1e-4
         token = ref.argmax()
     assert cache.length == PROMPT_LENGTH + 16
