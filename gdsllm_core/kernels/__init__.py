@@ -29,6 +29,7 @@ def kernel_sources() -> list[Path]:
 
 
 def source_text(file_name: str) -> str:
+    path = KERNEL_DIR / file_name
     return f'#line 1 "{path}"\n' + path.read_text()
 
 

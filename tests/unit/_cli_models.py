@@ -119,3 +119,20 @@ def invoke(args: list[str], input: str | None = None):
 
     _add_commands()
     return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
+
+
+def assert_same_model(root_a: Path, name_a: str, root_b: Path, name_b: str) -> None:
+    """Byte-identical weight and tokenizer files, and equal manifests apart from name, date and source."""
+    import filecmp
+
+    import msgspec
+
+    from gdsllm_core.layout.store import ModelStore
+
+    a, b = ModelStore(root_a).get(name_a), ModelStore(root_b).get(name_b)
+    files = sorted(path.name for path in a.path.iterdir() if path.name != "manifest.json")
+    assert files == sorted(path.name for path in b.path.iterdir() if path.name != "manifest.json")
+    for file_name in files:
+        assert filecmp.cmp(a.path / file_name, b.path / file_name, shallow=False), file_name
+    neutral = {"name": "", "created": "", "source": {}}
+    assert msgspec.structs.replace(a.manifest, **neutral) == msgspec.structs.replace(b.manifest, **neutral)

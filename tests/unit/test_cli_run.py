@@ -12,7 +12,7 @@ import time
 import jinja2
 import pexpect
 import pytest
-from _cli_models import CHATML, GDSLLM, cli_env, gdsllm, shared_tiny
+from _cli_models import CHATML, GDSLLM, assert_same_model, cli_env, convert_into, gdsllm, shared_tiny
 from tokenizers import Tokenizer
 
 PROMPT = ">>> "
@@ -110,3 +110,25 @@ def test_one_prompt_with_seed_is_reproducible(tmp_path, tiny):
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.strip() and first.stdout == second.stdout
     assert "Traceback" not in first.stderr + second.stderr
+
+
+@pytest.mark.slow  # ~30 s: converts the bundled 98 MB model, then loads it and answers
+def test_first_run_without_a_model_sets_up_the_bundled_default(tmp_path, request):
+    """What a fresh machine does: `gdsllm run` with an empty store converts the bundled SmolLM2 into it and answers;
+    the stored model is byte-identical to converting the bundled GGUF directly; the next run converts nothing."""
+    from gdsllm_core.bundled import DEFAULT_MODEL, default_gguf
+
+    env = cli_env(tmp_path)
+    args = ["run", "--prompt", "What is the capital of France?", "--max-tokens", "3", "--temperature", "0"]
+    first = gdsllm(args, env, tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "first run: converting the bundled default model" in first.stderr and first.stdout.strip()
+    try:
+        direct = request.getfixturevalue("smollm2")
+        direct_root, direct_name = direct.path.parent, direct.name
+    except pytest.FixtureLookupError:
+        convert_into(default_gguf(), tmp_path / "direct", "smollm2")
+        direct_root, direct_name = tmp_path / "direct", "smollm2"
+    assert_same_model(tmp_path / "models", DEFAULT_MODEL, direct_root, direct_name)
+    second = gdsllm(args, env, tmp_path, timeout=300)
+    assert second.returncode == 0 and "converting" not in second.stderr and second.stdout == first.stdout

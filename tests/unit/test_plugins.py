@@ -59,7 +59,6 @@ def test_installed_plugin_command_and_forward_pass_work(tmp_path, plugin_site):
     env = plugin_env(tmp_path, plugin_site)
     result = gdsllm(["echo-hello", "a", "b"], env, tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "echo: a b", result.stderr
-    assert "echo-hello" in gdsllm(["--help"], env, tmp_path).stdout
     resolved = subprocess.run(
         [sys.executable, "-c", "from gdsllm_core import registry, plugins; cls = registry.get_forward_pass('echo'); "
          "print(cls.__module__, cls.__name__, [f.name for f in plugins.failures])"],

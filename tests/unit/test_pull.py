@@ -4,7 +4,6 @@ Content-Length and Range, large files redirected to a "CDN" path with X-Linked-E
 does. The pulled models must match converting the same files directly: same tensors (checksums) and the same greedy
 tokens from the engine."""
 
-import filecmp
 import hashlib
 import json
 import threading
@@ -12,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from _cli_models import assert_one_line_error, cli_env, convert_into, gdsllm, make_tiny_llama
+from _cli_models import assert_one_line_error, assert_same_model, cli_env, convert_into, gdsllm, make_tiny_llama
 
 from gdsllm_core import pull as pull_mod
 from gdsllm_core.errors import UnsupportedQuantError
@@ -230,25 +229,6 @@ def greedy_tokens(store_root: Path, name: str, prompt: str, n: int = 6) -> list[
         return [event.token_id for event in generation if event.token_id is not None]
 
 
-def assert_same_model(root_a: Path, name_a: str, root_b: Path, name_b: str) -> None:
-    """Byte-identical weight and tokenizer files, and equal manifests apart from name, date and source."""
-    import msgspec
-
-    from gdsllm_core.layout.store import ModelStore
-
-    a, b = ModelStore(root_a).get(name_a), ModelStore(root_b).get(name_b)
-    files = sorted(path.name for path in a.path.iterdir() if path.name != "manifest.json")
-    assert files == sorted(path.name for path in b.path.iterdir() if path.name != "manifest.json")
-    for file_name in files:
-        assert filecmp.cmp(a.path / file_name, b.path / file_name, shallow=False), file_name
-    neutral = {"name": "", "created": "", "source": {}}
-    assert msgspec.structs.replace(a.manifest, **neutral) == msgspec.structs.replace(b.manifest, **neutral)
-
-
-def convert_directly(source: Path, root: Path, name: str) -> None:
-    convert_into(source, root, name)
-
-
 def test_pull_safetensors_repo_matches_direct_conversion(tmp_path, hub, tiny_folder):
     hub.add_repo("test-org/Tiny-Llama", tiny_repo_files(tiny_folder))
     env = cli_env(tmp_path, HF_ENDPOINT=hub.endpoint)
@@ -260,7 +240,7 @@ def test_pull_safetensors_repo_matches_direct_conversion(tmp_path, hub, tiny_fol
     assert not any("README" in p or "original/" in p for p in fetched), fetched
     assert any(p.endswith("model.safetensors") for p in fetched) and any(p.endswith("tokenizer.json") for p in fetched)
 
-    convert_directly(tiny_folder, tmp_path / "direct", "tiny")
+    convert_into(tiny_folder, tmp_path / "direct", "tiny")
     assert_same_model(tmp_path / "models", "Tiny-Llama", tmp_path / "direct", "tiny")
     pulled = greedy_tokens(tmp_path / "models", "Tiny-Llama", "hello there")
     assert len(pulled) == 6
@@ -292,7 +272,7 @@ def test_interrupted_pull_leaves_nothing_and_resumes(tmp_path, hub, tiny_folder)
     second = gdsllm(["pull", "test-org/Tiny-Llama"], env, tmp_path)
     assert second.returncode == 0, second.stderr
     assert ("GET", "/cdn/test-org/Tiny-Llama/model.safetensors", f"bytes={kept}-") in hub.requests
-    convert_directly(tiny_folder, tmp_path / "direct", "tiny")
+    convert_into(tiny_folder, tmp_path / "direct", "tiny")
     assert_same_model(tmp_path / "models", "Tiny-Llama", tmp_path / "direct", "tiny")
 
 
@@ -317,7 +297,7 @@ def test_pull_one_gguf_by_quant_matches_direct_conversion(tmp_path, hub, request
         direct = request.getfixturevalue("smollm2")
         direct_root, direct_name = direct.path.parent, direct.name
     except pytest.FixtureLookupError:
-        convert_directly(default_gguf(), tmp_path / "direct", "smollm2")
+        convert_into(default_gguf(), tmp_path / "direct", "smollm2")
         direct_root, direct_name = tmp_path / "direct", "smollm2"
     assert_same_model(tmp_path / "models", "SmolLM2-135M-Instruct:Q4_1", direct_root, direct_name)
 
@@ -335,6 +315,14 @@ def test_bad_token_and_missing_repo_are_one_line_errors(tmp_path, hub, tiny_fold
     assert good.returncode == 0, good.stderr
     assert hub.cdn_auth and not any(hub.cdn_auth)  # the token went to the hub only, never to the CDN host
     assert not list((tmp_path / "models").glob(".partial-*"))
+
+
+def test_unsupported_architecture_fails_before_the_weights_download(tmp_path, hub):
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    hub.add_repo("test-org/gpt2ish", {"config.json": json.dumps(config).encode(), "model.safetensors": b"\0" * 4096})
+    result = gdsllm(["pull", "test-org/gpt2ish"], cli_env(tmp_path, HF_ENDPOINT=hub.endpoint), tmp_path)
+    assert_one_line_error(result, "no installed converter recognises", "architectures: llama")
+    assert not any(path.endswith("model.safetensors") for _, path, _ in hub.requests)
 
 
 def test_gguf_selection_rules():

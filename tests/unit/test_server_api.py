@@ -11,13 +11,10 @@ import threading
 import time
 
 import httpx
-import hypothesis
 import numpy as np
 import pytest
-import schemathesis
 import uvicorn
 from litestar.testing import TestClient
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from gdsllm_core.errors import ContextOverflowError, CorruptModelError, ModelNotFoundError
 from gdsllm_core.layout import ModelStore, ModelWriter, TokenizerInfo
@@ -596,6 +593,10 @@ def test_generated_requests_get_no_5xx_and_match_the_schema(live_server):
     bodies as documented. Schema-valid requests may still be refused with a documented 400 (unsupported `format`,
     n=2, a context overflow…), so `positive_data_acceptance` is left out. (Driven through hypothesis directly:
     schemathesis' pytest plugin fails on pytest 9.)"""
+    hypothesis = pytest.importorskip("hypothesis")
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the `test` extra")
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
     schema = schemathesis.openapi.from_url(live_server(EchoEngine()) + urls.SCHEMA + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == 12

@@ -54,14 +54,16 @@ class LlamaCache:
 
 @dataclass
 class LayerWeights:
-    """One decoder layer in fp32; q/k/v and gate/up fused row-wise (q rows, then k, then v)."""
+    """One decoder layer in fp32. Matrices are stored transposed, [in, out], and applied as `x @ w`: for one row
+    of x that streams the weights about 1.3x faster than `F.linear` on the CPU. q/k/v and gate/up are fused
+    column-wise (q columns, then k, then v; gate, then up)."""
 
     attn_norm: torch.Tensor  # [D]
-    qkv: torch.Tensor  # [(H + 2*KV) * hd, D]
-    attn_output: torch.Tensor  # [D, H * hd]
+    qkv: torch.Tensor  # [D, (H + 2*KV) * hd]
+    attn_output: torch.Tensor  # [H * hd, D]
     ffn_norm: torch.Tensor  # [D]
-    gate_up: torch.Tensor  # [2F, D]
-    ffn_down: torch.Tensor  # [D, F]
+    gate_up: torch.Tensor  # [D, 2F]
+    ffn_down: torch.Tensor  # [F, D]
 
     @property
     def nbytes(self) -> int:
@@ -69,11 +71,12 @@ class LayerWeights:
 
     @classmethod
     def from_tensors(cls, w: dict[str, torch.Tensor]) -> "LayerWeights":
-        """From GGUF-style names without the `blk.{i}.` prefix (fp32)."""
+        """From fp32 tensors in GGUF naming and torch order ([out, in]), without the `blk.{i}.` prefix."""
         return cls(attn_norm=w["attn_norm"],
-                   qkv=torch.cat([w["attn_q"], w["attn_k"], w["attn_v"]]),
-                   attn_output=w["attn_output"], ffn_norm=w["ffn_norm"],
-                   gate_up=torch.cat([w["ffn_gate"], w["ffn_up"]]), ffn_down=w["ffn_down"])
+                   qkv=torch.cat([w["attn_q"], w["attn_k"], w["attn_v"]]).T.contiguous(),
+                   attn_output=w["attn_output"].T.contiguous(), ffn_norm=w["ffn_norm"],
+                   gate_up=torch.cat([w["ffn_gate"], w["ffn_up"]]).T.contiguous(),
+                   ffn_down=w["ffn_down"].T.contiguous())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -116,7 +119,7 @@ def layer_forward(config: LlamaConfig, w: LayerWeights, x: torch.Tensor, cos: to
     after what that cache holds. Writes the new keys/values into the caches (lengths are advanced by the caller)."""
     c = config
     h = rms_norm(x, w.attn_norm, c.rms_eps)
-    qkv = F.linear(h, w.qkv)
+    qkv = h @ w.qkv
     q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     q = apply_rope(qkv[:, :q_size].reshape(-1, c.n_heads, c.head_dim), cos, sin)  # [N, H, hd]
     k = apply_rope(qkv[:, q_size:q_size + kv_size].reshape(-1, c.n_kv_heads, c.head_dim), cos, sin)
@@ -129,10 +132,10 @@ def layer_forward(config: LlamaConfig, w: LayerWeights, x: torch.Tensor, cos: to
         outputs.append(attend(q[row:row + count].transpose(0, 1), cache.k[layer, :, :end], cache.v[layer, :, :end],
                               start))
         row += count
-    x = x + F.linear(torch.cat(outputs), w.attn_output)
+    x = x + torch.cat(outputs) @ w.attn_output
     h = rms_norm(x, w.ffn_norm, c.rms_eps)
-    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.ffn_down)
+    gate, up = (h @ w.gate_up).chunk(2, dim=-1)
+    return x + (F.silu(gate) * up) @ w.ffn_down
 
 
 class LlamaForward:
@@ -156,7 +159,7 @@ class LlamaForward:
         self._dense["output_norm"] = self._dequantize("output_norm", "output_norm.weight")
         head_extent = "token_embd" if self.config.tied_embeddings else "output"
         head_name = "token_embd.weight" if self.config.tied_embeddings else "output.weight"
-        self._dense["output"] = self._dequantize(head_extent, head_name)
+        self._dense["output"] = self._dequantize(head_extent, head_name).T.contiguous()  # [D, V], as LayerWeights
 
     def _dequantize(self, extent: str, tensor_name: str) -> torch.Tensor:
         info = next(t for t in self.entry.manifest.extent(extent).tensors if t.name == tensor_name)
@@ -181,7 +184,7 @@ class LlamaForward:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """fp32 rows of the embedding matrix for `tokens` [N] (only those rows are dequantized)."""
         if self.config.tied_embeddings:
-            return self._dense["output"][tokens]
+            return self._dense["output"][:, tokens].T
         info = self.entry.manifest.extent("token_embd").tensors[0]
         raw = self.scheduler.fetch("token_embd")["token_embd.weight"]
         return ggml.dequantize(raw[tokens], info.qtype).reshape(len(tokens), info.shape[-1])
@@ -207,12 +210,12 @@ class LlamaForward:
         hidden = self._run(tokens.reshape(-1), [cache], [tokens.numel()])
         if not all_logits:
             hidden = hidden[-1:]
-        logits = F.linear(hidden, self._dense["output"])
+        logits = hidden @ self._dense["output"]
         return logits if all_logits else logits[0]
 
     def decode(self, tokens: torch.Tensor, caches: list[LlamaCache]) -> torch.Tensor:
         hidden = self._run(tokens.reshape(-1), caches, [1] * len(caches))
-        return F.linear(hidden, self._dense["output"])
+        return hidden @ self._dense["output"]
 
     def stats(self) -> dict:
         return {**self.scheduler.stats(), "dequantized_layers": len(self._layers),
