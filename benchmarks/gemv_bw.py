@@ -46,7 +46,7 @@ def time_gemv(weights: list[torch.Tensor], qtype: str, batch: int, cols: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--types", default="Q4_0,Q8_0,Q4_1,Q4_K,Q5_K,Q6_K,F16")
+    parser.add_argument("--types", default="Q4_0,Q4_0R,Q8_0,Q8_0R,Q4_1,Q4_K,Q5_K,Q6_K,F16")
     parser.add_argument("--batch", default="1,4,8")
     args = parser.parse_args()
     ceiling = copy_bandwidth()
@@ -64,6 +64,11 @@ def main() -> None:
             if dtype == torch.uint8:  # sane fp16 scales: random bytes can be inf/nan
                 for w in weights:
                     w.view(-1)[:] = w.view(-1) & 0x3B
+            if qtype in ops.REPACKED.values():  # the GPU layout of resident weights
+                base = next(k for k, v in ops.REPACKED.items() if v == qtype)
+                scratch = torch.empty(weights[0].numel(), dtype=torch.uint8, device="cuda")
+                for w in weights:
+                    ops.repack(w, base, cols, scratch)
             for batch in (int(b) for b in args.batch.split(",")):
                 ms = time_gemv(weights, qtype, batch, cols)
                 gbs = nbytes / ms / 1e6

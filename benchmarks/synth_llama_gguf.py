@@ -1,3 +1,4 @@
+# ruff: noqa
 """(Copied from the team tools, ../shared/tools/synth_llama_gguf.py.) Write a LLaMA-shaped GGUF with random quantized blocks (timing only: the weights are noise).
 usage: synth_llama_gguf.py OUT.gguf [--type Q4_0|Q8_0] [--layers 32] [--d 4096] [--ffn 11008] [--vocab 32000]"""
 import argparse

@@ -7,6 +7,7 @@ tokenizer and safetensors files, or one GGUF file picked by its quant name (`use
 """
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from gdsllm_core import __version__, registry, settings
+from gdsllm_core import __version__, pidfile, registry, settings
 from gdsllm_core.convert import ConvertOptions, convert
 from gdsllm_core.errors import BadRequestError, DownloadError, GdsllmError, ModelNotFoundError, UnsupportedQuantError
 from gdsllm_core.layout.store import ModelEntry, ModelStore, check_name
@@ -215,30 +216,44 @@ class HubClient:
             headers.pop("authorization", None)  # a signed CDN url: never send the hub token elsewhere
         part = blob.with_name(blob.name + ".part")
         part.parent.mkdir(parents=True, exist_ok=True)
-        resume = part.stat().st_size if part.is_file() else 0
-        if meta.size is not None and resume > meta.size:
-            part.unlink()
-            resume = 0
-        bar_factory = _bar_factory(progress, filename)
         # http_get hands the file what it received in chunks of this size: smaller chunks mean an interrupted
         # download keeps all but the last MiB of what arrived (the default, 10 MiB, would lose up to that)
         hub_constants.DOWNLOAD_CHUNK_SIZE = min(hub_constants.DOWNLOAD_CHUNK_SIZE, RESUME_CHUNK_BYTES)
-        try:
-            with open(part, "ab") as handle:
+        bar_factory = _bar_factory(progress, filename)
+        with open(part, "ab") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file is closed
+            except BlockingIOError:
+                raise DownloadError(f"another gdsllm pull is downloading {filename} into {part.parent}",
+                                    "wait for it to finish, then pull again") from None
+            resume = os.fstat(handle.fileno()).st_size
+            if meta.size is not None and resume > meta.size:
+                handle.truncate(0)
+                resume = 0
+            try:
                 http_get(meta.location, handle, resume_size=resume, headers=headers, expected_size=meta.size,
                          displayed_filename=filename, tqdm_class=bar_factory)
-        finally:
-            bar_factory.close()
-        expected_sha = meta.etag if meta.etag and SHA256_HEX.match(meta.etag) else None
-        if expected_sha and _sha256(part) != expected_sha:
-            part.unlink()
-            raise DownloadError(f"{filename} does not match its SHA-256 ({expected_sha[:12]}…) after download",
-                                "run the pull again to download it afresh")
-        os.replace(part, blob)
+            finally:
+                bar_factory.close()
+            handle.flush()
+            expected_sha = meta.etag if meta.etag and SHA256_HEX.match(meta.etag) else None
+            if expected_sha and _sha256(part) != expected_sha:
+                part.unlink()
+                raise DownloadError(f"{filename} does not match its SHA-256 ({expected_sha[:12]}…) after download",
+                                    "run the pull again to download it afresh")
+            os.replace(part, blob)
 
-    def _token_arg(self) -> str | bool:
-        # False: send no token at all (huggingface_hub would otherwise read its own stored token)
-        return self.token if self.token else False
+    def _token_arg(self) -> str | None:
+        # None lets huggingface_hub fall back to the token stored by `hf auth login`
+        return self.token or None
+
+    def token_source(self) -> str | None:
+        """Where the token that is sent comes from (for error messages), or None when none is sent."""
+        if self.token:
+            return "HF_TOKEN" if os.environ.get("HF_TOKEN") else "HUGGINGFACE_HUB_TOKEN"
+        from huggingface_hub import get_token
+
+        return "the token stored by `hf auth login`" if get_token() else None
 
     def _translate_errors(self, repo_id: str, filename: str | None = None):
         return _HubErrors(self, repo_id, filename)
@@ -264,18 +279,19 @@ class _HubErrors:
 
         endpoint, repo = self.client.endpoint, self.repo_id
         what = f"{repo}/{self.filename}" if self.filename else repo
-        token_source = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "HUGGINGFACE_HUB_TOKEN"
+        token_source = self.client.token_source()
         resume_hint = "run the same pull again: it continues where it stopped"
         response = getattr(exc, "response", None)
         status = getattr(response, "status_code", None)
         if isinstance(exc, hub_errors.GatedRepoError):
-            return DownloadError(f"{repo} is gated on {endpoint}: your token has no access to it",
-                                 f"accept its licence on the model page, then set {token_source} to a token that may read it")
-        if status == 401 and self.client.token:
+            return DownloadError(f"{repo} is gated on {endpoint}: {'the token has' if token_source else 'you have'} "
+                                 "no access to it", "accept its licence on the model page, then set HF_TOKEN to a "
+                                 "token that may read it")
+        if status == 401 and token_source:
             return DownloadError(f"{endpoint} rejected the Hugging Face token from {token_source} (401 Unauthorized)",
-                                 f"check {token_source} (or unset it for public repos)")
+                                 "check the token (or unset it for public repos)")
         if isinstance(exc, hub_errors.RepositoryNotFoundError):
-            hint = "check the repo id" + ("" if self.client.token else "; for a private repo set HF_TOKEN")
+            hint = "check the repo id" + ("" if token_source else "; for a private repo set HF_TOKEN")
             return ModelNotFoundError(f"repository {repo} not found on {endpoint}", hint)
         if isinstance(exc, hub_errors.RevisionNotFoundError):
             return ModelNotFoundError(f"revision not found in {repo} on {endpoint}", "check the repo's branches")
@@ -355,7 +371,7 @@ def remove_stale_partials(store: ModelStore) -> None:
         return
     for folder in store.root.glob(f"{TEMP_PREFIX}*"):
         pid_text = folder.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not Path(f"/proc/{pid_text}").exists():
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not pidfile.pid_alive(int(pid_text)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -375,7 +391,8 @@ def pull(source: str, store: ModelStore | None = None, name: str | None = None, 
     repo_id = parsed.repo_id
     client = client or HubClient()
     commit, files = client.repo_files(repo_id)
-    gguf = select_gguf(files, parsed.quant, repo_id)
+    has_checkpoint = "config.json" in files and any("/" not in f and f.endswith(".safetensors") for f in files)
+    gguf = select_gguf(files, parsed.quant, repo_id) if parsed.quant or not has_checkpoint else None
     name = name or default_model_name(repo_id, parsed.quant)
     if store.exists(name) and not force:
         raise AlreadyPulled(name)

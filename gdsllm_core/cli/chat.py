@@ -155,7 +155,9 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
 @click.option("--verbose", is_flag=True, help="Print token counts and speed after each answer.")
 def run(model: str | None, prompt: str | None, system: str | None, max_tokens: int | None, temperature: float,
         seed: int | None, vram_budget: str | None, verbose: bool) -> None:
-    """Chat with MODEL (default: the bundled SmolLM2-135M-Instruct, converted on first use)."""
+    """Chat with a model in the terminal.
+
+    MODEL defaults to the bundled SmolLM2-135M-Instruct, converted into the store on first use."""
     from gdsllm_core.engine.engine import Engine, default_device
     from gdsllm_core.engine.forward import LoadOptions
     from gdsllm_core.layout.store import ModelStore

@@ -19,7 +19,7 @@ LAYER_EXTENT = re.compile(r"^blk\.(\d+)$")
 @click.option("--quantize", help="Re-quantize while converting (e.g. q8_0, q4_0).")
 @click.option("--force", is_flag=True, help="Download and convert again even if the model is already there.")
 def pull(source: str, name: str | None, quantize: str | None, force: bool) -> None:
-    """Fetch SOURCE and convert it into the model store.
+    """Download a model and convert it into the store.
 
     SOURCE is a Hugging Face repo id (`user/repo`), one GGUF file of a repo picked by quant (`user/repo:Q4_K_M`,
     also written `hf.co/user/repo:Q4_K_M`), a local checkpoint folder, or a .gguf file. Interrupted downloads
@@ -59,7 +59,10 @@ def list_models() -> None:
 @cli.command()
 @click.argument("model")
 def show(model: str) -> None:
-    """Show a model's details: size, layers, quant types, chat template, and the I/O path that would be used."""
+    """Show a model's details.
+
+    Parameters, layers, context, quant types, tensors, bytes on disk, chat template, and the storage I/O path
+    that would be used to read it."""
     from gdsllm_core.errors import GdsllmError
     from gdsllm_core.layout.store import ModelStore
     from gdsllm_core.storage.backends import choose_backend

@@ -45,7 +45,9 @@ def registrations(plugin) -> dict[str, list[str]]:
 
 @cli.command(name="plugins")
 def list_plugins() -> None:
-    """List installed plugins, their versions and what each provides; plugins that failed to load are named."""
+    """List installed plugins and what each provides.
+
+    Shows each plugin's package and version, what it registers, and the plugins that failed to load."""
     plugins.load_plugins()
     dists = entry_point_distributions()
     for plugin in plugins.pm.get_plugins():

@@ -21,7 +21,9 @@ class ServerRunningError(GdsllmError):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 def serve(model: str | None, preload: bool, host: str, port: int) -> None:
-    """Serve the Ollama- and OpenAI-compatible API; MODEL is what requests naming no model get."""
+    """Start the Ollama- and OpenAI-compatible API server.
+
+    MODEL is what requests that name no model get; --preload loads it before the first request."""
     from gdsllm_core.server.app import run_server
 
     record = pidfile.read()
@@ -47,7 +49,7 @@ def serve(model: str | None, preload: bool, host: str, port: int) -> None:
 @cli.command()
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the server to finish.")
 def stop(timeout: float) -> None:
-    """Stop the running `gdsllm serve` (SIGTERM, then wait for it to exit)."""
+    """Stop the running server (SIGTERM, then wait)."""
     path = pidfile.pid_file_path()
     record = pidfile.read(path)
     if record is None:
@@ -62,7 +64,11 @@ def stop(timeout: float) -> None:
         pidfile.remove(path)
         console.print(f"removed a stale pid file ({reason}); no server was stopped", highlight=False)
         return
-    os.kill(record.pid, signal.SIGTERM)
+    try:
+        os.kill(record.pid, signal.SIGTERM)
+    except PermissionError:
+        raise ServerRunningError(f"not allowed to stop the server (pid {record.pid}): it belongs to another user",
+                                 f"stop it as that user, or with `sudo kill {record.pid}`") from None
     deadline = time.monotonic() + timeout
     with err_console.status(f"stopping the server (pid {record.pid})…"):
         while pidfile.pid_alive(record.pid) and pidfile.process_start_time(record.pid) in (None, record.start_time):

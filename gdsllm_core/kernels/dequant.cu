@@ -15,7 +15,7 @@ __global__ void dequant(const u8* __restrict__ w, long long row_bytes, int chunk
     const int c = (int)(g - i * chunks_per_row);
     const long long src = rows ? rows[i] : i;
     float v[32];
-    decode32<QT>(w + src * row_bytes, c, v);
+    decode32<QT>(w + src * row_bytes, c, chunks_per_row, v);
     if (OUT == OUT_F16) {
         uint4* o = reinterpret_cast<uint4*>(reinterpret_cast<u16*>(out) + g * 32);
 #pragma unroll

@@ -72,35 +72,64 @@ __device__ __forceinline__ void half2_dot(const u32* w, float d, const u16* __re
     }
 }
 
+// Q4_0 codes of bytes j..j+3 (q) -> half2 weights (values j,j+1), (j+2,j+3), (j+16,j+17), (j+18,j+19).
+__device__ __forceinline__ void q4_0_half2(u32 q, u32& lo0, u32& lo1, u32& hi0, u32& hi1) {
+    const u32 t0 = __byte_perm(q, 0u, 0x4140), t1 = __byte_perm(q, 0u, 0x4342);
+    lo0 = hsub2((t0 & 0x000F000Fu) | HALF_1024, 0x64086408u);
+    lo1 = hsub2((t1 & 0x000F000Fu) | HALF_1024, 0x64086408u);
+    hi0 = hsub2(((t0 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
+    hi1 = hsub2(((t1 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
+}
+
+// Q8_0 codes of bytes j..j+3 (q) -> half2 weights (values j,j+1), (j+2,j+3).
+__device__ __forceinline__ void q8_0_half2(u32 q, u32& w0, u32& w1) {
+    q ^= 0x80808080u;
+    w0 = hsub2(__byte_perm(q, 0x64646464u, 0x4140), 0x64806480u);
+    w1 = hsub2(__byte_perm(q, 0x64646464u, 0x4342), 0x64806480u);
+}
+
 template <int QT, int B, bool FAST>
 __device__ __forceinline__ void chunk_dot(const u8* __restrict__ row, int c, const u16* __restrict__ x, int K,
                                           float* acc) {
-    if constexpr (FAST && QT == QT_Q4_0) {
-        const u8* blk = row + (size_t)c * 18;
+    if constexpr (FAST && (QT == QT_Q4_0 || QT == QT_Q4_0R)) {
+        u32 q[4];
+        float d;
+        if constexpr (QT == QT_Q4_0) {
+            const u8* blk = row + (size_t)c * 18;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) q[i] = ld_u32_a2(blk + 2 + 4 * i);
+            d = ld_half(blk);
+        } else {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + (size_t)c * 16));
+            q[0] = v.x; q[1] = v.y; q[2] = v.z; q[3] = v.w;
+            d = ld_half(row + (size_t)(K / 32) * 16 + 2 * c);
+        }
         u32 w[16];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const u32 q = ld_u32_a2(blk + 2 + 4 * i);
-            const u32 t0 = __byte_perm(q, 0u, 0x4140), t1 = __byte_perm(q, 0u, 0x4342);
-            w[2 * i] = hsub2((t0 & 0x000F000Fu) | HALF_1024, 0x64086408u);
-            w[2 * i + 1] = hsub2((t1 & 0x000F000Fu) | HALF_1024, 0x64086408u);
-            w[8 + 2 * i] = hsub2(((t0 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
-            w[8 + 2 * i + 1] = hsub2(((t1 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
+        for (int i = 0; i < 4; ++i) q4_0_half2(q[i], w[2 * i], w[2 * i + 1], w[8 + 2 * i], w[8 + 2 * i + 1]);
+        half2_dot<B>(w, d, x, K, c, acc);
+    } else if constexpr (FAST && (QT == QT_Q8_0 || QT == QT_Q8_0R)) {
+        u32 q[8];
+        float d;
+        if constexpr (QT == QT_Q8_0) {
+            const u8* blk = row + (size_t)c * 34;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) q[i] = ld_u32_a2(blk + 2 + 4 * i);
+            d = ld_half(blk);
+        } else {
+            const uint4* p = reinterpret_cast<const uint4*>(row + (size_t)c * 32);
+            const uint4 v0 = __ldg(p), v1 = __ldg(p + 1);
+            q[0] = v0.x; q[1] = v0.y; q[2] = v0.z; q[3] = v0.w;
+            q[4] = v1.x; q[5] = v1.y; q[6] = v1.z; q[7] = v1.w;
+            d = ld_half(row + (size_t)(K / 32) * 32 + 2 * c);
         }
-        half2_dot<B>(w, ld_half(blk), x, K, c, acc);
-    } else if constexpr (FAST && QT == QT_Q8_0) {
-        const u8* blk = row + (size_t)c * 34;
         u32 w[16];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const u32 q = ld_u32_a2(blk + 2 + 4 * i) ^ 0x80808080u;
-            w[2 * i] = hsub2(__byte_perm(q, 0x64646464u, 0x4140), 0x64806480u);
-            w[2 * i + 1] = hsub2(__byte_perm(q, 0x64646464u, 0x4342), 0x64806480u);
-        }
-        half2_dot<B>(w, ld_half(blk), x, K, c, acc);
+        for (int i = 0; i < 8; ++i) q8_0_half2(q[i], w[2 * i], w[2 * i + 1]);
+        half2_dot<B>(w, d, x, K, c, acc);
     } else {
         float w[32];
-        decode32<QT>(row, c, w);
+        decode32<QT>(row, c, K / 32, w);
         dot_chunk<B>(w, x, K, c, acc);
     }
 }

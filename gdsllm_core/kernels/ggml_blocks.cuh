@@ -41,6 +41,10 @@ __device__ __forceinline__ u32 f2h2(float lo, float hi) { return (u32)f2h(lo) | 
 #define QT_Q4_K 10
 #define QT_Q5_K 11
 #define QT_Q6_K 12
+// Repacked for the GPU (resident weights): per row, the codes of all blocks (16 or 32 bytes each, 16-byte
+// aligned), then the blocks' fp16 scales. Same row size as the GGUF layout; needs a multiple of 8 blocks per row.
+#define QT_Q4_0R 13
+#define QT_Q8_0R 14
 
 __device__ __forceinline__ float ld_half(const u8* p) { return h2f(*reinterpret_cast<const u16*>(p)); }
 
@@ -89,10 +93,10 @@ template <> struct BlockInfo<QT_Q4_K> { static constexpr int values = 256, bytes
 template <> struct BlockInfo<QT_Q5_K> { static constexpr int values = 256, bytes = 176; };
 template <> struct BlockInfo<QT_Q6_K> { static constexpr int values = 256, bytes = 210; };
 
-// Decode chunk c (values 32c .. 32c+31) of `row` into w[0..31].
-template <int QT> __device__ __forceinline__ void decode32(const u8* __restrict__ row, int c, float* w);
+// Decode chunk c (values 32c .. 32c+31) of `row` (of `chunks` chunks) into w[0..31].
+template <int QT> __device__ __forceinline__ void decode32(const u8* __restrict__ row, int c, int chunks, float* w);
 
-template <> __device__ __forceinline__ void decode32<QT_F32>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_F32>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const float4* p = reinterpret_cast<const float4*>(row + (size_t)c * 128);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -101,7 +105,7 @@ template <> __device__ __forceinline__ void decode32<QT_F32>(const u8* __restric
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_F16>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_F16>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const uint4* p = reinterpret_cast<const uint4*>(row + (size_t)c * 64);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -115,7 +119,7 @@ template <> __device__ __forceinline__ void decode32<QT_F16>(const u8* __restric
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_BF16>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_BF16>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const uint4* p = reinterpret_cast<const uint4*>(row + (size_t)c * 64);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -129,7 +133,7 @@ template <> __device__ __forceinline__ void decode32<QT_BF16>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q4_0>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q4_0>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)c * 18;
     const float d = ld_half(b);
 #pragma unroll
@@ -144,7 +148,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q4_0>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q4_1>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q4_1>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)c * 20;
     const float d = ld_half(b), m = ld_half(b + 2);
 #pragma unroll
@@ -159,7 +163,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q4_1>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q5_0>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q5_0>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)c * 22;
     const float d = ld_half(b);
     const u32 qh = ld_u32_a2(b + 2);
@@ -178,7 +182,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q5_0>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q5_1>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q5_1>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)c * 24;
     const float d = ld_half(b), m = ld_half(b + 2);
     const u32 qh = ld_u32(b + 4);
@@ -197,7 +201,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q5_1>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q8_0>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q8_0>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)c * 34;
     const float d = ld_half(b);
 #pragma unroll
@@ -208,7 +212,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q8_0>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q2_K>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q2_K>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)(c >> 3) * 84;
     const int sub = c & 7, half = sub >> 2, j = sub & 3, shift = 2 * j;
     const float d = ld_half(b + 80), dmin = ld_half(b + 82);
@@ -226,7 +230,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q2_K>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q3_K>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q3_K>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)(c >> 3) * 110;
     const int sub = c & 7, half = sub >> 2, j = sub & 3, shift = 2 * j;
     const u32 mask = 1u << (4 * half + j);
@@ -249,7 +253,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q3_K>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q4_K>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q4_K>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)(c >> 3) * 144;
     const int sub = c & 7, shift = 4 * (sub & 1);
     const float d = ld_half(b), dmin = ld_half(b + 2);
@@ -266,7 +270,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q4_K>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q5_K>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q5_K>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)(c >> 3) * 176;
     const int sub = c & 7, shift = 4 * (sub & 1);
     const u32 bit = 1u << sub;
@@ -289,7 +293,7 @@ template <> __device__ __forceinline__ void decode32<QT_Q5_K>(const u8* __restri
     }
 }
 
-template <> __device__ __forceinline__ void decode32<QT_Q6_K>(const u8* __restrict__ row, int c, float* w) {
+template <> __device__ __forceinline__ void decode32<QT_Q6_K>(const u8* __restrict__ row, int c, int chunks, float* w) {
     const u8* b = row + (size_t)(c >> 3) * 210;
     const int sub = c & 7, half = sub >> 2, k4 = sub & 3;
     const int nib_shift = 4 * (k4 >> 1), qh_shift = 2 * k4;
@@ -310,5 +314,29 @@ template <> __device__ __forceinline__ void decode32<QT_Q6_K>(const u8* __restri
                 w[16 * part + 4 * i + k] = ds * (float)q;
             }
         }
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q4_0R>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row + (size_t)c * 16);
+    const float d = ld_half(row + (size_t)chunks * 16 + 2 * c);
+    const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+        u32 b = byte_of(words[k >> 2], k & 3);
+        w[k] = d * (float)((int)(b & 0xF) - 8);
+        w[16 + k] = d * (float)((int)(b >> 4) - 8);
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_Q8_0R>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + (size_t)c * 32);
+    const float d = ld_half(row + (size_t)chunks * 32 + 2 * c);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        uint4 v = p[i];
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 16; ++k) w[16 * i + k] = d * (float)(signed char)byte_of(words[k >> 2], k & 3);
     }
 }

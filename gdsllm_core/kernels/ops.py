@@ -7,11 +7,14 @@ import torch
 from gdsllm_core.kernels import launch, ptr
 
 QTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 3, "Q4_1": 4, "Q5_0": 5, "Q5_1": 6, "Q8_0": 7,
-               "Q2_K": 8, "Q3_K": 9, "Q4_K": 10, "Q5_K": 11, "Q6_K": 12}
+               "Q2_K": 8, "Q3_K": 9, "Q4_K": 10, "Q5_K": 11, "Q6_K": 12, "Q4_0R": 13, "Q8_0R": 14}
 # (values per block, bytes per block)
 BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
           "Q5_1": (32, 24), "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
-          "Q5_K": (256, 176), "Q6_K": (256, 210)}
+          "Q5_K": (256, 176), "Q6_K": (256, 210), "Q4_0R": (32, 18), "Q8_0R": (32, 34)}
+# GPU layouts of resident weights (see ggml_blocks.cuh): type -> its repacked type
+REPACKED = {"Q4_0": "Q4_0R", "Q8_0": "Q8_0R"}
+FAST_TYPES = ("Q4_0", "Q8_0", "Q4_0R", "Q8_0R")
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MAX_BATCH = 8
 GEMV_WARPS = 4
@@ -42,7 +45,31 @@ def _check_weight(weight: torch.Tensor, qtype: str, cols: int) -> tuple[int, int
         raise ValueError(f"{qtype} weight must be contiguous rows of {nbytes} bytes, got shape {tuple(weight.shape)}")
     if weight.data_ptr() % 16:
         raise ValueError("weight must start on a 16-byte boundary")
+    if qtype in REPACKED.values() and nbytes % 16:
+        raise ValueError(f"{qtype} rows must be a multiple of 16 bytes, got {nbytes}")
     return rows, nbytes
+
+
+def can_repack(qtype: str, cols: int) -> bool:
+    """Whether `repack` applies: Q4_0/Q8_0 rows of a multiple of 8 blocks (so codes stay 16-byte aligned)."""
+    return qtype in REPACKED and cols % 256 == 0
+
+
+def repack(weight: torch.Tensor, qtype: str, cols: int, scratch: torch.Tensor) -> str:
+    """Rewrite a resident Q4_0/Q8_0 weight in place into the GPU layout (codes, then scales, per row) through
+    `scratch` (uint8, at least the weight's size); returns the new type name for the kernels."""
+    if not can_repack(qtype, cols):
+        raise ValueError(f"cannot repack {qtype} rows of {cols} values (needs Q4_0/Q8_0 and a multiple of 256)")
+    rows, nbytes = _check_weight(weight, qtype, cols)
+    total = rows * nbytes
+    if scratch.dtype != torch.uint8 or not scratch.is_cuda or scratch.numel() < total:
+        raise ValueError(f"repack scratch must be a CUDA uint8 tensor of at least {total} bytes")
+    copy = scratch[:total]
+    copy.copy_(weight.reshape(-1))
+    blocks = rows * (cols // 32)
+    launch("repack.cu", f"repack<{QTYPE_CODES[qtype]}>", ((blocks + 255) // 256,), (256,),
+           (ptr(copy), ptr(weight), np.int32(cols // 32), np.int64(blocks)))
+    return REPACKED[qtype]
 
 
 def _check(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
@@ -122,7 +149,7 @@ def _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, out
     ys = [ptr(o) for o in outs] + [np.uint64(0)] * (3 - len(outs))
     total = counts[0] if mode == 2 else sum(counts)
     rows_per_block = GEMV_WARPS * per_warp
-    fast = fast and qtype in ("Q4_0", "Q8_0")
+    fast = fast and qtype in FAST_TYPES
     name = f"gemv<{QTYPE_CODES[qtype]},{batch},{per_warp},{mode},{'true' if fast else 'false'}>"
     launch("gemv.cu", name, ((total + rows_per_block - 1) // rows_per_block,), (GEMV_WARPS * 32,),
            (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(x), *ys, ptr(out_h)))

@@ -30,14 +30,14 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 def _nibbles(packed: torch.Tensor, group: int) -> torch.Tensor:
     """Split bytes [n, k*group] into low then high nibbles per group of `group` bytes: [n, k, 2, group]."""
     n = packed.shape[0]
-    shifts = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device).view(1, 1, 2, 1)
     return (packed.reshape(n, -1, 1, group) >> shifts) & 0x0F
 
 
 def _bits(packed: torch.Tensor, group: int, width: int) -> torch.Tensor:
     """Fields of `width` bits, lowest first, per group of `group` bytes: [n, k, 8 // width, group]."""
     n = packed.shape[0]
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8).view(1, 1, -1, 1)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device).view(1, 1, -1, 1)
     return (packed.reshape(n, -1, 1, group) >> shifts) & ((1 << width) - 1)
 
 
@@ -168,7 +168,7 @@ def check_supported(qtype: str, what: str = "tensor") -> None:
 def dequantize(raw: torch.Tensor, qtype: str, chunk_rows: int = 4096) -> torch.Tensor:
     """float32 [rows, cols] from GGML bytes uint8 [rows, row_bytes] (or a typed F32/F16/BF16 tensor).
 
-    Works in chunks of `chunk_rows` rows to bound the temporary memory."""
+    Works in chunks of `chunk_rows` rows to bound the temporary memory; the result is on `raw`'s device."""
     check_supported(qtype)
     if qtype in _PLAIN:
         if raw.dtype == torch.uint8:
@@ -181,7 +181,7 @@ def dequantize(raw: torch.Tensor, qtype: str, chunk_rows: int = 4096) -> torch.T
     if row_bytes % block_bytes:
         raise ValueError(f"{qtype} rows hold whole {block_bytes}-byte blocks; got {row_bytes} bytes per row")
     cols = row_bytes // block_bytes * block_values
-    out = torch.empty(rows, cols, dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=raw.device)
     kernel = _BLOCK_DEQUANT[qtype]
     for start in range(0, rows, chunk_rows):
         part = raw[start:start + chunk_rows]

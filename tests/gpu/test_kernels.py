@@ -94,6 +94,33 @@ def test_gemv_matches_float64(qtype, batch, exact):
     assert rel_error(out, want) < gemv_tolerance(qtype, exact)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_repacked_layout_computes_the_same(qtype, exact):
+    """Resident Q4_0/Q8_0 rows rewritten into the GPU layout: dequantization and GEMV (also the swiglu form)
+    against the reference of the original blocks."""
+    rng = np.random.default_rng(11)
+    rows, cols = 41, 768
+    weight = random_weight(qtype, rows, cols, rng)
+    want = reference(weight, qtype, cols)
+    gpu = weight.to(CUDA)
+    scratch = torch.empty(gpu.numel() + 5, dtype=torch.uint8, device=CUDA)
+    repacked = ops.repack(gpu, qtype, cols, scratch)
+    assert repacked == qtype + "R" and not torch.equal(gpu.cpu(), weight)
+    torch.testing.assert_close(ops.dequantize(gpu, repacked, cols, dtype=torch.float32).cpu(), want,
+                               rtol=1e-6, atol=1e-7)
+    x = torch.randn(3, cols).half()
+    out = torch.full((3, rows), float("nan"), device=CUDA)
+    ops.gemv([gpu], repacked, x.to(CUDA), [out], exact=exact)
+    assert rel_error(out, x.double() @ want.double().t()) < gemv_tolerance(qtype, exact)
+    act = torch.empty(3, rows, dtype=torch.float16, device=CUDA)
+    ops.gemv_swiglu(gpu, gpu, repacked, (x * 0.02).half().to(CUDA), act, exact=exact)
+    y = (x * 0.02).half().double() @ want.double().t()
+    assert rel_error(act, F.silu(y) * y) < 2e-3
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ops.repack(random_weight(qtype, 2, 224, rng).to(CUDA), qtype, 224, scratch)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q6_K", "F16"])
 def test_gemv_three_matrices_and_accumulate(qtype):
     rng = np.random.default_rng(7)

@@ -44,25 +44,28 @@ def ask(child: pexpect.spawn, *lines: str) -> tuple[int, int]:
     return prompt_tokens, completion_tokens
 
 
-def test_chat_history_multiline_clear_and_bye(tmp_path, tiny):
+def test_chat_history_multiline_system_clear_and_bye(tmp_path, tiny):
     folder, root = tiny
-    child = spawn_run(tmp_path, root, "--max-tokens", "1", "--verbose")
+    system = {"role": "system", "content": "be brief."}
+    child = spawn_run(tmp_path, root, "--max-tokens", "1", "--verbose", "--system", "be brief.")
     child.expect(PROMPT)
     first = "my name is ada.\nwhat is your name?"
     p1, c1 = ask(child, '"""my name is ada.', 'what is your name?"""')
-    assert p1 == reference_prompt_tokens(folder, [{"role": "user", "content": first}])
+    assert p1 == reference_prompt_tokens(folder, [system, {"role": "user", "content": first}])
     assert c1 == 1
 
     p2, _ = ask(child, "hello there")
-    end_of_turn = len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode("<|im_end|>\n").ids)
-    alone = reference_prompt_tokens(folder, [{"role": "user", "content": "hello there"}])
-    assert p2 == p1 + c1 + end_of_turn + alone  # the first turn (question and answer) came along
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    end_of_turn = len(tokenizer.encode("<|im_end|>\n").ids)
+    system_turn = len(tokenizer.encode(jinja2.Template(CHATML).render(messages=[system])).ids)
+    alone = reference_prompt_tokens(folder, [system, {"role": "user", "content": "hello there"}])
+    assert p2 == p1 + c1 + end_of_turn + alone - system_turn  # the first turn (question and answer) came along
 
     child.sendline("/clear")
     child.expect("Cleared")
     child.expect(PROMPT)
     p3, _ = ask(child, "hello there")
-    assert p3 == alone
+    assert p3 == alone  # the history is gone, the system message stays
 
     child.sendline("/bye")
     child.expect(pexpect.EOF)
@@ -101,15 +104,27 @@ def test_ctrl_c_at_the_prompt_keeps_the_program_and_ctrl_d_exits(tmp_path, tiny)
     assert child.exitstatus == 0
 
 
-def test_one_prompt_with_seed_is_reproducible(tmp_path, tiny):
-    """At temperature 1.5 over a near-uniform tiny model, two runs agree only if the seed drives the sampler."""
+def test_one_prompt_with_seed_is_reproducible_and_stdin_is_a_prompt(tmp_path, tiny):
+    """At temperature 1.5 over a near-uniform tiny model, two runs agree only if the seed drives the sampler; the
+    second run reads the same prompt from a pipe instead of --prompt."""
     _, root = tiny
     env = cli_env(tmp_path, GDSLLM_MODEL_ROOT=str(root))
-    args = ["run", "tiny", "--prompt", "hello there", "--max-tokens", "12", "--temperature", "1.5", "--seed", "7"]
-    first, second = gdsllm(args, env, tmp_path), gdsllm(args, env, tmp_path)
+    args = ["run", "tiny", "--max-tokens", "12", "--temperature", "1.5", "--seed", "7"]
+    first = gdsllm([*args, "--prompt", "hello there"], env, tmp_path)
+    second = gdsllm(args, env, tmp_path, input="hello there")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.strip() and first.stdout == second.stdout
     assert "Traceback" not in first.stderr + second.stderr
+
+
+def test_env_file_in_the_working_directory_is_read_but_never_overrides(tmp_path, tiny):
+    _, root = tiny
+    env = cli_env(tmp_path)
+    del env["GDSLLM_MODEL_ROOT"]
+    (tmp_path / ".env").write_text(f"GDSLLM_MODEL_ROOT={root}\n")
+    assert gdsllm(["list"], env, tmp_path).stdout.split()[5:7] == ["tiny", "llama"]
+    env["GDSLLM_MODEL_ROOT"] = str(tmp_path / "empty")
+    assert "no models" in gdsllm(["list"], env, tmp_path).stderr
 
 
 @pytest.mark.slow  # ~30 s: converts the bundled 98 MB model, then loads it and answers

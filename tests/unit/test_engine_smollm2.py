@@ -1,5 +1,5 @@
-"""The engine on the real bundled model (SmolLM2-135M-Instruct Q4_1, LLaMA plugin, CPU forward pass), converted
-once per session by the `smollm2_store` fixture of the root conftest.
+"""The engine on the real bundled model (SmolLM2-135M-Instruct Q4_1, LLaMA plugin), on the CPU forward pass and,
+where there is a GPU, on the CUDA one; converted once per session by the root conftest's `smollm2_store`.
 
 One CPU decode step takes about 0.3-0.6 s here (2 shared cores), so answers are kept to 8 tokens."""
 
@@ -27,9 +27,9 @@ def token_ids(events) -> list[int]:
     return [e.token_id for e in events if e.token_id is not None]
 
 
-@pytest.fixture(scope="module")
-def engine(smollm2_store):
-    engine = Engine(smollm2_store, LoadOptions(device="cpu"), keep_alive=None)
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def engine(smollm2_store, request):
+    engine = Engine(smollm2_store, LoadOptions(device=request.param), keep_alive=None)
     engine.load(DEFAULT_MODEL)
     try:
         yield engine
@@ -98,7 +98,7 @@ def test_threads_each_get_their_own_text(engine, alone):
     results: dict[int, str] = {}
 
     def worker(index: int) -> None:
-        results[index] = "".join(e.text for e in engine.submit(chat(questions[index])))
+        results[index] = engine.submit(chat(questions[index])).collect()[0]
 
     threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(questions))]
     for thread in threads:

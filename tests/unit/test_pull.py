@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from _cli_models import assert_one_line_error, assert_same_model, cli_env, convert_into, gdsllm, make_tiny_llama
+from _cli_models import assert_one_line_error, assert_same_model, cli_env, convert_into, gdsllm, shared_tiny
 
 from gdsllm_core import pull as pull_mod
 from gdsllm_core.errors import UnsupportedQuantError
@@ -197,7 +197,7 @@ class FakeHub:
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-src") / "tiny-llama")
+    return shared_tiny(tmp_path_factory)[0]
 
 
 @pytest.fixture

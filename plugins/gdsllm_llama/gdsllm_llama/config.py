@@ -63,6 +63,9 @@ class LlamaConfig:
                 raise ConversionError(f"GGUF metadata lacks llama.{name}", "the file is incomplete: re-download it")
             return value
 
+        if metadata.get("llama.expert_count"):
+            raise ConversionError(f"this GGUF is a mixture-of-experts model ({metadata['llama.expert_count']} "
+                                  "experts), which the llama plugin does not run", "use a dense LLaMA-family GGUF")
         n_heads = int(key("attention.head_count"))
         dim = int(key("embedding_length"))
         head_dim = int(metadata.get("llama.attention.key_length") or dim // n_heads)

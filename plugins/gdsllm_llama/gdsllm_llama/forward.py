@@ -8,6 +8,7 @@ Rope convention: attn_q / attn_k rows are stored in HF's order (each head's rota
 `rotate_half`), whatever the source; the GGUF converter undoes llama.cpp's interleaving permutation.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from gdsllm_core import registry
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import ContextOverflowError
+from gdsllm_core.layout.manifest import TensorInfo
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_core.quant import ggml
 from gdsllm_llama.config import LlamaConfig
@@ -150,7 +152,7 @@ class LlamaForward:
         self.vocab_size = self.config.vocab_size
         self.max_context = min(self.config.context_length, options.max_context or self.config.context_length)
         scheduler_cls = registry.get_scheduler(options.extra.get("scheduler", "tiered"))
-        self.scheduler = scheduler_cls(entry, LoadOptions(device="cpu", max_context=options.max_context))
+        self.scheduler = scheduler_cls(entry, dataclasses.replace(options, device="cpu"))
         self.cache_budget = options.extra.get("dequant_cache_bytes")
         self.inv_freq = self.config.inv_freq()
         self._layers: dict[int, LayerWeights] = {}
@@ -161,8 +163,11 @@ class LlamaForward:
         head_name = "token_embd.weight" if self.config.tied_embeddings else "output.weight"
         self._dense["output"] = self._dequantize(head_extent, head_name).T.contiguous()  # [D, V], as LayerWeights
 
+    def _info(self, extent: str, tensor_name: str) -> TensorInfo:
+        return next(t for t in self.entry.manifest.extent(extent).tensors if t.name == tensor_name)
+
     def _dequantize(self, extent: str, tensor_name: str) -> torch.Tensor:
-        info = next(t for t in self.entry.manifest.extent(extent).tensors if t.name == tensor_name)
+        info = self._info(extent, tensor_name)
         raw = self.scheduler.fetch(extent)[tensor_name]
         return ggml.dequantize(raw, info.qtype).reshape(info.shape)
 
@@ -185,7 +190,7 @@ class LlamaForward:
         """fp32 rows of the embedding matrix for `tokens` [N] (only those rows are dequantized)."""
         if self.config.tied_embeddings:
             return self._dense["output"][:, tokens].T
-        info = self.entry.manifest.extent("token_embd").tensors[0]
+        info = self._info("token_embd", "token_embd.weight")
         raw = self.scheduler.fetch("token_embd")["token_embd.weight"]
         return ggml.dequantize(raw[tokens], info.qtype).reshape(len(tokens), info.shape[-1])
 

@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gdsllm_core import registry
 from gdsllm_core.engine.forward import LoadOptions
@@ -23,6 +24,8 @@ from gdsllm_core.kernels import ops
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_llama.config import LlamaConfig
 
+# cuDNN attention is left out: it builds an execution plan per new prompt length (a stall of about a second)
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 PREFILL_CHUNK = 512  # prompt tokens per pass through the layers (each streamed layer moves once per chunk)
 MAX_BATCH = ops.MAX_BATCH
 ACTIVATION_MARGIN = 256 << 20  # cuBLAS workspace and allocator slack, reserved beside the KV cache
@@ -52,7 +55,7 @@ def kv_bytes(config: LlamaConfig, tokens: int) -> int:
 
 class LlamaForwardGPU:
     """ForwardPass for architecture "llama" on CUDA. LoadOptions: vram_budget, host_cache, max_context; extra:
-    `scheduler` (default "tiered"), `max_vram_layers`, `ring_slots`, `cuda_graphs` (default True)."""
+    `scheduler` (default "tiered"), `max_vram_layers`, `ring_slots`, `cuda_graphs` and `repack` (default True)."""
 
     def __init__(self, entry: ModelEntry, options: LoadOptions | None = None):
         options = options or LoadOptions(device="cuda")
@@ -77,6 +80,7 @@ class LlamaForwardGPU:
                                                               host_cache=options.host_cache,
                                                               max_context=options.max_context, extra=extra))
             self._allocate_workspace()
+            self.repacked_bytes = self._repack_resident() if options.extra.get("repack", True) else 0
         self.last_step: dict = {}
 
     # -- set-up -----------------------------------------------------------------------------------------------
@@ -122,6 +126,25 @@ class LlamaForwardGPU:
         self._inv_freq = c.inv_freq().to(dev, torch.float32).contiguous()
         self._scale = 1.0 / math.sqrt(c.head_dim)
         self._norms: dict[str, torch.Tensor] = {}
+
+    def _repack_resident(self) -> int:
+        """Rewrite resident Q4_0/Q8_0 matrices into the GPU layout once (aligned 16-byte code loads in the
+        kernels); streamed layers keep the GGUF layout. Returns the bytes repacked."""
+        scratch = self._scratch.view(torch.uint8)
+        tiers = getattr(self.scheduler, "tier", {})
+        done = 0
+        for extent in self.entry.manifest.extents:
+            if tiers.get(extent.name, "vram") != "vram":
+                continue
+            tensors = [t for t in extent.tensors if ops.can_repack(t.qtype, t.shape[-1])
+                       and t.nbytes <= scratch.numel()]
+            if not tensors:
+                continue
+            views = self.scheduler.fetch(extent.name)
+            for t in tensors:
+                self._qtypes[t.name] = ops.repack(views[t.name], t.qtype, t.shape[-1], scratch)
+                done += t.nbytes
+        return done
 
     # -- weights ----------------------------------------------------------------------------------------------
 
@@ -281,8 +304,9 @@ class LlamaForwardGPU:
             qh = q16.view(T, c.n_heads, c.head_dim).transpose(0, 1).unsqueeze(0)  # [1, H, T, hd]
             kh = cache.k[i, :S].transpose(0, 1).unsqueeze(0).contiguous()  # [1, KV, S, hd]
             vh = cache.v[i, :S].transpose(0, 1).unsqueeze(0).contiguous()
-            attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
-                                                  enable_gqa=c.n_heads != c.n_kv_heads)
+            with sdpa_kernel(SDPA_BACKENDS):
+                attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
+                                                      enable_gqa=c.n_heads != c.n_kv_heads)
             attn = attn[0].transpose(0, 1).reshape(T, c.n_heads * c.head_dim)  # [T, H*hd]
             h += self._project(w, p + "attn_output.weight", attn)
             xn = ops.rmsnorm(h, self._norm(w, p + "ffn_norm.weight", resident), c.rms_eps)
@@ -337,7 +361,7 @@ class LlamaForwardGPU:
 
     def stats(self) -> dict:
         return {**self.scheduler.stats(), "last_step": self.last_step, "cuda_graphs": self.use_graphs,
-                "vram_allocated": torch.cuda.memory_allocated(self.device)}
+                "repacked_bytes": self.repacked_bytes, "vram_allocated": torch.cuda.memory_allocated(self.device)}
 
     def close(self) -> None:
         self.scheduler.close()

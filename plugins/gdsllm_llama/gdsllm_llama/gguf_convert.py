@@ -19,7 +19,7 @@ from gdsllm_core.layout.qtypes import tensor_nbytes
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.quant.ggml import check_supported
 from gdsllm_llama.config import GGUF_ARCHITECTURE, LlamaConfig
-from gdsllm_llama.layout import LAYER_TENSORS, LlamaLayout
+from gdsllm_llama.layout import LlamaLayout
 from gdsllm_llama.tokenizer_gguf import build_tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -105,7 +105,7 @@ class GgufConverter:
         total, done = len(tensors), 0
         for extent_name, names in groups.items():
             entries = []
-            for name in _ordered(names):
+            for name in names:
                 tensor = tensors[name]
                 data = tensor.data
                 qtype = tensor.tensor_type.name
@@ -123,8 +123,3 @@ class GgufConverter:
                       quant=counts.most_common(1)[0][0] if counts else "",
                       source={"format": "gguf", "file": source.name, "name": meta.get("general.name", "")})
 
-
-def _ordered(names: list[str]) -> list[str]:
-    """Tensors of an extent in a fixed order (LAYER_TENSORS for layers), whatever the file's order."""
-    rank = {part: i for i, part in enumerate(LAYER_TENSORS)}
-    return sorted(names, key=lambda n: rank.get(n.split(".")[2] if n.startswith("blk.") else "", -1))

@@ -17,7 +17,7 @@ from gdsllm_core.layout.manifest import TokenizerInfo
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.quant.quantize import QUANTIZABLE, block_values, quantize
 from gdsllm_llama.config import GGUF_ARCHITECTURE, HF_ARCHITECTURES, LlamaConfig
-from gdsllm_llama.layout import LAYER_TENSORS, LlamaLayout
+from gdsllm_llama.layout import LlamaLayout
 from gdsllm_llama.names import gguf_name
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -130,8 +130,6 @@ class HfSafetensorsConverter:
         total, done = len(names), 0
         try:
             for extent_name, members in groups.items():
-                rank = {part: i for i, part in enumerate(LAYER_TENSORS)}
-                members = sorted(members, key=lambda n: rank.get(n.split(".")[2] if n.startswith("blk.") else "", -1))
                 entries = []
                 for name in members:
                     file = located[names[name]]

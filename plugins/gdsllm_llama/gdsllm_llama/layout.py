@@ -27,15 +27,22 @@ class LlamaLayout:
         """The order extents are written in: the order the forward pass reads them."""
         return ["token_embd", *(f"blk.{i}" for i in range(n_layers)), "output_norm", *([] if tied else ["output"])]
 
+    @staticmethod
+    def ordered(tensor_names: Iterable[str]) -> list[str]:
+        """An extent's tensors in a fixed order (LAYER_TENSORS for layers), whatever the checkpoint's order."""
+        rank = {part: i for i, part in enumerate(LAYER_TENSORS)}
+        return sorted(tensor_names, key=lambda n: rank.get(n.split(".")[2] if n.startswith("blk.") else "", -1))
+
     @classmethod
     def group(cls, tensor_names: Iterable[str], n_layers: int, tied: bool) -> dict[str, list[str]]:
-        """extent name -> its tensor names, in write order; every extent must have at least one tensor."""
+        """extent name -> its tensor names, both in write order; every layer must have all LAYER_TENSORS."""
         groups: dict[str, list[str]] = {name: [] for name in cls.extent_order(n_layers, tied)}
         for tensor_name in tensor_names:
             extent = cls.extent_of(tensor_name)
             if extent not in groups:
                 raise ConversionError(f"tensor {tensor_name!r} lies outside the model's {n_layers} layers")
             groups[extent].append(tensor_name)
+        groups = {extent: cls.ordered(members) for extent, members in groups.items()}
         missing = [name for name, members in groups.items() if not members]
         missing += [f"{extent}.{part}.weight" for extent, members in groups.items() if extent.startswith("blk.")
                     for part in LAYER_TENSORS if f"{extent}.{part}.weight" not in members]

@@ -292,3 +292,22 @@ def test_sentencepiece_tokenizer_model_is_carried(tmp_path):
     info = entry.manifest.tokenizer
     assert (info.kind, info.file, info.add_bos) == ("sentencepiece", "tokenizer.model", True)
     assert (entry.path / "tokenizer.model").read_bytes() == model.getvalue()
+
+
+def test_without_a_dequant_cache_the_logits_are_the_same(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    entry = convert(tmp_path / "hf", ModelStore(tmp_path / "models"), "tiny", ConvertOptions(quant="q4_0"))
+    results = []
+    for extra in ({}, {"dequant_cache_bytes": 0}):
+        forward = LlamaForward(entry, LoadOptions(extra=extra))
+        try:
+            cache = forward.new_cache(32)
+            logits = [forward.prefill(torch.tensor(PROMPT), cache)]
+            logits += [forward.decode(torch.tensor([t]), [cache])[0] for t in (1, 2, 3)]
+            results.append((torch.stack(logits), forward.stats()["dequantized_layers"]))
+        finally:
+            forward.close()
+    (cached, n_cached), (uncached, n_uncached) = results
+    assert torch.equal(cached, uncached)
+    assert (n_cached, n_uncached) == (2, 0)

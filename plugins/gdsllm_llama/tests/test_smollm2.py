@@ -58,5 +58,5 @@ def test_smollm2_greedy_tokens_match_transformers_gguf(smollm2, smollm2_forward,
         ours.append(smollm2_forward.decode(torch.tensor([token]), [cache])[0])
     assert [int(logits.argmax()) for logits in ours] == reference_tokens
     for step, (actual, expected) in enumerate(zip(ours, reference, strict=True)):
-        assert relative_error(actual, expected) < 1e-3, f"step {step}"
+        assert relative_error(actual, expected) < 1e-4, f"step {step}"
     assert greedy(smollm2_forward, prompt, 32, []) == reference_tokens

@@ -4,6 +4,8 @@ Format (as MLX writes it): each row of codes is one LSB-first bit stream cut int
 occupies bits [i*b, i*b+b), so 3-, 5- and 6-bit codes may straddle two words. A group of `group_size` consecutive
 values shares a scale and a bias: w = f32(f32(q) * scale) + bias (two roundings, no FMA)."""
 
+import functools
+
 import torch
 
 from gdsllm_core.errors import UnsupportedQuantError
@@ -11,6 +13,7 @@ from gdsllm_core.errors import UnsupportedQuantError
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)  # every width mx.quantize accepts
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 _WORD_MASK = 0xFFFFFFFF
+_CPU = torch.device("cpu")
 
 
 def check_format(bits: int, group_size: int, what: str) -> None:
@@ -30,9 +33,10 @@ def packed_cols(cols: int, bits: int) -> int:
     return cols * bits // 32
 
 
-def _bit_plan(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def _bit_plan(bits: int, device: torch.device = _CPU) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the 32 codes of a 32-code block (which fills exactly `bits` words): low word, shift, high word index."""
-    start = torch.arange(32, dtype=torch.int64) * bits
+    start = torch.arange(32, dtype=torch.int64, device=device) * bits
     low_word = start // 32
     shift = start % 32
     high_word = torch.clamp(low_word + 1, max=bits - 1)
@@ -50,10 +54,10 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     words = _as_int64_words(packed)
     lead = words.shape[:-1]
     words = words.reshape(*lead, -1, bits)  # [..., blocks of 32 codes, bits words]
-    low_word, shift, high_word = _bit_plan(bits)
+    low_word, shift, high_word = _bit_plan(bits, words.device)
     low = words[..., low_word] >> shift
     straddles = (shift + bits) > 32
-    high = torch.where(straddles, words[..., high_word] << (32 - shift), torch.zeros((), dtype=torch.int64))
+    high = torch.where(straddles, words[..., high_word] << (32 - shift), 0)
     codes = (low | high) & ((1 << bits) - 1)
     return codes.reshape(*lead, -1)
 
@@ -65,11 +69,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.shape[-1] % 32:
         raise ValueError(f"affine packing needs rows of a multiple of 32 values, got {codes.shape[-1]}")
     codes = codes.reshape(*lead, -1, 32)
-    low_word, shift, high_word = _bit_plan(bits)
-    words = torch.zeros(*codes.shape[:-1], bits, dtype=torch.int64)
+    low_word, shift, high_word = _bit_plan(bits, codes.device)
+    words = torch.zeros(*codes.shape[:-1], bits, dtype=torch.int64, device=codes.device)
     words.index_add_(-1, low_word, (codes << shift) & _WORD_MASK)
     straddles = (shift + bits) > 32
-    high = torch.where(straddles, codes >> (32 - shift).clamp(max=63), torch.zeros((), dtype=torch.int64))
+    high = torch.where(straddles, codes >> (32 - shift).clamp(max=63), 0)
     words.index_add_(-1, high_word, high)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return words.reshape(*lead, -1).view(torch.uint32)

@@ -1,0 +1,15 @@
+"""The streaming benchmark's accounting on tiny synthetic shapes (the real run is on the GPU machine)."""
+
+import pytest
+from gdsllm_qwen_moe import bench
+
+
+def test_bench_accounting_on_tiny_shapes(tmp_path):
+    result = bench.main(["--root", str(tmp_path), "--tiny", "--layers", "4", "--device", "cpu", "--steps", "1",
+                         "--ceiling-gb", "0.0005", "--zipf-tokens", "12", "--budget-gb", "0.0004"])
+    top_k, expert_bytes = 4, result["expert_bytes"]
+    assert [row["bytes_per_layer"] for row in result["cold"]["steps"]] == [top_k * expert_bytes]  # host cache off
+    zipf = result["zipf"]
+    assert 0 < zipf["hit_rate"] < 1
+    assert zipf["bytes_read_per_token"] == pytest.approx(zipf["cold_bytes_per_token_x_miss_rate"], rel=1e-12)
+    assert zipf["cold_bytes_per_token"] == 4 * top_k * expert_bytes
