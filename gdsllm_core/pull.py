@@ -386,6 +386,10 @@ def pull(source: str, store: ModelStore | None = None, name: str | None = None, 
     remove_stale_partials(store)
     options = ConvertOptions(quant=quantize, progress=progress.convert if progress else None)
     if parsed.local_path is not None:
+        converter = registry.get_converter(registry.detect_converter(parsed.local_path))
+        name = name or converter.default_name(parsed.local_path)
+        if store.exists(name) and not force:
+            raise AlreadyPulled(name)
         return convert(parsed.local_path, store, name=name, options=options, overwrite=force)
 
     repo_id = parsed.repo_id

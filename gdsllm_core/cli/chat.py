@@ -62,9 +62,9 @@ def read_message(prompt: str = ">>> ") -> str:
 def stream_answer(engine, request, verbose: bool) -> tuple[str, bool]:
     """Print the answer as it comes; (text, finished). Ctrl-C cancels the generation and returns finished=False."""
     parts: list[str] = []
-    generation = engine.submit(request)
-    last = None
+    generation = last = None
     try:
+        generation = engine.submit(request)
         for event in generation:
             if event.text:
                 sys.stdout.write(event.text)
@@ -72,12 +72,14 @@ def stream_answer(engine, request, verbose: bool) -> tuple[str, bool]:
                 parts.append(event.text)
             last = event
     except KeyboardInterrupt:
-        generation.cancel()
+        if generation is not None:
+            generation.cancel()
         sys.stdout.write("\n")
         err_console.print("[dim](answer stopped)[/]", highlight=False)
         return "".join(parts), False
     except BaseException:
-        generation.cancel()
+        if generation is not None:
+            generation.cancel()
         if parts:
             sys.stdout.write("\n")
             sys.stdout.flush()

@@ -13,7 +13,7 @@ err_console = Console(stderr=True)
 
 
 class GdsllmGroup(click.Group):
-    """Prints a GdsllmError as one line and exits 1; the traceback only with --debug."""
+    """Prints a GdsllmError (or an OSError) as one line and exits 1; the traceback only with --debug."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -24,6 +24,12 @@ class GdsllmGroup(click.Group):
             err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
             if exc.hint:
                 err_console.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except OSError as exc:  # the system refused (permissions, a file where a folder should be, …): one line too
+            if ctx.params.get("debug"):
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print("[dim]hint: --debug shows where it happened[/]", highlight=False, soft_wrap=True)
             sys.exit(1)
 
 

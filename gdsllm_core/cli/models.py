@@ -109,14 +109,17 @@ def show(model: str) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def rm(models: tuple[str, ...], yes: bool) -> None:
     """Delete models from the store (asks first unless --yes)."""
-    from gdsllm_core.errors import ModelNotFoundError
+    from gdsllm_core.errors import BadRequestError, ModelNotFoundError
     from gdsllm_core.layout.store import ModelStore, check_name
 
     store = ModelStore()
-    for name in models:
-        check_name(name)  # `../x`, `/abs/path`: refused before anything is touched
-        if not store.path(name).is_dir():
+    for name in models:  # every name is checked before anything is deleted
+        check_name(name)  # `../x`, `/abs/path`
+        folder = store.path(name)
+        if not folder.is_dir():
             raise ModelNotFoundError(f"model {name!r} not found in {store.root}", "see `gdsllm list`")
+        if folder.resolve().parent != store.root.resolve():  # a link leading out of the model root
+            raise BadRequestError(f"refusing to delete {folder}: it leads outside {store.root}")
     for name in models:
         size = sum(p.stat().st_size for p in store.path(name).iterdir() if p.is_file())
         if not yes and not click.confirm(f"delete {name} ({human_bytes(size)})?", default=False, err=True):

@@ -11,6 +11,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
@@ -71,14 +72,22 @@ class BytesOnly(ProgressColumn):
 
 
 class RichPullProgress:
-    """`gdsllm_core.pull.PullProgress` drawn with rich: a bar per file, one for the conversion."""
+    """`gdsllm_core.pull.PullProgress` drawn with rich: a bar per file, one for the conversion. The display starts
+    with the first bar, so a pull that fails before downloading prints nothing but its error."""
 
     def __init__(self, progress: Progress):
         self.progress = progress
+        self.started = False
         self._convert_task = None
 
+    def _add_task(self, description: str, **fields) -> TaskID:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        return self.progress.add_task(description, **fields)
+
     def download_bar(self, filename: str, total: int | None, initial: int):
-        task = self.progress.add_task(f"pulling {filename}", total=total, completed=initial, kind="bytes")
+        task = self._add_task(f"pulling {filename}", total=total, completed=initial, kind="bytes")
         progress = self.progress
 
         class Bar:
@@ -92,7 +101,7 @@ class RichPullProgress:
 
     def convert(self, description: str, done: int, total: int) -> None:
         if self._convert_task is None:
-            self._convert_task = self.progress.add_task("converting", total=total)
+            self._convert_task = self._add_task("converting", total=total)
         self.progress.update(self._convert_task, completed=done, total=total, description=f"converting {description}")
 
     def message(self, text: str) -> None:
@@ -101,11 +110,16 @@ class RichPullProgress:
 
 @contextmanager
 def pull_progress():
-    """A live rich progress for downloads (bytes, speed) and conversion (percent)."""
-    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
-                  BytesOnly(DownloadColumn()), BytesOnly(TransferSpeedColumn()), TimeRemainingColumn(),
-                  console=err_console) as progress:
-        yield RichPullProgress(progress)
+    """A rich progress for downloads (bytes, speed) and conversion (tensors done)."""
+    progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
+                        BytesOnly(DownloadColumn()), BytesOnly(TransferSpeedColumn()), TimeRemainingColumn(),
+                        console=err_console)
+    reporter = RichPullProgress(progress)
+    try:
+        yield reporter
+    finally:
+        if reporter.started:
+            progress.stop()
 
 
 @contextmanager

@@ -3,6 +3,7 @@ every active sequence together, one batched step per token (continuous batching)
 
 import asyncio
 import collections
+import contextlib
 import gc
 import queue
 import threading
@@ -141,7 +142,7 @@ class _Loaded:
 
 @dataclass
 class _Command:
-    kind: str  # "load" | "unload" | "close"
+    kind: str  # "load" | "unload" | "close" | "wake" (nothing to do but look at the clock again)
     model: str | None
     future: Future = field(default_factory=Future)
 
@@ -179,6 +180,8 @@ class Engine:
         self._waiting: collections.deque = collections.deque()
         self._active: list[_Sequence] = []
         self._last_used = time.time()
+        self._submits = 0
+        self._submits_lock = threading.Lock()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="gdsllm-engine", daemon=True)
         self._worker.start()
@@ -197,20 +200,35 @@ class Engine:
             self.store.get(name)  # raises ModelNotFoundError listing the local models
         started = time.perf_counter_ns()
         load_ns = 0
-        if name not in self._tokenizers:  # first use: load now, to know the tokenizer and the context size
-            self.load(name)
-            load_ns = time.perf_counter_ns() - started
-        tokenizer, max_context = self._tokenizers[name]
-        prompt_ids = _prompt_ids(request, tokenizer)
-        n_ctx = min(request.num_ctx or settings.default_num_ctx(), max_context)
-        prompt_ids, truncated = _fit_context(prompt_ids, n_ctx, request, max_context, tokenizer.bos_id)
-        room = n_ctx - len(prompt_ids)
-        max_new = room if request.max_tokens is None else min(request.max_tokens, room)
-        generation = Generation(request, name, prompt_ids, truncated, n_ctx, max_new)
-        generation.submitted_ns = started
-        generation.load_ns = load_ns
-        self._inbox.put(generation)
+        with self._submitting():
+            if name not in self._tokenizers:  # first use: load now, to know the tokenizer and the context size
+                self.load(name)
+                load_ns = time.perf_counter_ns() - started
+            tokenizer, max_context = self._tokenizers[name]
+            prompt_ids = _prompt_ids(request, tokenizer)
+            n_ctx = min(request.num_ctx or settings.default_num_ctx(), max_context)
+            prompt_ids, truncated = _fit_context(prompt_ids, n_ctx, request, max_context, tokenizer.bos_id)
+            room = n_ctx - len(prompt_ids)
+            max_new = room if request.max_tokens is None else min(request.max_tokens, room)
+            generation = Generation(request, name, prompt_ids, truncated, n_ctx, max_new)
+            generation.submitted_ns = started
+            generation.load_ns = load_ns
+            self._inbox.put(generation)
         return generation
+
+    @contextlib.contextmanager
+    def _submitting(self) -> Iterator[None]:
+        """While a submit is between loading its model and queueing its request, keep_alive unloads nothing."""
+        with self._submits_lock:
+            self._submits += 1
+        try:
+            yield
+        finally:
+            with self._submits_lock:
+                self._submits -= 1
+                idle = self._submits == 0
+            if idle:
+                self._inbox.put(_Command("wake", None))  # let the worker re-check keep_alive
 
     def load(self, model: str) -> None:
         """Load `model` (unloading the previous one once its running generations end); blocks until done."""
@@ -290,7 +308,7 @@ class Engine:
                 return
 
     def _seconds_to_expiry(self) -> float | None:
-        if self._model is None or self.keep_alive is None:
+        if self._model is None or self.keep_alive is None or self._submits:
             return None
         return max(0.0, self._last_used + self.keep_alive - time.time())
 
@@ -308,6 +326,9 @@ class Engine:
         while self._waiting:
             item = self._waiting[0]
             if isinstance(item, _Command):
+                if item.kind == "wake":
+                    self._waiting.popleft()
+                    continue
                 if item.kind == "close":
                     self._shutdown(item)
                     return True
@@ -363,7 +384,7 @@ class Engine:
 
     def _shutdown(self, command: _Command) -> None:
         for sequence in self._active:
-            self._finish(sequence, "cancelled", "")
+            self._finish(sequence, "cancelled", self._drain(sequence))
         self._active.clear()
         for item in self._waiting:
             if isinstance(item, Generation):
@@ -394,7 +415,7 @@ class Engine:
             cache = forward.new_cache(len(ids) + generation.max_new)
             logits = forward.prefill(torch.tensor(ids, dtype=torch.long, device=forward.device), cache)
             sequence = _Sequence(
-                generation=generation, cache=cache, sampler=Sampler(generation.request.sampling, forward.device),
+                generation=generation, cache=cache, sampler=Sampler(generation.request.sampling),
                 detokenizer=IncrementalDetokenizer(loaded.tokenizer, context_ids=ids),
                 stops=StopMatcher(generation.request.stop), history=list(ids))
             token = sample_batch(logits.reshape(1, -1), [sequence.sampler], [sequence.history])[0]
@@ -407,10 +428,11 @@ class Engine:
             self._active.append(sequence)
 
     def _decode_step(self) -> None:
-        """One token for every active sequence: one batched forward step, then sampling per sequence."""
+        """One token for every active sequence: one batched forward step, then one batched sampling pass (each
+        sequence with its own options and generator)."""
         for sequence in [s for s in self._active if s.generation.cancelled]:
             self._active.remove(sequence)
-            self._finish(sequence, "cancelled", "")
+            self._finish(sequence, "cancelled", self._drain(sequence))
         if not self._active:
             return
         batch = list(self._active)
@@ -457,8 +479,6 @@ class Engine:
         return text if stopped else text + sequence.stops.flush()
 
     def _finish(self, sequence: _Sequence, reason: str, text: str, token: int | None = None) -> None:
-        if reason == "cancelled":
-            text = self._drain(sequence)
         generation = sequence.generation
         generation._put(TokenEvent(
             text=text, token_id=token, done=True, done_reason=reason, prompt_tokens=generation.prompt_tokens,

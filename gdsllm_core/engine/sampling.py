@@ -2,7 +2,9 @@
 
 Parameters follow ollama: temperature 0 is greedy (the repeat penalty still applies, as in llama.cpp);
 top_k 0, top_p 1, min_p 0, repeat_penalty 1 and repeat_last_n 0 turn a step off; repeat_last_n -1 means the whole
-history. Each sequence has its own `torch.Generator`, so a seed gives the same text alone or in a batch."""
+history. A batch is processed with one set of tensor operations whatever its size, each row with its own values.
+Each sequence draws its random numbers from its own CPU `torch.Generator` (one uniform per token, inverted through
+the row's cumulative distribution), so a seed gives the same draws alone or in a batch, on any device."""
 
 import secrets
 
@@ -12,45 +14,68 @@ from gdsllm_core.errors import BadRequestError
 from gdsllm_core.types import SamplingParams
 
 
-def apply_repeat_penalty(logits: torch.Tensor, token_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive (multiply negative) logits of tokens in `token_ids` by `penalty`, once per distinct token."""
-    if penalty == 1.0 or token_ids.numel() == 0:
+def _per_row(value, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar, or one value per row ([B] -> [B, 1]), as a tensor that broadcasts against logits [..., V]."""
+    tensor = torch.as_tensor(value, dtype=dtype, device=logits.device)
+    return tensor.unsqueeze(-1) if tensor.dim() else tensor
+
+
+def _all_off(value, off) -> bool:
+    """True when `value` (a number, or a list with one per row) turns a step off for every row."""
+    if isinstance(value, torch.Tensor):
+        return False
+    return all(off(v) for v in value) if isinstance(value, list | tuple) else off(value)
+
+
+def apply_repeat_penalty(logits: torch.Tensor, token_ids: torch.Tensor, penalty) -> torch.Tensor:
+    """Divide positive (multiply negative) logits of the tokens in `token_ids` ([..., W]; repeats count once, so a
+    row may be padded with its own ids) by `penalty`."""
+    if token_ids.numel() == 0:
         return logits
+    penalty = _per_row(penalty, logits, logits.dtype)
     picked = logits.gather(-1, token_ids)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     return logits.scatter(-1, token_ids, picked)
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / temperature
-
-
-def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the `top_k` highest logits (and any tied with the k-th)."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
+def apply_temperature(logits: torch.Tensor, temperature) -> torch.Tensor:
+    if _all_off(temperature, lambda t: t == 1.0):
         return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits / _per_row(temperature, logits, logits.dtype)
+
+
+def apply_top_k(logits: torch.Tensor, top_k) -> torch.Tensor:
+    """Keep the `top_k` highest logits of each row (and any tied with the k-th); 0 keeps all."""
+    vocab = logits.shape[-1]
+    if _all_off(top_k, lambda k: k <= 0 or k >= vocab):
+        return logits
+    k = _per_row(top_k, logits, torch.long).clamp(0, vocab)
+    ranked = torch.sort(logits, descending=True, dim=-1).values
+    kth = ranked.gather(-1, (k - 1).clamp(min=0).expand(*logits.shape[:-1], 1))
+    kth = torch.where(k > 0, kth, float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probabilities sum to at least `top_p`."""
-    if top_p >= 1.0:
+def apply_top_p(logits: torch.Tensor, top_p) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least `top_p`; 1 keeps all."""
+    if _all_off(top_p, lambda p: p >= 1.0):
         return logits
+    # 1 - top_p in double, then rounded to the logits' type, as transformers compares
+    threshold = (1 - _per_row(top_p, logits, torch.float64)).to(logits.dtype)
     sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted = cumulative <= threshold
     remove_sorted[..., -1:] = False  # always keep the most likely token
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
 
 
-def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens less likely than `min_p` times the most likely token's probability."""
-    if min_p <= 0.0:
+def apply_min_p(logits: torch.Tensor, min_p) -> torch.Tensor:
+    """Drop tokens less likely than `min_p` times the most likely token's probability; 0 keeps all."""
+    if _all_off(min_p, lambda p: p <= 0.0):
         return logits
     probs = logits.softmax(dim=-1)
-    threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    threshold = _per_row(min_p, logits, logits.dtype) * probs.amax(dim=-1, keepdim=True)
     remove = probs < threshold
     remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
     return logits.masked_fill(remove, float("-inf"))
@@ -76,17 +101,14 @@ def check_params(params: SamplingParams) -> None:
 
 
 class Sampler:
-    """One sequence's sampler: its parameters and its own random generator."""
+    """One sequence's sampling state: its parameters and its own random generator."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+    def __init__(self, params: SamplingParams):
         check_params(params)
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.greedy = params.temperature == 0
-        self.generator = None
-        if not self.greedy:
-            self.generator = torch.Generator(device=torch.device(device))
-            self.generator.manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def penalty_window(self, history: list[int]) -> list[int]:
         """The tokens the repeat penalty looks at."""
@@ -95,30 +117,47 @@ class Sampler:
             return []
         return history if last_n == -1 else history[-last_n:]
 
-    def process(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """logits [V] (fp32) after every transform but the final softmax."""
-        params = self.params
-        window = self.penalty_window(history)
-        if window:
-            ids = torch.tensor(window, dtype=torch.long, device=logits.device)
-            logits = apply_repeat_penalty(logits, ids, params.repeat_penalty)
-        if self.greedy:
-            return logits
-        logits = apply_temperature(logits, params.temperature)
-        logits = apply_top_k(logits, params.top_k)
-        logits = apply_top_p(logits, params.top_p)
-        return apply_min_p(logits, params.min_p)
+    def uniform(self) -> float:
+        """The next random number of this sequence, in (0, 1]."""
+        return 1.0 - float(torch.rand((), generator=self.generator))
 
-    def sample(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """The next token of this sequence as a 0-d int64 tensor on the logits' device (no host sync)."""
-        logits = self.process(logits.float(), history)
-        if self.greedy:
-            return logits.argmax(dim=-1)
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+_NEUTRAL = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)  # what greedy rows go through
+
+
+def _penalize(logits: torch.Tensor, samplers: list[Sampler], histories: list[list[int]]) -> torch.Tensor:
+    windows = [sampler.penalty_window(history) for sampler, history in zip(samplers, histories, strict=True)]
+    width = max(len(window) for window in windows)
+    if width == 0:
+        return logits
+    # pad each row with its own first id (repeats are harmless); rows without a window get penalty 1 on token 0
+    ids = [window + [window[0]] * (width - len(window)) if window else [0] * width for window in windows]
+    penalties = [sampler.params.repeat_penalty if window else 1.0
+                 for sampler, window in zip(samplers, windows, strict=True)]
+    return apply_repeat_penalty(logits, torch.tensor(ids, device=logits.device), penalties)
+
+
+def process_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[list[int]]) -> torch.Tensor:
+    """logits [B, V] after every transform but the final softmax, each row with its sampler's values (greedy rows
+    get only the repeat penalty)."""
+    logits = _penalize(logits.float(), samplers, histories)
+    if all(sampler.greedy for sampler in samplers):
+        return logits
+    params = [_NEUTRAL if sampler.greedy else sampler.params for sampler in samplers]
+    logits = apply_temperature(logits, [p.temperature for p in params])
+    logits = apply_top_k(logits, [p.top_k for p in params])
+    logits = apply_top_p(logits, [p.top_p for p in params])
+    return apply_min_p(logits, [p.min_p for p in params])
 
 
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[list[int]]) -> list[int]:
-    """Next token of each row of `logits` [B, V], each with its own sampler and history; one host sync."""
-    picked = [sampler.sample(row, history) for row, sampler, history in zip(logits, samplers, histories, strict=True)]
-    return torch.stack(picked).tolist()
+    """The next token of each row of `logits` [B, V], each with its own sampler and history; one host sync."""
+    processed = process_batch(logits, samplers, histories)
+    if all(sampler.greedy for sampler in samplers):
+        return processed.argmax(dim=-1).tolist()
+    cdf = processed.softmax(dim=-1).cumsum(dim=-1)
+    uniforms = torch.tensor([sampler.uniform() if not sampler.greedy else 1.0 for sampler in samplers],
+                            dtype=cdf.dtype, device=cdf.device)
+    drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    greedy = torch.tensor([sampler.greedy for sampler in samplers], device=cdf.device)
+    return torch.where(greedy, processed.argmax(dim=-1), drawn).tolist()

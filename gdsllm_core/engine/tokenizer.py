@@ -21,7 +21,6 @@ class Tokenizer:
         self.bos_id = info.bos_id
         self.add_bos = info.add_bos and info.bos_id is not None
         specials = backend.special_tokens()
-        self.special_ids: frozenset[int] = frozenset(specials.values())
         self.eos_ids: frozenset[int] = frozenset(info.eos_ids) | frozenset(
             specials[token] for token in END_OF_TURN_TOKENS if token in specials)
         self.chat_template = info.chat_template
@@ -64,9 +63,6 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._backend.id_to_token(token_id)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._backend.token_to_id(token)
-
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids. `add_special` prepends BOS when
         the model asks for it and the text does not already start with it."""
@@ -98,9 +94,6 @@ class _HfBackend:
 
     def id_to_token(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tokenizer.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -134,10 +127,6 @@ class _SentencePieceBackend:
 
     def id_to_token(self, token_id: int) -> str:
         return self.processor.id_to_piece(token_id)
-
-    def token_to_id(self, token: str) -> int | None:
-        token_id = self.processor.piece_to_id(token)
-        return token_id if self.processor.id_to_piece(token_id) == token else None
 
     def encode(self, text: str) -> list[int]:
         if self._split is None:

@@ -55,8 +55,8 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
            if not key.startswith(("GDSLLM_", "HF_", "HUGGINGFACE_"))}
     env.update(GDSLLM_MODEL_ROOT=str(tmp / "models"), GDSLLM_HF_CACHE=str(tmp / "hf-cache"),
                GDSLLM_RUNTIME_DIR=str(tmp / "run"), GDSLLM_CONFIG_DIR=str(tmp / "config"), GDSLLM_LOAD_PLUGINS="llama",
-               GDSLLM_IO="cpu", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp / "hf-home"),
-               COLUMNS="200", NO_COLOR="1", PYTHONUNBUFFERED="1")
+               GDSLLM_IO="cpu", GDSLLM_DEVICE="cpu", HF_HOME=str(tmp / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", COLUMNS="200", NO_COLOR="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 

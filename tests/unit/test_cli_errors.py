@@ -96,3 +96,14 @@ def test_error_in_the_middle_of_a_streamed_answer(tmp_path, tiny, monkeypatch):
     assert result.stdout.endswith("\n") and result.stdout.strip()  # the first token, then the line was ended
     assert result.stderr.startswith("error: tensor blk.1.attn_q.weight in weights.bin does not match its checksum")
     assert "Traceback" not in result.output
+
+
+def test_system_refusal_is_one_line(tmp_path, tiny, monkeypatch):
+    """An OSError (here the model root lies under a regular file) is one line too; --debug shows the traceback."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("GDSLLM_MODEL_ROOT", str(tmp_path / "a-file" / "models"))
+    result = invoke(["pull", str(tiny[0]), "--name", "tiny"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: [Errno 20] Not a directory")
+    assert "Traceback" not in result.output
+    with pytest.raises(NotADirectoryError):
+        invoke(["--debug", "pull", str(tiny[0]), "--name", "tiny"])

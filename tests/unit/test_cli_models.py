@@ -70,8 +70,9 @@ def test_rm_refuses_paths_and_deletes_nothing_outside(store, tmp_path):
     for name in ("../outside/victim", str(victim), "..", "tiny/../../outside/victim"):
         result = invoke(["rm", "--yes", name])
         assert result.exit_code == 1 and "invalid model name" in result.stderr, (name, result.output)
-    result = invoke(["rm", "--yes", "evil"])  # a link inside the root that leads out of it
-    assert result.exit_code == 1 and "refusing to delete" in result.stderr
+    for args in (["rm", "--yes", "evil"], ["rm", "evil"]):  # a link inside the root that leads out of it
+        result = invoke(args, input="y\n")
+        assert result.exit_code == 1 and "refusing to delete" in result.stderr and "delete evil" not in result.stderr
     result = invoke(["rm", "--yes", "tiny", "../outside/victim"])  # all names checked before any deletion
     assert result.exit_code == 1
     assert (victim / "manifest.json").is_file() and (store / "tiny" / "manifest.json").is_file()

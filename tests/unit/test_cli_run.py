@@ -127,15 +127,17 @@ def test_env_file_in_the_working_directory_is_read_but_never_overrides(tmp_path,
     assert "no models" in gdsllm(["list"], env, tmp_path).stderr
 
 
-@pytest.mark.slow  # ~30 s: converts the bundled 98 MB model, then loads it and answers
-def test_first_run_without_a_model_sets_up_the_bundled_default(tmp_path, request):
+@pytest.mark.slow  # ~30 s: converts the bundled 98 MB model, then loads it twice and answers three questions
+def test_first_run_without_a_model_sets_up_the_bundled_default_and_chats(tmp_path, request):
     """What a fresh machine does: `gdsllm run` with an empty store converts the bundled SmolLM2 into it and answers;
-    the stored model is byte-identical to converting the bundled GGUF directly; the next run converts nothing."""
+    the stored model is byte-identical to converting the bundled GGUF directly. The next run converts nothing and
+    holds a real two-turn chat: the elliptical follow-up "And of Italy?" gets "… Rome" only because the first turn
+    is in the prompt (greedy SmolLM2 asked "And of Italy?" alone answers with an unrelated apology)."""
     from gdsllm_core.bundled import DEFAULT_MODEL, default_gguf
 
     env = cli_env(tmp_path)
-    args = ["run", "--prompt", "What is the capital of France?", "--max-tokens", "3", "--temperature", "0"]
-    first = gdsllm(args, env, tmp_path, timeout=300)
+    first = gdsllm(["run", "--prompt", "What is the capital of France?", "--max-tokens", "12", "--temperature", "0"],
+                   env, tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "first run: converting the bundled default model" in first.stderr and first.stdout.strip()
     try:
@@ -145,5 +147,20 @@ def test_first_run_without_a_model_sets_up_the_bundled_default(tmp_path, request
         convert_into(default_gguf(), tmp_path / "direct", "smollm2")
         direct_root, direct_name = tmp_path / "direct", "smollm2"
     assert_same_model(tmp_path / "models", DEFAULT_MODEL, direct_root, direct_name)
-    second = gdsllm(args, env, tmp_path, timeout=300)
-    assert second.returncode == 0 and "converting" not in second.stderr and second.stdout == first.stdout
+
+    child = pexpect.spawn(GDSLLM, ["run", "--max-tokens", "12", "--temperature", "0"], env=env, cwd=str(tmp_path),
+                          encoding="utf-8", codec_errors="replace", timeout=120, dimensions=(50, 250))
+    child.expect(PROMPT)
+    assert "converting" not in child.before
+    child.sendline("What is the capital of France?")
+    child.expect("What is the capital of France\\?\r\n")
+    child.expect(PROMPT)
+    assert child.before.strip() == first.stdout.strip()  # the same greedy answer as the one-shot run
+    child.sendline("And of Italy?")
+    child.expect("And of Italy\\?\r\n")
+    child.expect(PROMPT)
+    assert "Rome" in child.before
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

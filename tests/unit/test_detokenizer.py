@@ -152,3 +152,23 @@ def test_sentencepiece_tokenizer_json_stream_equals_full_decode(sentencepiece_as
     streamed = "".join(_stream(tokenizer, ids, context=[1] + prompt))
     assert reference.decode([1] + prompt + ids, skip_special_tokens=True) == \
         reference.decode([1] + prompt, skip_special_tokens=True) + streamed
+
+
+def test_tokenizer_errors_name_the_file_and_the_kind(tmp_path):
+    from gdsllm_core.errors import CorruptModelError
+
+    with pytest.raises(CorruptModelError, match=r"tokenizer file .*tokenizer.json is missing"):
+        Tokenizer.from_info(TokenizerInfo(kind="hf", file="tokenizer.json"), tmp_path)
+    (tmp_path / "tokenizer.bin").write_bytes(b"x")
+    with pytest.raises(CorruptModelError, match="unknown tokenizer kind 'tiktoken'"):
+        Tokenizer.from_info(TokenizerInfo(kind="tiktoken", file="tokenizer.bin"), tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CorruptModelError, match="cannot read tokenizer"):
+        Tokenizer.from_info(TokenizerInfo(kind="hf", file="tokenizer.json"), tmp_path)
+
+
+def test_end_of_turn_tokens_stop_too(smollm2_tokenizer):
+    tokenizer, reference = smollm2_tokenizer
+    assert reference.convert_tokens_to_ids("<|im_end|>") in tokenizer.eos_ids
+    assert reference.convert_tokens_to_ids("<|endoftext|>") in tokenizer.eos_ids
+    assert tokenizer.bos_token == reference.bos_token and tokenizer.eos_token == reference.eos_token

@@ -1,6 +1,6 @@
 """The engine loop on a tiny real model: a random-weight "bigram + running mean" network, stored in the model store,
 registered by a throw-away plugin. Every generation is compared with an independent recomputation over the whole
-token sequence (no cache), greedy with argmax, sampled with transformers' warpers and torch.multinomial."""
+token sequence (no cache), greedy with argmax, sampled with transformers' warpers and an inverse-CDF draw."""
 
 import asyncio
 import threading
@@ -161,7 +161,10 @@ def reference_generate(weights, prompt_ids, max_tokens, eos=EOS_IDS, sampling: S
             scores = logits[None]
             for warper in warpers:
                 scores = warper(None, scores)
-            token = int(torch.multinomial(scores[0].softmax(-1), 1, generator=generator)[0])
+            # inverse CDF with one uniform in (0, 1] per token from the sequence's own seeded generator
+            cdf = scores[0].softmax(-1).cumsum(-1)
+            uniform = 1.0 - float(torch.rand((), generator=generator))
+            token = int((cdf >= uniform * cdf[-1]).nonzero()[0])
         new.append(token)
         ids.append(token)
         if token in eos:
@@ -438,3 +441,31 @@ def test_eos_ends_the_generation_without_its_text(engine, tiny):
     assert generated_ids(events) == expected
     assert events[-1].done_reason == "stop" and events[-1].text == "" and events[-1].completion_tokens == len(expected)
     assert "".join(e.text for e in events) == tiny["hf"].decode(expected[:-1])
+
+
+def test_unload_waits_for_running_generations_of_that_model_only(tiny):
+    with Engine(tiny["store"], LoadOptions(device="cpu", extra={"step_delay": 0.005}), keep_alive=None) as engine:
+        sampling = SamplingParams(temperature=1.0, seed=0, repeat_penalty=1.0)
+        generation = engine.submit(GenerateRequest(model="tiny-a", prompt=PROMPTS[0], raw=True, max_tokens=60,
+                                                   sampling=sampling))
+        events = iter(generation)
+        next(events)
+        engine.unload("tiny-b")  # not loaded: returns at once
+        assert not generation._finished
+        engine.unload("tiny-a")  # waits for the generation to end, then unloads
+        rest = list(events)
+        assert rest[-1].done_reason == "length" and rest[-1].completion_tokens == 60
+        assert engine.running() == []
+
+
+def test_keep_alive_zero_unloads_after_each_request_and_reloads(tiny):
+    TinyForward.closed.clear()
+    with Engine(tiny["store"], LoadOptions(device="cpu"), keep_alive=0) as engine:
+        request = GenerateRequest(model="tiny-a", prompt=PROMPTS[0], raw=True, max_tokens=3, sampling=GREEDY)
+        first = engine.submit(request).collect()
+        deadline = time.time() + 5
+        while engine.running() and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.running() == [] and TinyForward.closed == ["tiny-a"]
+        second = engine.submit(request).collect()
+        assert second[0] == first[0] and second[1].load_ns > 0

@@ -224,9 +224,19 @@ def greedy_tokens(store_root: Path, name: str, prompt: str, n: int = 6) -> list[
     from gdsllm_core.types import GenerateRequest, SamplingParams
 
     with Engine(store=ModelStore(store_root), options=LoadOptions(device="cpu"), keep_alive=None) as engine:
-        generation = engine.submit(GenerateRequest(model=name, prompt=prompt, max_tokens=n,
+        generation = engine.submit(GenerateRequest(model=name, prompt=prompt, raw=True, max_tokens=n,
                                                    sampling=SamplingParams(temperature=0, repeat_penalty=1.0)))
         return [event.token_id for event in generation if event.token_id is not None]
+
+
+def transformers_greedy(folder: Path, prompt: str, n: int) -> list[int]:
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    ids = AutoTokenizer.from_pretrained(folder)(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = LlamaForCausalLM.from_pretrained(folder).eval().generate(ids, max_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def test_pull_safetensors_repo_matches_direct_conversion(tmp_path, hub, tiny_folder):
@@ -245,6 +255,7 @@ def test_pull_safetensors_repo_matches_direct_conversion(tmp_path, hub, tiny_fol
     pulled = greedy_tokens(tmp_path / "models", "Tiny-Llama", "hello there")
     assert len(pulled) == 6
     assert pulled == greedy_tokens(tmp_path / "direct", "tiny", "hello there")
+    assert pulled == transformers_greedy(tiny_folder, "hello there", 6)  # and both are the source model's tokens
 
     listing = gdsllm(["list"], env, tmp_path)
     assert "Tiny-Llama" in listing.stdout and "llama" in listing.stdout
@@ -263,7 +274,8 @@ def test_interrupted_pull_leaves_nothing_and_resumes(tmp_path, hub, tiny_folder)
     first = gdsllm(["pull", "test-org/Tiny-Llama"], env, tmp_path)
     assert_one_line_error(first, "lost the connection", "run the same pull again")
     assert "Tiny-Llama" not in gdsllm(["list"], env, tmp_path).stdout
-    assert not list((tmp_path / "models").glob("*")) if (tmp_path / "models").exists() else True
+    models = tmp_path / "models"
+    assert not models.exists() or not any(models.iterdir())  # no model, no partial folder
     parts = list((tmp_path / "hf-cache").rglob("*.part"))
     assert len(parts) == 1 and 0 < parts[0].stat().st_size < size
 

@@ -65,16 +65,39 @@ def test_pipeline_matches_transformers_chain(logits):
     for step in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(50),
                  TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
         reference = step(window, reference)
-    _same(sampling.Sampler(params).process(logits[0], history), reference[0])
+    _same(sampling.process_batch(logits[:1], [sampling.Sampler(params)], [history])[0], reference[0])
+
+
+def test_each_row_of_a_batch_gets_its_own_values(logits):
+    """One batched pass with different values per row equals transformers applied row by row."""
+    rows = [SamplingParams(temperature=0.5, top_k=3, top_p=1.0, min_p=0.0, repeat_penalty=1.0),
+            SamplingParams(temperature=1.3, top_k=0, top_p=0.6, min_p=0.0, repeat_penalty=2.0, repeat_last_n=2),
+            SamplingParams(temperature=0.9, top_k=100, top_p=0.95, min_p=0.2, repeat_penalty=1.1),
+            SamplingParams(temperature=0, repeat_penalty=1.5)]
+    histories = [[1, 2], [7, 8, 9], [4], [5, 5, 6]]
+    ours = sampling.process_batch(logits, [sampling.Sampler(p) for p in rows], histories)
+    for row, (params, history) in enumerate(zip(rows, histories, strict=True)):
+        window = history[-params.repeat_last_n:] if params.repeat_last_n > 0 else history
+        reference = RepetitionPenaltyLogitsProcessor(params.repeat_penalty)(torch.tensor([window]),
+                                                                             logits[row:row + 1].clone())
+        if params.temperature > 0:
+            reference = TemperatureLogitsWarper(params.temperature)(None, reference)
+            if params.top_k:
+                reference = TopKLogitsWarper(params.top_k)(None, reference)
+            if params.top_p < 1:
+                reference = TopPLogitsWarper(params.top_p)(None, reference)
+            if params.min_p > 0:
+                reference = MinPLogitsWarper(params.min_p)(None, reference)
+        _same(ours[row], reference[0])
 
 
 def test_greedy_is_argmax_after_penalty(logits):
     history = [int(logits[0].argmax())]
     params = SamplingParams(temperature=0, repeat_penalty=100.0)
     penalized = RepetitionPenaltyLogitsProcessor(100.0)(torch.tensor([history]), logits[:1].clone())
-    assert int(sampling.Sampler(params).sample(logits[0], history)) == int(penalized.argmax())
-    assert int(sampling.Sampler(SamplingParams(temperature=0, repeat_penalty=1.0)).sample(logits[0], history)) \
-        == history[0]
+    assert sampling.sample_batch(logits[:1], [sampling.Sampler(params)], [history]) == [int(penalized.argmax())]
+    plain = sampling.Sampler(SamplingParams(temperature=0, repeat_penalty=1.0))
+    assert sampling.sample_batch(logits[:1], [plain], [history]) == history
 
 
 def test_same_seed_same_tokens_and_per_row_independence(logits):
@@ -98,8 +121,9 @@ def test_sampled_distribution_follows_filtered_probabilities():
     params = SamplingParams(temperature=0.9, top_k=4, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=7)
     sampler = sampling.Sampler(params)
     expected = TopKLogitsWarper(4)(None, TemperatureLogitsWarper(0.9)(None, logits[None].clone()))[0].softmax(-1)
-    n = 20000
-    counts = torch.bincount(torch.tensor([int(sampler.sample(logits, [])) for _ in range(n)]), minlength=6)
+    n = 20000  # one row per draw, all from the same sequence's generator
+    drawn = sampling.sample_batch(logits.expand(n, -1), [sampler] * n, [[]] * n)
+    counts = torch.bincount(torch.tensor(drawn), minlength=6)
     assert counts[4:].sum() == 0
     assert torch.allclose(counts.float() / n, expected, atol=0.015)
 
@@ -113,20 +137,20 @@ def test_bad_values_name_the_field(field, value):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_sampling_is_seeded_per_sequence_and_matches_cpu_transforms(logits):
+def test_cuda_sampling_is_seeded_per_sequence_and_matches_the_cpu(logits):
     on_gpu = logits.cuda()
     params = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, repeat_penalty=1.2, seed=5)
     history = [1, 2, 3, 250]
 
     def draw(rows):
-        samplers = [sampling.Sampler(params, "cuda") for _ in rows]
+        samplers = [sampling.Sampler(params) for _ in rows]
         return [sampling.sample_batch(on_gpu[rows], samplers, [history] * len(rows)) for _ in range(10)]
 
     alone = draw([1])
     assert [step[1] for step in draw([0, 1, 3])] == [step[0] for step in alone]
     assert draw([1]) == alone
-    _same(sampling.Sampler(params, "cuda").process(on_gpu[0], history).cpu(),
-          sampling.Sampler(params).process(logits[0], history))
+    assert draw([1]) == [sampling.sample_batch(logits[[1]], [s], [history]) for s in [sampling.Sampler(params)] * 10]
+    _same(sampling.process_batch(on_gpu[:1], [sampling.Sampler(params)], [history]).cpu(),
+          sampling.process_batch(logits[:1], [sampling.Sampler(params)], [history]))
     greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
-    assert sampling.sample_batch(on_gpu, [sampling.Sampler(greedy, "cuda")] * 4, [[]] * 4) == \
-        logits.argmax(-1).tolist()
+    assert sampling.sample_batch(on_gpu, [sampling.Sampler(greedy)] * 4, [[]] * 4) == logits.argmax(-1).tolist()

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", type=Path, required=True, help="model store folder for the synthetic model")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ceiling-gb", type=float, default=2.0)
     parser.add_argument("--zipf-tokens", type=int, default=64)
@@ -122,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         entry = write_synthetic(args.root, name, config, group_size=64 if args.tiny else 128)
         print(f"wrote {entry.path} ({entry.size_bytes / 1e9:.2f} GB) in {time.perf_counter() - began:.1f} s")
     weights = entry.path / entry.manifest.extents[0].file
-    forward = QwenMoeForward(entry, LoadOptions(device=args.device, host_cache=0))
-    result = {"device": str(forward.device), "backend": forward.reader.backend.name,
+    forward = QwenMoeForward(entry, LoadOptions(device=args.device, host_cache=0, extra={"dtype": args.dtype}))
+    result = {"device": str(forward.device), "dtype": args.dtype, "backend": forward.reader.backend.name,
               "backend_reason": getattr(forward.reader.backend, "reason", ""),
               "expert_bytes": entry.manifest.extent("blk.0.expert.0").nbytes,
               "ceiling_gb_s": storage_ceiling(forward, weights, args.ceiling_gb)}

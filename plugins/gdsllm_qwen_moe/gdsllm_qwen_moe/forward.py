@@ -5,7 +5,11 @@ Residency: the dense extents (embeddings, each layer's attention / router / shar
 once, in one batched `ExtentReader` read, and stay resident on the compute device. Experts are never loaded up
 front: `ExpertCache` reads the ones the router picks, per layer and step, keeps them in host RAM under
 `LoadOptions.host_cache` bytes and hands them to the device when used. (The core's `TieredScheduler` reads every
-extent resident, so this plugin drives `ExtentReader` itself.)"""
+extent resident, so this plugin drives `ExtentReader` itself.)
+
+`LoadOptions.extra`: "dtype" (activations: "float32", the default, or "bfloat16"), "dequantize_dense" (dequantize
+the resident affine matrices once at load instead of at each use: default on CUDA), "prefill_chunk" (prompt tokens
+per pass, default 512)."""
 
 from dataclasses import dataclass, field
 
@@ -19,9 +23,10 @@ from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.experts import ExpertCache, moe_block
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
-from gdsllm_qwen_moe.weights import Weight, embedding_rows, group_weights, linear
+from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows, group_weights, linear
 
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # LoadOptions.extra["dtype"]
 PREFILL_CHUNK = 512  # prompt tokens per pass: experts are read once per chunk (the union of its routes)
 
 
@@ -43,23 +48,29 @@ class QwenMoeForward:
         self.entry = entry
         self.config = QwenMoeConfig.from_dict(entry.manifest.config)
         self.device = torch.device("cpu" if options.device in ("auto", "") else options.device)
-        self.dtype = torch.float32
+        dtype_name = options.extra.get("dtype", "float32")
+        if dtype_name not in COMPUTE_DTYPES:
+            raise BadRequestError(f"compute dtype {dtype_name!r} is not supported", "use float32 or bfloat16")
+        self.dtype = COMPUTE_DTYPES[dtype_name]
         self.vocab_size = self.config.vocab_size
         self.max_context = min(options.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)
         self.reader = ExtentReader(entry.path, entry.manifest)
-        dense = [e for e in entry.manifest.extents if ".expert." not in e.name]
+        dense_extents = [e for e in entry.manifest.extents if ".expert." not in e.name]
         direct = self.device.type == "cuda" and self.reader.backend.name != "cpu"  # cuFile / staged into VRAM
-        arena = torch.empty(sum(e.nbytes for e in dense), dtype=torch.uint8, device=self.device if direct else "cpu")
+        arena = torch.empty(sum(e.nbytes for e in dense_extents), dtype=torch.uint8, device=self.device if direct else "cpu")
         offsets = [0]
-        for extent in dense:
+        for extent in dense_extents:
             offsets.append(offsets[-1] + extent.nbytes)
-        self.reader.read(dense, [arena[offsets[i]:offsets[i + 1]] for i in range(len(dense))])
+        self.reader.read(dense_extents, [arena[offsets[i]:offsets[i + 1]] for i in range(len(dense_extents))])
         self.dense_bytes = arena.numel()
         arena = arena.to(self.device)  # the dense part stays resident on the compute device
         self.weights: dict[str, Weight] = {}
-        for i, extent in enumerate(dense):
+        for i, extent in enumerate(dense_extents):
             self.weights.update(group_weights(extent, extent_views(extent, arena[offsets[i]:offsets[i + 1]])))
+        if options.extra.get("dequantize_dense", self.device.type == "cuda"):  # trade memory for speed once
+            self.weights = {name: dense(w, self.dtype) if isinstance(w, AffineWeight) and name != "token_embd.weight"
+                            else w for name, w in self.weights.items()}
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
         self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device)
         self.prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))

@@ -92,3 +92,25 @@ def test_affine4_conversion_packs_like_mlx_and_runs_the_dequantized_model(tmp_pa
         ref = model(prompt[None]).logits[0]
     assert relative_error(ours.numpy(), ref.numpy()) < 1e-4
     forward.close()
+
+
+def test_dense_dequantized_at_load_and_bfloat16_activations(mlx_quantized, tmp_path):
+    """The GPU's configuration against the fp32 path (itself checked against mlx_lm above): matrices dequantized
+    once at load give the same logits; bf16 activations stay within bf16 noise (a tiny random model's routing
+    flips at a few positions, so the median over positions is what is bounded)."""
+    entry = convert_into(tmp_path, mlx_quantized[0])
+    prompt = torch.randint(0, 512, (24,), generator=torch.Generator().manual_seed(10))
+    results = []
+    for extra in ({}, {"dequantize_dense": True}, {"dtype": "bfloat16", "dequantize_dense": True}):
+        forward = QwenMoeForward(entry, LoadOptions(extra=extra))
+        cache = forward.new_cache(26)
+        logits = [forward.prefill(prompt, cache, all_logits=True)]
+        logits += [forward.decode(torch.tensor([t]), [cache]) for t in (3, 4)]
+        results.append(torch.cat(logits).numpy())
+        forward.close()
+    reference, dequantized, bf16 = results
+    assert relative_error(dequantized, reference) < 1e-5
+    assert bf16.dtype == np.float32
+    per_position = [relative_error(ours, ref) for ours, ref in zip(bf16, reference, strict=True)]
+    assert np.median(per_position) < 5e-2
+    assert np.median([np.corrcoef(ours, ref)[0, 1] for ours, ref in zip(bf16, reference, strict=True)]) > 0.999

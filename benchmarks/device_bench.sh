@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU-machine benchmark of issue 7, in one call (repo root; .whl and .work/llamacpp carried):
+# llama.cpp builds in the background (cores 4-15) while gdsllm's GPU tests and benchmarks run (cores 0-3) on
+# synthetic LLaMA-7B-shaped Q4_0 / Q8_0 GGUFs; then llama-bench runs on the same files. Results land in $OUT.
+set -o pipefail
+. benchmarks/device_setup.sh > /dev/null || exit 1
+export GDSLLM_MODEL_ROOT=/root/models
+mkdir -p /root/llama && tar xzf .work/llamacpp/llama.cpp-src.tgz -C /root/llama
+pin() { if command -v taskset > /dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
+( cd /root/llama/llama.cpp && pin 4-15 nice -n 5 sh -c 'cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
+  && cmake --build build -j12 --target llama-bench' > $OUT/build.log 2>&1; echo "build rc $?" >> $OUT/build.log ) &
+build=$!
+run() { pin 0-3 "$@"; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee $OUT/summary.txt
+run timeout 240 python3 -m pytest -p no:cacheprovider tests/gpu/test_kernels.py tests/gpu/test_llama_gpu.py -q \
+  --tb=short > $OUT/tests.log 2>&1; tail -12 $OUT/tests.log
+NOREPACK=""
+if grep -qE "FAILED.*(repacked|synthetic)" $OUT/tests.log; then
+  NOREPACK="--no-repack"; echo "repacked-layout tests failed: benchmarking without repacking" | tee -a $OUT/summary.txt
+fi
+for q in Q4_0 Q8_0; do
+  run timeout 120 python3 benchmarks/synth_llama_gguf.py /root/7b-$q.gguf --type $q > /dev/null &&
+  run timeout 180 python3 -c "from gdsllm_core.convert import convert; from gdsllm_core.layout.store import ModelStore; \
+from gdsllm_core import plugins; plugins.load_plugins(); print(convert('/root/7b-$q.gguf', ModelStore(), '7b-$q').path)" 2>&1 | tail -2
+done
+bench() { tag=$1; shift; echo "== $tag: $*"; run timeout 200 python3 -c "import sys; from gdsllm_core.cli.main import main; sys.argv[0] = 'gdsllm'; main()" \
+  bench "$@" --json > /root/$tag.json 2> /root/$tag.err; rc=$?; tail -3 /root/$tag.err
+  python3 -c "import json,sys; d=json.load(open('/root/$tag.json')); d['tag']='$tag'; print(json.dumps(d))" >> $OUT/bench.jsonl || echo "$tag failed rc $rc"; }
+bench q4_resident 7b-Q4_0 $NOREPACK
+bench q8_resident 7b-Q8_0 $NOREPACK
+bench q4_8vram_host 7b-Q4_0 --vram-layers 8 $NOREPACK
+bench q4_8vram_storage 7b-Q4_0 --vram-layers 8 --host-cache 0 --tg 8 $NOREPACK
+bench q4_resident_norepack 7b-Q4_0 --no-repack --no-ceilings --pp 64 --tg 64
+timeout 330 sh -c "while kill -0 $build 2>/dev/null; do sleep 5; done"; tail -3 $OUT/build.log
+lb=/root/llama/llama.cpp/build/bin/llama-bench
+if [ -x $lb ]; then
+  for q in Q4_0 Q8_0; do timeout 120 $lb -m /root/7b-$q.gguf -p 512 -n 128 -ngl 99 -r 3 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md; done
+  timeout 150 $lb -m /root/7b-Q4_0.gguf -p 512 -n 128 -ngl 8 -r 2 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md
+fi
+python3 benchmarks/summarize.py $OUT/bench.jsonl | tee -a $OUT/summary.txt
