@@ -1,7 +1,8 @@
 """The engine on the real bundled model (SmolLM2-135M-Instruct Q4_1, LLaMA plugin), on the CPU forward pass and,
 where there is a GPU, on the CUDA one; converted once per session by the root conftest's `smollm2_store`.
 
-The module takes about 20 s on 2 idle cores (a CPU decode step: 30-60 ms), so answers are kept to 8 tokens."""
+The CPU half takes about 20 s on 2 idle cores (several minutes when the cores are shared), so answers are
+kept to 8 tokens."""
 
 import threading
 
