@@ -124,7 +124,8 @@ def run_bench(entry: ModelEntry, options: LoadOptions, pp: int = 512, tg: int = 
     result["tg_tok_s"] = tg / result["tg_s"]
     result["placement"] = {"layers": after.get("layers"), "tiers_bytes": after.get("tiers"),
                            "backend": after.get("backend"), "cuda_graphs": after.get("cuda_graphs"),
-                           "repacked_bytes": after.get("repacked_bytes", 0)}
+                           "repacked_bytes": after.get("repacked_bytes", 0),
+                           "fast_gemv": options.extra.get("fast_gemv", False)}
     for phase, start, stop, tokens in (("pp", before, after_pp, 1), ("tg", before_tg, after, tg)):
         streamed = sum(stop.get(k, 0) - start.get(k, 0) for k in ("bytes_from_host", "bytes_from_storage"))
         storage = stop.get("bytes_from_storage", 0) - start.get("bytes_from_storage", 0)

@@ -25,9 +25,10 @@ from gdsllm_core.cli.output import parse_size
 @click.option("--warm", is_flag=True, help="Do not drop the page cache before reading.")
 @click.option("--no-graphs", is_flag=True, help="Decode without CUDA graphs.")
 @click.option("--no-repack", is_flag=True, help="Keep resident Q4_0/Q8_0 weights in the GGUF layout.")
+@click.option("--fast-gemv", is_flag=True, help="Q4_0 decode sums products in fp16 first (overflows past ~1000).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def bench(model, gguf_file, pp, tg, device, vram_budget, host_cache, vram_layers, no_ceilings, warm, no_graphs,
-          no_repack, as_json):
+          no_repack, fast_gemv, as_json):
     """Measure prompt processing (pp) and decode (tg) tok/s of MODEL on the GPU."""
     from gdsllm_core.bench import format_report, run_bench
     from gdsllm_core.engine.forward import LoadOptions
@@ -37,7 +38,7 @@ def bench(model, gguf_file, pp, tg, device, vram_budget, host_cache, vram_layers
     if bool(model) == bool(gguf_file):
         raise BadRequestError("name a model from the store or pass --gguf FILE (one of the two)",
                               "e.g. `gdsllm bench smollm2-135m-instruct` or `gdsllm bench --gguf model.gguf`")
-    extra = {"cuda_graphs": not no_graphs, "repack": not no_repack}
+    extra = {"cuda_graphs": not no_graphs, "repack": not no_repack, "fast_gemv": fast_gemv}
     if vram_layers is not None:
         extra["max_vram_layers"] = vram_layers
     options = LoadOptions(device=device, vram_budget=parse_size(vram_budget) if vram_budget else None,

@@ -5,16 +5,17 @@ import msgspec
 from rich.table import Table
 
 from gdsllm_core.cli.main import cli, console
-from gdsllm_core.doctor import SPEED_BYTES, DoctorReport, collect
 
 
 @cli.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-speed", is_flag=True, help="Skip the read-speed test (it writes and reads a 256 MiB file).")
-@click.option("--speed-mib", type=click.IntRange(1, 65536), default=SPEED_BYTES >> 20, show_default=True,
+@click.option("--speed-mib", type=click.IntRange(1, 65536), default=256, show_default=True,
               help="Size of the read-speed test file, in MiB.")
 def doctor(as_json: bool, no_speed: bool, speed_mib: int) -> None:
     """Check what this machine offers gdsllm and which storage backend it will use."""
+    from gdsllm_core.doctor import collect  # imports torch: only when the command runs
+
     report = collect(speed_bytes=0 if no_speed else speed_mib << 20)
     if as_json:
         click.echo(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
@@ -24,7 +25,8 @@ def doctor(as_json: bool, no_speed: bool, speed_mib: int) -> None:
         console.print(f"[yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
 
 
-def render(report: DoctorReport) -> Table:
+def render(report) -> Table:
+    """The doctor report (`gdsllm_core.doctor.DoctorReport`) as a rich table."""
     def mark(ok: bool | None) -> str:
         return {True: "[green]ok[/]", False: "[red]no[/]", None: "[yellow]?[/]"}[ok]
 

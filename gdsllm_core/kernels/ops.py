@@ -14,7 +14,7 @@ BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1"
           "Q5_K": (256, 176), "Q6_K": (256, 210), "Q4_0R": (32, 18), "Q8_0R": (32, 34)}
 # GPU layouts of resident weights (see ggml_blocks.cuh): type -> its repacked type
 REPACKED = {"Q4_0": "Q4_0R", "Q8_0": "Q8_0R"}
-FAST_TYPES = ("Q4_0", "Q8_0", "Q4_0R", "Q8_0R")
+FAST_TYPES = ("Q4_0", "Q4_0R")  # may sum products in fp16 (opt-in, see gemv.cu)
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MAX_BATCH = 8
 GEMV_WARPS = 4
@@ -110,9 +110,10 @@ def _gemv_rows_per_warp(batch: int, mode: int) -> int:
 
 
 def gemv(weights: list[torch.Tensor], qtype: str, x: torch.Tensor, outs: list[torch.Tensor],
-         accumulate: bool = False, exact: bool = False) -> None:
+         accumulate: bool = False, fast: bool = False) -> None:
     """outs[i][b] (=|+=) weights[i] @ x[b] for up to three matrices of one type and the same K in one launch.
-    x: fp16 [B, K], B <= 8; outs: fp32 [B, rows_i]. Q4_0/Q8_0 sum products in fp16 over 8 values unless `exact`."""
+    x: fp16 [B, K], B <= 8; outs: fp32 [B, rows_i]. Products are summed in fp32; with `fast`, Q4_0 sums 8 at a
+    time in fp16 first (a few % quicker; overflows when activations exceed about 1000)."""
     if not 1 <= len(weights) <= 3 or len(weights) != len(outs):
         raise ValueError("gemv takes one to three weights, each with its output")
     _check(x, "x", torch.float16)
@@ -125,11 +126,11 @@ def gemv(weights: list[torch.Tensor], qtype: str, x: torch.Tensor, outs: list[to
         _check(out, "out", torch.float32, (batch, rows))
         counts.append(rows)
     mode = 1 if accumulate else 0
-    _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, None, not exact)
+    _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, None, fast)
 
 
 def gemv_swiglu(gate: torch.Tensor, up: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor,
-                exact: bool = False) -> None:
+                fast: bool = False) -> None:
     """out[b] = fp16(silu(gate @ x[b]) * (up @ x[b])): the decode FFN's first half in one launch."""
     _check(x, "x", torch.float16)
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
@@ -139,7 +140,7 @@ def gemv_swiglu(gate: torch.Tensor, up: torch.Tensor, qtype: str, x: torch.Tenso
     if _check_weight(up, qtype, cols)[0] != rows:
         raise ValueError(f"gate has {rows} rows but up has {up.shape[0]}")
     _check(out, "out", torch.float16, (batch, rows))
-    _launch_gemv(qtype, batch, 2, [gate, up], [rows, rows], cols, nbytes, x, [], out, not exact)
+    _launch_gemv(qtype, batch, 2, [gate, up], [rows, rows], cols, nbytes, x, [], out, fast)
 
 
 def _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, out_h, fast) -> None:

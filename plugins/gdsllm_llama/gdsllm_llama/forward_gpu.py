@@ -55,7 +55,8 @@ def kv_bytes(config: LlamaConfig, tokens: int) -> int:
 
 class LlamaForwardGPU:
     """ForwardPass for architecture "llama" on CUDA. LoadOptions: vram_budget, host_cache, max_context; extra:
-    `scheduler` (default "tiered"), `max_vram_layers`, `ring_slots`, `cuda_graphs` and `repack` (default True)."""
+    `scheduler` (default "tiered"), `max_vram_layers`, `ring_slots`, `cuda_graphs` and `repack` (default True),
+    `fast_gemv` (default False: Q4_0 partial sums in fp16, see kernels/gemv.cu)."""
 
     def __init__(self, entry: ModelEntry, options: LoadOptions | None = None):
         options = options or LoadOptions(device="cuda")
@@ -67,6 +68,7 @@ class LlamaForwardGPU:
         self.vocab_size = c.vocab_size
         self.max_context = min(c.context_length, options.max_context or c.context_length)
         self.use_graphs = bool(options.extra.get("cuda_graphs", True))
+        self.fast_gemv = bool(options.extra.get("fast_gemv", False))
         self._qtypes = {t.name: t.qtype for e in entry.manifest.extents for t in e.tensors}
         self._check_types()
         self._head_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
@@ -180,7 +182,7 @@ class LlamaForwardGPU:
             while end < len(names) and self._qtypes[names[end]] == self._qtypes[names[start]]:
                 end += 1
             ops.gemv([views[n] for n in names[start:end]], self._qtypes[names[start]], x, outs[start:end],
-                     accumulate=accumulate)
+                     accumulate=accumulate, fast=self.fast_gemv)
             start = end
 
     # -- decode -----------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ class LlamaForwardGPU:
             ops.rmsnorm(h, self._norm(w, p + "ffn_norm.weight", resident), c.rms_eps, out=xn)
             gate, up = p + "ffn_gate.weight", p + "ffn_up.weight"
             if self._qtypes[gate] == self._qtypes[up]:
-                ops.gemv_swiglu(w[gate], w[up], self._qtypes[gate], xn, act)
+                ops.gemv_swiglu(w[gate], w[up], self._qtypes[gate], xn, act, fast=self.fast_gemv)
             else:
                 g32 = torch.empty(B, c.ffn_dim, dtype=torch.float32, device=self.device)
                 u32 = torch.empty_like(g32)
@@ -215,7 +217,7 @@ class LlamaForwardGPU:
         fixed = self.scheduler.fetch("output_norm")
         ops.rmsnorm(h, self._norm(fixed, "output_norm.weight", True), c.rms_eps, out=xn)
         head = self.scheduler.fetch(self._head_extent)
-        ops.gemv([head[self._head_name]], self._qtypes[self._head_name], xn, [self._logits[:B]], exact=True)
+        ops.gemv([head[self._head_name]], self._qtypes[self._head_name], xn, [self._logits[:B]])
 
     def _embed(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
         table = self.scheduler.fetch("token_embd")["token_embd.weight"]
@@ -322,8 +324,7 @@ class LlamaForwardGPU:
         head = self.scheduler.fetch(self._head_extent)[self._head_name]
         logits = torch.empty(h.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
         for r in range(0, h.shape[0], MAX_BATCH):
-            ops.gemv([head], self._qtypes[self._head_name], xn[r:r + MAX_BATCH], [logits[r:r + MAX_BATCH]],
-                     exact=True)
+            ops.gemv([head], self._qtypes[self._head_name], xn[r:r + MAX_BATCH], [logits[r:r + MAX_BATCH]])
         return logits
 
     @torch.inference_mode()
