@@ -230,6 +230,11 @@ class Engine:
             if idle:
                 self._inbox.put(_Command("wake", None))  # let the worker re-check keep_alive
 
+    def set_keep_alive(self, seconds: float | None) -> None:
+        """How long the loaded model stays after its last request (None: forever); takes effect at once."""
+        self.keep_alive = seconds
+        self._inbox.put(_Command("wake", None))
+
     def load(self, model: str) -> None:
         """Load `model` (unloading the previous one once its running generations end); blocks until done."""
         self._command("load", model)

@@ -136,11 +136,14 @@ async def ndjson(generation: Generation, chunk: Chunk, path: str,
         await anyio.to_thread.run_sync(after)
 
 
-def unload_after(engine: Engine, model: str, keep_alive: float | None) -> Callable[[], None] | None:
-    """keep_alive 0 unloads the model once the answer is complete (other values use the engine's keep-alive)."""
-    if keep_alive != 0:
-        return None
-    return lambda: engine.unload(model or None)
+def apply_keep_alive(engine: Engine, model: str, keep_alive: float | None) -> Callable[[], None] | None:
+    """ollama's keep_alive: 0 unloads the model once the answer is complete (returned as a callable to run then);
+    a duration sets how long the model stays loaded after it, negative keeps it loaded; absent changes nothing."""
+    if keep_alive == 0:
+        return lambda: engine.unload(model or None)
+    if keep_alive is not None:
+        engine.set_keep_alive(None if keep_alive < 0 else keep_alive)
+    return None
 
 
 class OllamaController(Controller):
@@ -204,7 +207,7 @@ class OllamaController(Controller):
                       keep_alive: float | None) -> Response:
         """Submit, then stream NDJSON or answer with one object (cancelled if the client leaves first)."""
         generation = await submit(engine, generate)
-        after = unload_after(engine, generate.model, keep_alive)
+        after = apply_keep_alive(engine, generate.model, keep_alive)
         if stream:
             return Stream(ndjson(generation, chunk, request.url.path, after), media_type=NDJSON)
         text, last = await collect(generation, request.receive)
@@ -219,6 +222,7 @@ class OllamaController(Controller):
             await anyio.to_thread.run_sync(engine.unload, model or None)
             return "unload"
         await anyio.to_thread.run_sync(engine.load, model)
+        apply_keep_alive(engine, model, keep_alive)
         return "load"
 
     @get(urls.OLLAMA_TAGS, sync_to_thread=True, responses=OLLAMA_ERRORS)

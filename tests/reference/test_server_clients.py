@@ -2,7 +2,10 @@
 store) driven by the real `openai` and `ollama` clients. Greedy texts must equal what the engine generates for the
 same request in-process, alone (the reference: an independent Engine on the same store)."""
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -185,6 +188,19 @@ def test_ollama_generate_and_chat_equal_the_engine(oll, model, reference):
     assert "".join(p.message.content for p in parts) == text and parts[-1].done_reason == last.done_reason
 
 
+def test_greedy_answers_equal_gdsllm_run_prompt(oll, model):
+    """The CLI's one-shot answer equals ollama's chat for the same question (ollama's default options, greedy)."""
+    store, name = model
+    question = "Name a color."
+    cli = subprocess.run([sys.executable, "-m", "gdsllm_core", "run", name, "--prompt", question,
+                          "--temperature", "0", "--max-tokens", str(MAX_TOKENS)],
+                         env={**os.environ, "GDSLLM_MODEL_ROOT": str(store.root), "GDSLLM_DEVICE": "cpu"},
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    chat = oll.chat(model=name, messages=[{"role": "user", "content": question}],
+                    options={"temperature": 0, "num_predict": MAX_TOKENS})
+    assert chat.message.content and cli.rstrip("\n") == chat.message.content
+
+
 def test_ollama_list_show_ps(oll, model, reference):
     name = model[1]
     store = model[0]
@@ -195,6 +211,22 @@ def test_ollama_list_show_ps(oll, model, reference):
     oll.generate(model=name, prompt="Hi", options={"temperature": 0, "num_predict": 1})
     running = oll.ps().models
     assert [m.model for m in running] == [name] and running[0].size > 0 and running[0].context_length
+
+
+def test_ollama_keep_alive_sets_when_the_model_unloads(oll, model):
+    name = model[1]
+    oll.generate(model=name, prompt="Hi", options={"temperature": 0, "num_predict": 1}, keep_alive=-1)
+    assert [m.model for m in oll.ps().models] == [name]
+    before = time.time()
+    oll.generate(model=name, prompt="Hi", options={"temperature": 0, "num_predict": 1}, keep_alive="1s")
+    expires = oll.ps().models[0].expires_at.timestamp()
+    assert before < expires < time.time() + 1.5
+    deadline = time.monotonic() + 30
+    while oll.ps().models and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert oll.ps().models == []
+    oll.generate(model=name, prompt="Hi", options={"temperature": 0, "num_predict": 1}, keep_alive="5m")
+    assert oll.ps().models[0].expires_at.timestamp() > time.time() + 250
 
 
 def test_ollama_errors(oll, model):

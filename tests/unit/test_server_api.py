@@ -135,6 +135,9 @@ class EchoEngine:
     def unload(self, model: str | None = None) -> None:
         self.loaded = None
 
+    def set_keep_alive(self, seconds: float | None) -> None:
+        self.keep_alive = seconds
+
     def running(self) -> list:
         from gdsllm_core.engine.engine import RunningModel
 
