@@ -110,7 +110,7 @@ def select_gguf(files: list[str], quant: str | None, repo_id: str) -> str | None
     if not ggufs:
         if quant:
             raise UnsupportedQuantError(f"{repo_id} has no GGUF files, so there is no {quant} file to pick",
-                                        f"pull `{repo_id}` without `:{quant}`; add `--quantize q8_0` to re-quantize")
+                                        f"pull `{repo_id}` without `:{quant}`; add `--quant q8_0` to re-quantize")
         return None
     wanted = quant or (None if len(ggufs) == 1 else DEFAULT_GGUF_QUANT)
     matches = ggufs if wanted is None else [name for name in ggufs if wanted in _quant_tokens(name)]
@@ -376,7 +376,7 @@ def remove_stale_partials(store: ModelStore) -> None:
 
 
 def pull(source: str, store: ModelStore | None = None, name: str | None = None, quantize: str | None = None,
-         force: bool = False, progress: PullProgress | None = None, client: HubClient | None = None) -> ModelEntry:
+         group_size: int | None = None, force: bool = False, progress: PullProgress | None = None, client: HubClient | None = None) -> ModelEntry:
     """Fetch (if remote) and convert `source` into the store; returns the new entry. Nothing appears in the store
     until the conversion is complete."""
     store = store or ModelStore()
@@ -384,7 +384,7 @@ def pull(source: str, store: ModelStore | None = None, name: str | None = None, 
     if name is not None:
         check_name(name)
     remove_stale_partials(store)
-    options = ConvertOptions(quant=quantize, progress=progress.convert if progress else None)
+    options = ConvertOptions(quant=quantize, group_size=group_size, progress=progress.convert if progress else None)
     if parsed.local_path is not None:
         converter = registry.get_converter(registry.detect_converter(parsed.local_path))
         name = name or converter.default_name(parsed.local_path)

@@ -7,8 +7,6 @@ from pathlib import Path
 from gdsllm_core import plugins
 from gdsllm_core.errors import PluginError, UnknownArchitectureError
 
-KINDS = ("converters", "weight_layouts", "schedulers", "forward_passes")
-
 
 def collect(kind: str) -> dict[str, tuple[object, str]]:
     """name -> (target, plugin name) for one kind of registration; the first registration of a name wins."""

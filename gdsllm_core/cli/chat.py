@@ -6,7 +6,7 @@ import click
 
 from gdsllm_core.bundled import DEFAULT_MODEL
 from gdsllm_core.cli.main import cli, console, err_console
-from gdsllm_core.cli.output import parse_size
+from gdsllm_core.cli.output import load_options
 from gdsllm_core.errors import BadRequestError, ConversionError, GdsllmError
 
 MULTILINE = '"""'
@@ -154,19 +154,20 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
               help="0 picks the most likely token every time.")
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
+@click.option("--host-cache", help="Pinned host RAM for layers that do not fit in VRAM, e.g. 16GiB (default: what "
+              "free RAM allows).")
 @click.option("--verbose", is_flag=True, help="Print token counts and speed after each answer.")
 def run(model: str | None, prompt: str | None, system: str | None, max_tokens: int | None, temperature: float,
-        seed: int | None, vram_budget: str | None, verbose: bool) -> None:
+        seed: int | None, vram_budget: str | None, host_cache: str | None, verbose: bool) -> None:
     """Chat with a model in the terminal.
 
     MODEL defaults to the bundled SmolLM2-135M-Instruct, converted into the store on first use."""
-    from gdsllm_core.engine.engine import Engine, default_device
-    from gdsllm_core.engine.forward import LoadOptions
+    from gdsllm_core.engine.engine import Engine
     from gdsllm_core.layout.store import ModelStore
     from gdsllm_core.storage.backends import choose_backend
     from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
 
-    options = LoadOptions(device=default_device(), vram_budget=parse_size(vram_budget) if vram_budget else None)
+    options = load_options(vram_budget, host_cache)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():

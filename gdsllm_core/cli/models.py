@@ -16,9 +16,11 @@ LAYER_EXTENT = re.compile(r"^blk\.(\d+)$")
 @cli.command()
 @click.argument("source")
 @click.option("--name", help="Name in the store (default: the repo's name, with :QUANT for a GGUF pick).")
-@click.option("--quantize", help="Re-quantize while converting (e.g. q8_0, q4_0).")
+@click.option("--quant", "--quantize", "quantize",
+              help="Re-quantize while converting (LLaMA: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k; Qwen3.5-MoE: affine2..8).")
+@click.option("--group-size", type=click.IntRange(min=1), help="Group size for affine quantization (32, 64 or 128).")
 @click.option("--force", is_flag=True, help="Download and convert again even if the model is already there.")
-def pull(source: str, name: str | None, quantize: str | None, force: bool) -> None:
+def pull(source: str, name: str | None, quantize: str | None, group_size: int | None, force: bool) -> None:
     """Download a model and convert it into the store.
 
     SOURCE is a Hugging Face repo id (`user/repo`), one GGUF file of a repo picked by quant (`user/repo:Q4_K_M`,
@@ -28,7 +30,8 @@ def pull(source: str, name: str | None, quantize: str | None, force: bool) -> No
 
     try:
         with pull_progress() as progress:
-            entry = pull_mod.pull(source, name=name, quantize=quantize, force=force, progress=progress)
+            entry = pull_mod.pull(source, name=name, quantize=quantize, group_size=group_size, force=force,
+                                  progress=progress)
     except pull_mod.AlreadyPulled as exc:
         console.print(f"{exc.name} is already pulled (use --force to pull it again)", highlight=False)
         return

@@ -129,3 +129,12 @@ def bytes_progress(description: str, total: int):
                   DownloadColumn(), TransferSpeedColumn(), console=err_console) as progress:
         task = progress.add_task(description, total=total, kind="bytes")
         yield lambda n: progress.advance(task, n)
+
+
+def load_options(vram_budget: str | None, host_cache: str | None):
+    """LoadOptions for this machine's device from the --vram-budget / --host-cache sizes (None: automatic)."""
+    from gdsllm_core.engine.engine import default_device
+    from gdsllm_core.engine.forward import LoadOptions
+
+    return LoadOptions(device=default_device(), vram_budget=parse_size(vram_budget) if vram_budget else None,
+                       host_cache=parse_size(host_cache) if host_cache else None)

@@ -8,6 +8,7 @@ import click
 
 from gdsllm_core import pidfile
 from gdsllm_core.cli.main import cli, console, err_console
+from gdsllm_core.cli.output import load_options
 from gdsllm_core.errors import GdsllmError
 
 
@@ -20,7 +21,10 @@ class ServerRunningError(GdsllmError):
 @click.option("--preload", is_flag=True, help="Load the model before accepting requests.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
-def serve(model: str | None, preload: bool, host: str, port: int) -> None:
+@click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
+@click.option("--host-cache", help="Pinned host RAM for layers that do not fit in VRAM, e.g. 16GiB.")
+def serve(model: str | None, preload: bool, host: str, port: int, vram_budget: str | None,
+          host_cache: str | None) -> None:
     """Start the Ollama- and OpenAI-compatible API server.
 
     MODEL is what requests that name no model get; --preload loads it before the first request."""
@@ -41,7 +45,7 @@ def serve(model: str | None, preload: bool, host: str, port: int) -> None:
     err_console.print(f"serving on http://{host}:{port} (pid {pid}, pid file {path}); `gdsllm stop` stops it",
                       highlight=False)
     try:
-        run_server(model, host=host, port=port, preload=preload)
+        run_server(model, host=host, port=port, preload=preload, options=load_options(vram_budget, host_cache))
     finally:
         pidfile.remove(pid=pid)
 

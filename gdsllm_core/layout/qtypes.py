@@ -1,6 +1,5 @@
 """Byte sizes of the tensor types a manifest may hold, and the 4 KiB alignment rule."""
 
-import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -12,8 +11,6 @@ PLAIN_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "U32": torch.uint32, "F64": torch.float64,
 }
-NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, "I32": np.int32,
-                "U32": np.uint32, "F64": np.float64}
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:

@@ -30,9 +30,14 @@ class ModelEntry:
         return (self.path / manifest_mod.MANIFEST_NAME).stat().st_mtime
 
 
-def check_name(name: str) -> str:
+def is_valid_name(name: str) -> bool:
     """A model name is one path component of safe characters: no '/', no '..', not absolute."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    return bool(NAME_PATTERN.match(name)) and ".." not in name
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a valid model name (see `is_valid_name`), else BadRequestError."""
+    if not is_valid_name(name):
         raise BadRequestError(f"invalid model name {name!r}",
                               "use letters, digits and . _ : + - (no slashes, no '..')")
     return name

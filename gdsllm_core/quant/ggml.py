@@ -11,15 +11,9 @@ from collections.abc import Callable
 import torch
 
 from gdsllm_core.errors import UnsupportedQuantError
+from gdsllm_core.layout.qtypes import block_geometry
 
 QK_K = 256
-
-# GGML type name -> (values per block, bytes per block)
-BLOCK_GEOMETRY: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
-}
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -153,7 +147,9 @@ _BLOCK_DEQUANT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-SUPPORTED_TYPES = tuple(BLOCK_GEOMETRY)
+SUPPORTED_TYPES = (*_PLAIN, *_BLOCK_DEQUANT)
+# GGML type name -> (values per block, bytes per block), from gguf-py's table
+BLOCK_GEOMETRY: dict[str, tuple[int, int]] = {qtype: block_geometry(qtype) for qtype in SUPPORTED_TYPES}
 
 
 def check_supported(qtype: str, what: str = "tensor") -> None:

@@ -13,15 +13,15 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 from gdsllm_core.errors import UnsupportedQuantError
+from gdsllm_core.layout.qtypes import block_geometry
 
 QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K")
-BLOCK_VALUES = {"Q4_K": 256}
 QK_K = 256
 
 
 def block_values(qtype: str) -> int:
     """Values per block: a row must hold a whole number of blocks."""
-    return BLOCK_VALUES.get(qtype.upper(), 32)
+    return block_geometry(qtype.upper())[0]
 
 
 def quantize(weight: torch.Tensor, qtype: str) -> np.ndarray:

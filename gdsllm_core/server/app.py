@@ -5,6 +5,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 from litestar import Litestar, get
@@ -23,6 +24,9 @@ from gdsllm_core.server.openai import OpenAIController
 from gdsllm_core.server.schemas import HealthResponse
 from gdsllm_core.server.streams import Engine
 
+if TYPE_CHECKING:
+    from gdsllm_core.engine.forward import LoadOptions
+
 log = logging.getLogger("gdsllm.server")
 GRACEFUL_SHUTDOWN_S = 10
 STREAMED_BODIES = {urls.OLLAMA_GENERATE: ("application/x-ndjson", "one JSON object per line, the last with done"),
@@ -37,10 +41,10 @@ async def health() -> HealthResponse:
     return HealthResponse("ok")
 
 
-def real_engine(store: ModelStore) -> Engine:
+def real_engine(store: ModelStore, options: "LoadOptions | None" = None) -> Engine:
     from gdsllm_core.engine.engine import Engine as GdsllmEngine  # imports torch and the plugins: not at import
 
-    return GdsllmEngine(store=store)
+    return GdsllmEngine(store=store, options=options)
 
 
 @asynccontextmanager
@@ -68,13 +72,13 @@ def document_streamed_bodies(app: Litestar) -> None:
 
 def create_app(store: ModelStore | None = None, default_model: str | None = None, preload: bool = False,
                engine_factory: Callable[[], Engine] | None = None, api_token: str | None = None,
-               read_token_from_env: bool = True) -> Litestar:
+               read_token_from_env: bool = True, options: "LoadOptions | None" = None) -> Litestar:
     """The server app. `engine_factory` makes the engine in the lifespan (default: the real Engine on `store`);
     the bearer token is `api_token`, else GDSLLM_API_TOKEN unless `read_token_from_env` is False."""
     store = store or ModelStore()
     token = api_token or (settings.api_token() if read_token_from_env else None)
     state = State({"store": store, "default_model": default_model, "preload": preload, "auth": token is not None,
-                   "engine_factory": engine_factory or (lambda: real_engine(store)), "engine": None})
+                   "engine_factory": engine_factory or (lambda: real_engine(store, options)), "engine": None})
     app = Litestar(
         route_handlers=[health, OllamaController, OpenAIController],
         dependencies=DEPENDENCIES,
@@ -105,7 +109,7 @@ def return_after_stop_signals() -> Iterator[None]:
 
 
 def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, preload: bool = False,
-               store: ModelStore | None = None) -> None:
+               store: ModelStore | None = None, options: "LoadOptions | None" = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn finishes open responses for up to GRACEFUL_SHUTDOWN_S seconds, then
     cancels them, which cancels their generations, then closes the engine). `model` is what requests naming no
     model get, loaded at start with `preload`."""
@@ -119,7 +123,7 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, pre
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("gdsllm").addHandler(handler)
         logging.getLogger("gdsllm").setLevel(logging.INFO)
-    app = create_app(store=store, default_model=model, preload=preload)
+    app = create_app(store=store, default_model=model, preload=preload, options=options)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                                            log_level="info"))
     with return_after_stop_signals():

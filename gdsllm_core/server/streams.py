@@ -10,7 +10,7 @@ import anyio
 from litestar.types import Receive
 
 from gdsllm_core.errors import ModelNotFoundError
-from gdsllm_core.layout.store import NAME_PATTERN, ModelEntry, ModelStore
+from gdsllm_core.layout.store import NAME_PATTERN, ModelEntry, ModelStore, is_valid_name
 from gdsllm_core.types import GenerateRequest, TokenEvent
 
 
@@ -49,7 +49,7 @@ def resolve_model(store: ModelStore, name: str, default: str | None) -> str:
 
 def find_model(store: ModelStore, name: str) -> ModelEntry:
     """The stored model, or ModelNotFoundError (404), also for names no model can have."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not is_valid_name(name):
         raise ModelNotFoundError(f"model {name!r} not found", "see the local models at /api/tags or /v1/models")
     return store.get(name)
 

@@ -1,7 +1,8 @@
-"""Helpers for the CLI and pull tests: a tiny LLaMA checkpoint made with transformers, and running `gdsllm` as a
-process with an isolated store, cache and runtime folder."""
+"""Helpers for the CLI, pull and server tests: a tiny LLaMA checkpoint made with transformers, running `gdsllm` as a
+process with an isolated store, cache and runtime folder, and a free loopback port."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,13 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ("the cat sat on the mat. a dog ran in the park. birds fly over the sea at dawn. my name is ada. "
           "what is your name? hello there, how are you today? i am fine, thank you. ") * 20
 GDSLLM = str(Path(sys.executable).with_name("gdsllm"))
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_tiny_llama(folder: Path, seed: int = 0) -> Path:

@@ -2,13 +2,12 @@
 pid files (dead process, or a live process that is not a gdsllm server) detected instead of obeyed."""
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
-from _cli_models import GDSLLM, cli_env, gdsllm, invoke, shared_tiny
+from _cli_models import GDSLLM, cli_env, free_port, gdsllm, invoke, shared_tiny
 
 from gdsllm_core import pidfile
 
@@ -16,12 +15,6 @@ from gdsllm_core import pidfile
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return shared_tiny(tmp_path_factory)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> dict:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import queue
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from _cli_models import free_port
 from litestar.testing import TestClient
 
 from gdsllm_core.errors import ContextOverflowError, CorruptModelError, ModelNotFoundError
@@ -499,12 +499,6 @@ def test_preload_loads_the_default_model_which_empty_requests_use(store, engine)
 
 
 # ---- a real server: disconnects, concurrency ---------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def live_server(store):

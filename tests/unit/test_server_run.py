@@ -2,23 +2,17 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from _cli_models import free_port
 
 from gdsllm_core.errors import ModelNotFoundError
 from gdsllm_core.layout import ModelStore
 from gdsllm_core.server import run_server, urls
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_run_server_refuses_a_missing_model_before_binding(tmp_path):

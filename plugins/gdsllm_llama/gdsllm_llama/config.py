@@ -34,7 +34,9 @@ class LlamaConfig:
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ConversionError(f"{self.n_heads} attention heads are not a multiple of {self.n_kv_heads} KV heads")
+            raise ConversionError(f"{self.n_heads} attention heads are not a multiple of {self.n_kv_heads} KV heads",
+                                  "the checkpoint's config is inconsistent: check num_attention_heads and "
+                                  "num_key_value_heads, or llama.attention.head_count[_kv] in a GGUF")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ConversionError(f"rope scaling {rope_type!r} is not supported by the llama plugin",
@@ -71,7 +73,8 @@ class LlamaConfig:
         head_dim = int(metadata.get("llama.attention.key_length") or dim // n_heads)
         rope_dim = int(metadata.get("llama.rope.dimension_count") or head_dim)
         if rope_dim != head_dim:
-            raise ConversionError(f"partial rotary embeddings (rope over {rope_dim} of {head_dim} dims) are not supported")
+            raise ConversionError(f"partial rotary embeddings (rope over {rope_dim} of {head_dim} dims) are not supported",
+                                  "use a LLaMA-family GGUF whose rope covers the whole head")
         scaling = None
         scaling_type = metadata.get("llama.rope.scaling.type")
         if scaling_type == "linear":
@@ -101,9 +104,11 @@ class LlamaConfig:
             raise ConversionError(f"sliding-window attention ({config['sliding_window']}) is not supported",
                                   "use a checkpoint without sliding_window, e.g. Mistral-7B-v0.1")
         if config.get("attention_bias") or config.get("mlp_bias"):
-            raise ConversionError("LLaMA checkpoints with attention or MLP biases are not supported")
+            raise ConversionError("LLaMA checkpoints with attention or MLP biases are not supported",
+                                  "use a checkpoint with attention_bias and mlp_bias false")
         if config.get("hidden_act", "silu") != "silu":
-            raise ConversionError(f"activation {config['hidden_act']!r} is not supported (LLaMA uses silu)")
+            raise ConversionError(f"activation {config['hidden_act']!r} is not supported (LLaMA uses silu)",
+                                  "use a checkpoint with hidden_act \"silu\"")
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
         rope_type = rope.get("rope_type") or rope.get("type") or "default"

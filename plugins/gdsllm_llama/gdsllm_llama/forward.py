@@ -178,7 +178,8 @@ class LlamaForward:
             return cached
         extent = f"blk.{layer}"
         self.scheduler.prefetch([f"blk.{layer + 1}"] if layer + 1 < self.config.n_layers else ["output_norm"])
-        tensors = {t.name.split(".")[2]: self._dequantize(extent, t.name)
+        views = self.scheduler.fetch(extent)
+        tensors = {t.name.split(".")[2]: ggml.dequantize(views[t.name], t.qtype).reshape(t.shape)
                    for t in self.entry.manifest.extent(extent).tensors}
         weights = LayerWeights.from_tensors(tensors)
         if self.cache_budget is None or self._cached_bytes + weights.nbytes <= self.cache_budget:
