@@ -1,6 +1,7 @@
 """The GDSLLM_* knobs: each read from the environment (and `.env` files) when asked, never cached."""
 
 import os
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -31,8 +32,12 @@ def hf_cache() -> Path:
 
 
 def runtime_dir() -> Path:
-    """Where the server's pid file lives (GDSLLM_RUNTIME_DIR)."""
-    return Path(os.environ.get("GDSLLM_RUNTIME_DIR") or platformdirs.user_runtime_dir(APP_NAME))
+    """Where the server's pid file lives (GDSLLM_RUNTIME_DIR, default: the user's runtime dir)."""
+    if os.environ.get("GDSLLM_RUNTIME_DIR"):
+        return Path(os.environ["GDSLLM_RUNTIME_DIR"])
+    with warnings.catch_warnings():  # without XDG_RUNTIME_DIR platformdirs warns and falls back to /tmp/runtime-UID
+        warnings.simplefilter("ignore")
+        return Path(platformdirs.user_runtime_dir(APP_NAME))
 
 
 def hf_token() -> str | None:
