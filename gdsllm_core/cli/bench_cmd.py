@@ -1,4 +1,5 @@
-"""`gdsllm bench`: pp/tg throughput with the GPU and storage ceilings measured in the same run."""
+"""`gdsllm bench`: pp/tg throughput (batched decode with --batch) with the memory and storage ceilings measured in
+the same run."""
 
 import json
 import tempfile
@@ -17,7 +18,9 @@ from gdsllm_core.cli.output import parse_size
               help="Bench a GGUF file directly (converted into a temporary store first).")
 @click.option("--pp", default=512, show_default=True, help="Prompt tokens to process.")
 @click.option("--tg", default=128, show_default=True, help="Tokens to decode.")
-@click.option("--device", default="cuda", show_default=True)
+@click.option("--batch", "batch", default="1", show_default=True,
+              help="Sequences decoded together, or a list measured in turn (e.g. 1,8,16: speed-up vs batch 1).")
+@click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (host memory ceiling instead).")
 @click.option("--vram-budget", help="VRAM for weights, KV cache and scratch (e.g. 8GiB); default: free VRAM - 1 GiB.")
 @click.option("--host-cache", help="Pinned host RAM for layers (e.g. 16GiB, 0 to stream the rest from storage).")
 @click.option("--vram-layers", type=int, help="At most this many decoder layers resident in VRAM (like -ngl).")
@@ -27,9 +30,9 @@ from gdsllm_core.cli.output import parse_size
 @click.option("--no-repack", is_flag=True, help="Keep resident Q4_0/Q8_0 weights in the GGUF layout.")
 @click.option("--fast-gemv", is_flag=True, help="Q4_0 decode sums products in fp16 first (overflows past ~1000).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def bench(model, gguf_file, pp, tg, device, vram_budget, host_cache, vram_layers, no_ceilings, warm, no_graphs,
+def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram_layers, no_ceilings, warm, no_graphs,
           no_repack, fast_gemv, as_json):
-    """Measure prompt processing (pp) and decode (tg) tok/s of MODEL on the GPU."""
+    """Measure prompt processing (pp) and decode (tg) tok/s of MODEL, batched decode with --batch."""
     from gdsllm_core.bench import format_report, run_bench
     from gdsllm_core.engine.forward import LoadOptions
     from gdsllm_core.errors import BadRequestError
@@ -38,6 +41,7 @@ def bench(model, gguf_file, pp, tg, device, vram_budget, host_cache, vram_layers
     if bool(model) == bool(gguf_file):
         raise BadRequestError("name a model from the store or pass --gguf FILE (one of the two)",
                               "e.g. `gdsllm bench smollm2-135m-instruct` or `gdsllm bench --gguf model.gguf`")
+    batches = parse_batches(batch)
     extra = {"cuda_graphs": not no_graphs, "repack": not no_repack, "fast_gemv": fast_gemv}
     if vram_layers is not None:
         extra["max_vram_layers"] = vram_layers
@@ -52,11 +56,27 @@ def bench(model, gguf_file, pp, tg, device, vram_budget, host_cache, vram_layers
             entry = convert(gguf_file, ModelStore(Path(scratch)), "bench")
         else:
             entry = ModelStore().get(model)
-        result = run_bench(entry, options, pp=pp, tg=tg, ceilings=not no_ceilings, drop_caches=not warm)
+        result = run_bench(entry, options, pp=pp, tg=tg, ceilings=not no_ceilings, drop_caches=not warm,
+                           batches=batches)
     if as_json:
+        for run in result["batches"]:
+            run.pop("tokens")
         click.echo(json.dumps(result, indent=2))
         return
     table = Table(title=f"gdsllm bench {model or gguf_file.name}", show_header=False)
     for name, value in format_report(result):
         table.add_row(name, value)
     console.print(table)
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """"1,8,16" -> (1, 8, 16): positive batch sizes, measured in that order."""
+    from gdsllm_core.errors import BadRequestError
+
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(n < 1 for n in sizes):
+        raise BadRequestError(f"--batch {text!r} is not a list of positive integers", "e.g. --batch 8 or --batch 1,8,16")
+    return sizes

@@ -1,5 +1,6 @@
 """Converting a checkpoint (GGUF file, HF folder, MLX folder) into the model store, by the plugin that claims it."""
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,14 @@ class ConvertOptions:
     group_size: int | None = None
     progress: Callable[[str, int, int], None] | None = None
     extra: dict = field(default_factory=dict)
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, tokenizer_config.json…); ConversionError naming it if unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot read {path}: {exc}", "the checkpoint is incomplete: re-download it") from exc
 
 
 class Converter(Protocol):

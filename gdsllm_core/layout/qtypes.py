@@ -11,6 +11,7 @@ PLAIN_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "U32": torch.uint32, "F64": torch.float64,
 }
+FLOAT_QTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # checkpoint float dtype -> qtype
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
@@ -30,7 +31,7 @@ def tensor_nbytes(qtype: str, shape: list[int] | tuple[int, ...]) -> int:
     count = 1
     for dim in shape:
         count *= int(dim)
-    if qtype in PLAIN_DTYPES and qtype not in ("F32", "F16", "BF16"):
+    if qtype in PLAIN_DTYPES:
         return count * PLAIN_DTYPES[qtype].itemsize
     block_values, block_bytes = block_geometry(qtype)
     if shape and shape[-1] % block_values:

@@ -100,32 +100,28 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, QK_K)
 
 
-def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eight 6-bit scales and mins packed in 12 bytes (Q4_K, Q5_K), as float32 [n, 8] each."""
-    n = scales.shape[0]
-    packed = scales.reshape(n, 3, 4)
-    d, m, m_d = packed[:, 0], packed[:, 1], packed[:, 2]
-    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+def _k_scale_min(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: per 32-value sub-block, the scale d * sc and the offset dmin * m, float32 [n, 8, 1] each
+    (fp16 d and dmin at bytes 0 and 2, then eight 6-bit scales and mins packed in 12 bytes)."""
+    n = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    packed = blocks[:, 4:16].reshape(n, 3, 4)
+    sd, m, m_d = packed[:, 0], packed[:, 1], packed[:, 2]
+    sc = torch.cat([sd & 0x3F, (m_d & 0x0F) | ((sd >> 2) & 0x30)], dim=-1)
     mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc.float(), mn.float()
+    return (d * sc.float()).reshape(n, 8, 1), (dmin * mn.float()).reshape(n, 8, 1)
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc).reshape(n, 8, 1)
-    ml = (dmin * mn).reshape(n, 8, 1)
+    dl, ml = _k_scale_min(blocks)
     q = _nibbles(blocks[:, 16:], 32).reshape(n, 8, 32).float()
     return (dl * q - ml).reshape(n, QK_K)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc).reshape(n, 8, 1)
-    ml = (dmin * mn).reshape(n, 8, 1)
+    dl, ml = _k_scale_min(blocks)
     qh = _bits(blocks[:, 16:48], 32, 1).reshape(n, 8, 32)
     ql = _nibbles(blocks[:, 48:], 32).reshape(n, 8, 32)
     q = (ql | (qh << 4)).float()

@@ -73,7 +73,8 @@ class LlamaConfig:
         head_dim = int(metadata.get("llama.attention.key_length") or dim // n_heads)
         rope_dim = int(metadata.get("llama.rope.dimension_count") or head_dim)
         if rope_dim != head_dim:
-            raise ConversionError(f"partial rotary embeddings (rope over {rope_dim} of {head_dim} dims) are not supported",
+            raise ConversionError(f"partial rotary embeddings (rope over {rope_dim} of {head_dim} dims) are not "
+                                  "supported",
                                   "use a LLaMA-family GGUF whose rope covers the whole head")
         scaling = None
         scaling_type = metadata.get("llama.rope.scaling.type")

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gdsllm_core.convert import ConvertOptions
+from gdsllm_core.convert import ConvertOptions, read_json
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.manifest import TokenizerInfo
+from gdsllm_core.layout.qtypes import FLOAT_QTYPES
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.quant.quantize import QUANTIZABLE, block_values, quantize
 from gdsllm_llama.config import GGUF_ARCHITECTURE, HF_ARCHITECTURES, LlamaConfig
@@ -21,22 +22,14 @@ from gdsllm_llama.layout import LlamaLayout
 from gdsllm_llama.names import gguf_name
 
 INDEX_FILE = "model.safetensors.index.json"
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _HEAD_TENSORS = ("token_embd.weight", "output.weight")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"cannot read {path}: {exc}", "the checkpoint is incomplete: re-download it") from exc
 
 
 def shard_files(folder: Path) -> dict[str, Path]:
     """HF tensor name -> the shard holding it; a missing shard is an error naming it."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map") or {}
+        weight_map = read_json(index_path).get("weight_map") or {}
         missing = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
         if missing:
             raise ConversionError(f"{folder} lacks the shard(s) {', '.join(missing)} listed in {INDEX_FILE}",
@@ -55,8 +48,8 @@ def shard_files(folder: Path) -> dict[str, Path]:
 def _tokenizer(folder: Path, config: dict) -> tuple[TokenizerInfo, dict[str, bytes]]:
     """The folder's tokenizer as it is (tokenizer.json preferred, else tokenizer.model), minus any BOS-adding
     post-processor (the engine adds BOS when `add_bos` says so)."""
-    tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    tok_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    generation = read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     eos_ids = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
     bos_id = config.get("bos_token_id", generation.get("bos_token_id"))
@@ -65,7 +58,7 @@ def _tokenizer(folder: Path, config: dict) -> tuple[TokenizerInfo, dict[str, byt
         template = (folder / "chat_template.jinja").read_text()
     add_bos = tok_config.get("add_bos_token")
     if (folder / "tokenizer.json").is_file():
-        data = _read_json(folder / "tokenizer.json")
+        data = read_json(folder / "tokenizer.json")
         post = data.get("post_processor")
         adds_bos = bos_id is not None and _template_adds_bos(post)
         data["post_processor"] = None
@@ -109,7 +102,7 @@ class HfSafetensorsConverter:
         return Path(path).resolve().name.lower()
 
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
-        raw_config = _read_json(source / "config.json")
+        raw_config = read_json(source / "config.json")
         config = LlamaConfig.from_hf(raw_config)
         quant = options.quant.upper() if options.quant else None
         if quant is not None and quant not in QUANTIZABLE:
@@ -136,7 +129,7 @@ class HfSafetensorsConverter:
                     handle = handles.get(file) or handles.setdefault(file, safe_open(file, framework="pt"))
                     tensor = handle.get_tensor(names[name])
                     if tensor.dim() > 1:
-                        seen_dtypes.add(_DTYPES.get(tensor.dtype, str(tensor.dtype)))
+                        seen_dtypes.add(FLOAT_QTYPES.get(tensor.dtype, str(tensor.dtype)))
                     entries.append(self._tensor_entry(name, tensor, quant))
                     done += 1
                     if options.progress:
@@ -151,13 +144,13 @@ class HfSafetensorsConverter:
 
     @staticmethod
     def _tensor_entry(name: str, tensor: torch.Tensor, quant: str | None) -> tuple:
-        if tensor.dtype not in _DTYPES:
+        if tensor.dtype not in FLOAT_QTYPES:
             raise ConversionError(f"tensor {name} has dtype {tensor.dtype}", "expected float32, float16 or bfloat16")
         shape = list(tensor.shape)
         if tensor.dim() == 1:
             return name, "F32", shape, tensor.float()
         if quant is None:
-            return name, _DTYPES[tensor.dtype], shape, tensor
+            return name, FLOAT_QTYPES[tensor.dtype], shape, tensor
         qtype = quant_type_for(name, shape, quant)
         return name, qtype, shape, quantize(tensor, qtype)
 

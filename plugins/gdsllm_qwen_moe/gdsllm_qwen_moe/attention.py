@@ -13,13 +13,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, config: QwenMoeConfig) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of x [..., T, heads, D] by their positions [T] (rotate-half pairing)."""
+def rope_tables(positions: torch.Tensor, config: QwenMoeConfig,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, rotary_dim] in `dtype` for positions [T], shared by the queries and keys of a step."""
     dim = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     freqs = positions.to(torch.float32)[:, None] * inv_freq  # [T, dim/2]
     angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [T, 1, dim]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of x [..., T, heads, D] by the `rope_tables` of its positions (rotate-half
+    pairing); the other dims pass through."""
+    dim = cos.shape[-1]
     rot, rest = x[..., :dim], x[..., dim:]
     half = dim // 2
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
@@ -50,15 +58,18 @@ def gated_attention(x: torch.Tensor, w: dict[str, Weight], prefix: str, config: 
     for b in range(batch):  # sequences differ in length; each attends to its own cache
         start, cache = starts[b], caches[b]
         positions = torch.arange(start, start + length, device=x.device)
-        q_b = rotary(q[b], positions, config).transpose(0, 1)  # [n_q, T, d]
-        cache.keys[:, start:start + length] = rotary(k[b], positions, config).transpose(0, 1)
+        cos, sin = rope_tables(positions, config, q.dtype)
+        q_b = rotary(q[b], cos, sin).transpose(0, 1)  # [n_q, T, d]
+        cache.keys[:, start:start + length] = rotary(k[b], cos, sin).transpose(0, 1)
         cache.values[:, start:start + length] = v[b].transpose(0, 1)
-        keys = cache.keys[:, :start + length].repeat_interleave(n_q // n_kv, dim=0)
-        values = cache.values[:, :start + length].repeat_interleave(n_q // n_kv, dim=0)
-        scores = (q_b @ keys.transpose(1, 2)) * d ** -0.5  # [n_q, T, start+T]
+        keys, values = cache.keys[:, :start + length], cache.values[:, :start + length]  # [n_kv, start+T, d]
+        # GQA without copying the cache: the query heads of one KV head side by side, [n_kv, group*T, d]
+        grouped = q_b.reshape(n_kv, n_q // n_kv * length, d)
+        scores = (grouped @ keys.transpose(1, 2)).reshape(n_q, length, -1) * d ** -0.5  # [n_q, T, start+T]
         future = torch.arange(start + length, device=x.device)[None, :] > positions[:, None]
         scores = scores.masked_fill(future, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-        outputs.append((probs @ values).transpose(0, 1).reshape(length, n_q * d))
+        attended_b = (probs.reshape(n_kv, -1, start + length) @ values).reshape(n_q, length, d)
+        outputs.append(attended_b.transpose(0, 1).reshape(length, n_q * d))
     attended = torch.stack(outputs) * torch.sigmoid(gate)
     return linear(attended, w[prefix + "attn_output.weight"])

@@ -7,15 +7,15 @@ tied). Stored tensors: matrices keep their source dtype, or are affine-quantized
 A_log and dt_bias are stored F32; zero-centred HF norms are stored as their effective multiplier 1 + w.
 The multi-token-prediction head (`mtp.*`) and vision tower are skipped; their counts go to `source.skipped`."""
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from gdsllm_core.convert import ConvertOptions
+from gdsllm_core.convert import ConvertOptions, read_json
 from gdsllm_core.errors import ConversionError, UnsupportedQuantError
 from gdsllm_core.layout.manifest import TokenizerInfo
+from gdsllm_core.layout.qtypes import FLOAT_QTYPES
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.names import TensorSpec, dense_specs, expert_specs, global_specs
@@ -24,7 +24,6 @@ from gdsllm_qwen_moe.source import CheckpointSource, Plan, is_checkpoint
 ARCHITECTURE = "qwen3_5_moe"
 DEFAULT_GROUP_SIZE = 64
 ROUTER_BITS = 8  # like mlx_lm's predicate: the router and shared-expert gate stay at 8 bits
-_TORCH_QTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _FLOAT_TARGETS = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
 
@@ -106,7 +105,9 @@ class QwenMoeConverter:
         spec, name = plan.spec, stored_name(plan.spec)
         if plan.scales is not None:  # already affine: stored exactly as MLX wrote it
             if spec.kind not in ("linear", "router", "embedding"):
-                raise ConversionError(f"tensor {plan.weight.key} ({spec.kind}) is quantized; only matrices may be")
+                raise ConversionError(f"tensor {plan.weight.key} ({spec.kind}) is quantized; only matrices may be",
+                                      "quantize the checkpoint with mlx_lm.convert, which keeps norms and vectors "
+                                      "in float")
             return affine_entries(name, checkpoint.read(plan.weight), checkpoint.read(plan.scales),
                                   checkpoint.read(plan.biases), plan.bits, plan.group_size, spec.shape[-1])
         data = checkpoint.read(plan.weight)
@@ -124,10 +125,10 @@ class QwenMoeConverter:
             return affine_entries(name, packed, scales, biases, width, group_size, spec.shape[-1])
         if cast is not None:
             data = data.to(cast)
-        if data.dtype not in _TORCH_QTYPES:
+        if data.dtype not in FLOAT_QTYPES:
             raise UnsupportedQuantError(f"tensor {plan.weight.key} has dtype {data.dtype}",
                                         "gdsllm reads float32, bfloat16 and float16 matrices")
-        return [(name, _TORCH_QTYPES[data.dtype], list(spec.shape), data.reshape(spec.shape))]
+        return [(name, FLOAT_QTYPES[data.dtype], list(spec.shape), data.reshape(spec.shape))]
 
 
 def affine_entries(name: str, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
@@ -137,19 +138,19 @@ def affine_entries(name: str, packed: torch.Tensor, scales: torch.Tensor, biases
     if packed.dtype == torch.int32:
         packed = packed.view(torch.uint32)
     extra = {"affine": {"bits": bits, "group_size": group_size, "cols": cols}}
-    scale_type = _TORCH_QTYPES.get(scales.dtype)
+    scale_type = FLOAT_QTYPES.get(scales.dtype)
     if scale_type is None:
         raise UnsupportedQuantError(f"tensor {stem}.scales has dtype {scales.dtype}", "expected float32/16 or bf16")
     return [(name, "U32", list(packed.shape), packed.contiguous(), extra),
             (stem + ".scales", scale_type, list(scales.shape), scales.contiguous()),
-            (stem + ".biases", _TORCH_QTYPES[biases.dtype], list(biases.shape), biases.to(scales.dtype).contiguous())]
+            (stem + ".biases", scale_type, list(biases.shape), biases.to(scales.dtype).contiguous())]
 
 
 def eos_ids(folder: Path, from_config: list[int]) -> list[int]:
     """End-of-sequence ids: generation_config.json's (Qwen lists <|im_end|> and <|endoftext|>), else config.json's."""
     path = folder / "generation_config.json"
     if path.is_file():
-        found = json.loads(path.read_text()).get("eos_token_id")
+        found = read_json(path).get("eos_token_id")
         if found is not None:
             return [found] if isinstance(found, int) else list(found)
     return from_config
@@ -164,6 +165,6 @@ def read_tokenizer(folder: Path, eos_ids: list[int]) -> tuple[TokenizerInfo, dic
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
     elif (folder / "tokenizer_config.json").is_file():
-        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+        template = read_json(folder / "tokenizer_config.json").get("chat_template")
     return (TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos_ids, chat_template=template),
             {"tokenizer.json": path.read_bytes()})

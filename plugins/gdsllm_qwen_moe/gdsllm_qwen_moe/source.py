@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from gdsllm_core.convert import read_json
 from gdsllm_core.errors import ConversionError, UnsupportedQuantError
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.config import MODEL_TYPES, QwenMoeConfig
@@ -74,7 +75,7 @@ class CheckpointSource:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.raw_config = json.loads((self.folder / "config.json").read_text())
+        self.raw_config = read_json(self.folder / "config.json")
         self.config = QwenMoeConfig.from_hf(self.raw_config)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:

@@ -88,3 +88,19 @@ def test_affine_linear_equals_mlx_quantized_matmul(block_values, monkeypatch):
                                   torch.from_numpy(np.array(biases)), bits=6, group_size=32)
     ours = weights.linear(torch.from_numpy(x), weight).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_biases_of_another_float_type_are_stored_as_the_scales(tmp_path):
+    """A checkpoint whose biases are float32 beside bfloat16 scales: the biases are cast to bfloat16 and the
+    manifest records them as BF16 (so their byte count matches their type)."""
+    from gdsllm_qwen_moe.convert import affine_entries
+
+    from gdsllm_core.layout import ModelWriter
+
+    packed, scales, biases = affine.quantize(torch.randn(8, 128), 4, 64)
+    scales, biases = scales.to(torch.bfloat16), biases.float()
+    with ModelWriter(tmp_path, "m") as writer:
+        extent = writer.add_extent("blk.0", affine_entries("blk.0.w.weight", packed, scales, biases, 4, 64, 128))
+        writer.abort()
+    stored = {t.name: t for t in extent.tensors}["blk.0.w.biases"]
+    assert stored.qtype == "BF16" and stored.nbytes == biases.numel() * 2

@@ -96,3 +96,9 @@ def test_group_size_that_does_not_divide_a_row(hf_checkpoints, tmp_path, registe
     # shared_expert_intermediate_size 48 is not a multiple of 32: name the tensor, suggest another group size
     assert_refused(hf_checkpoints["per_expert"], tmp_path / "store", ConversionError,
                    "model.layers.0.mlp.shared_expert.down_proj.weight", "group size 32", quant="affine4", group_size=32)
+
+
+def test_unreadable_side_file(hf_checkpoints, tmp_path, registered_plugin):
+    source = edited_copy(hf_checkpoints["per_expert"], tmp_path / "ckpt")
+    (source / "generation_config.json").write_text('{"eos_token_id": ')  # cut short, as an interrupted download
+    assert_refused(source, tmp_path / "store", ConversionError, "generation_config.json", "re-download")
