@@ -283,6 +283,9 @@ def _ceiling_fractions(result: dict) -> None:
     for ceiling in ("gpu_bandwidth_gbps", "host_bandwidth_gbps"):
         if ceiling in result:
             result[f"tg_fraction_of_{ceiling.removesuffix('_gbps')}"] = result["tg_effective_gbps"] / result[ceiling]
+    if "host_bandwidth_gbps" in result and "dequantized_bytes" in result:  # the CPU LLaMA path reads fp32 copies
+        result["tg_fp32_gbps"] = result["dequantized_bytes"] * result["tg"] / result["tg_s"] / 1e9
+        result["tg_fp32_fraction_of_host_bandwidth"] = result["tg_fp32_gbps"] / result["host_bandwidth_gbps"]
     if "storage" not in result:
         return
     gbps = result["storage"]["gbps"]
@@ -331,6 +334,10 @@ def format_report(result: dict) -> list[tuple[str, str]]:
         rows.append(("host memory bandwidth (torch copy, same run)", f"{result['host_bandwidth_gbps']:,.1f} GB/s"))
         rows.append(("decode effective bandwidth (stored bytes)", f"{result['tg_effective_gbps']:,.2f} GB/s = "
                      f"{result['tg_fraction_of_host_bandwidth']:.1%} of the host ceiling"))
+        if "tg_fp32_gbps" in result:
+            rows.append(("decode fp32 weight bandwidth", f"{result['tg_fp32_gbps']:,.2f} GB/s = "
+                         f"{result['tg_fp32_fraction_of_host_bandwidth']:.1%} of the host ceiling (output head not "
+                         "counted)"))
     if "storage" in result:
         storage = result["storage"]
         how = "O_DIRECT" if storage["o_direct"] else f"{storage['backend']} backend, buffered"

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from gdsllm_core import registry
 from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.store import ModelEntry, ModelStore, check_name
+from gdsllm_core.layout.store import ModelEntry, ModelStore, check_name, safe_name
 from gdsllm_core.layout.writer import ModelWriter
 
 
@@ -40,7 +40,7 @@ class Converter(Protocol):
 
     @staticmethod
     def default_name(path: Path) -> str:
-        """The model name to use when the user gives none."""
+        """The model name to use when the user gives none (the core makes it a safe name)."""
 
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
         """Write every extent through `writer` and end with `writer.finish(...)`."""
@@ -53,7 +53,7 @@ def convert(source: Path, store: ModelStore, name: str | None = None, options: C
     if not source.exists():
         raise ConversionError(f"{source} does not exist", "give a GGUF file or a folder with config.json")
     converter_cls = registry.get_converter(registry.detect_converter(source))
-    name = check_name(name or converter_cls.default_name(source))
+    name = check_name(name or safe_name(converter_cls.default_name(source)))
     with ModelWriter(store.root, name, overwrite=overwrite) as writer:
         converter_cls().convert(source, writer, options or ConvertOptions())
     return store.get(name)

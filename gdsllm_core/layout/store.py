@@ -35,6 +35,12 @@ def is_valid_name(name: str) -> bool:
     return bool(NAME_PATTERN.match(name)) and ".." not in name
 
 
+def safe_name(text: str, fallback: str = "model") -> str:
+    """`text` (a file or folder name) made into a valid model name: lower case, other characters as '-'."""
+    name = re.sub(r"[^a-z0-9._:+-]", "-", text.lower()).lstrip("._:+-")
+    return name if is_valid_name(name) else fallback
+
+
 def check_name(name: str) -> str:
     """`name` if it is a valid model name (see `is_valid_name`), else BadRequestError."""
     if not is_valid_name(name):

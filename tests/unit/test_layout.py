@@ -7,7 +7,7 @@ import pytest
 
 from gdsllm_core.errors import BadRequestError, ConversionError, CorruptModelError, ModelNotFoundError
 from gdsllm_core.layout import ALIGNMENT, ModelStore, ModelWriter, TokenizerInfo
-from gdsllm_core.layout.store import verify
+from gdsllm_core.layout.store import safe_name, verify
 
 TOKENIZER = TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=[2])
 
@@ -99,3 +99,11 @@ def test_existing_model_is_not_overwritten(tmp_path):
     write_model(tmp_path)
     with pytest.raises(ConversionError, match="already exists"):
         ModelWriter(tmp_path, "tiny")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("SmolLM2-135M-Instruct.Q4_1", "smollm2-135m-instruct.q4_1"),
+                                                ("My Llama (v2)", "my-llama--v2-"), ("..", "model"),
+                                                ("Qwen3.5-MoE", "qwen3.5-moe")])
+def test_default_names_are_made_safe(text, expected):
+    assert safe_name(text) == expected
+    ModelStore().path(expected)  # a valid name, or this raises

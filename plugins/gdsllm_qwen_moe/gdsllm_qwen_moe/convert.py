@@ -73,7 +73,7 @@ class QwenMoeConverter:
 
     @staticmethod
     def default_name(path: Path) -> str:
-        return re.sub(r"[^A-Za-z0-9._:+-]", "-", Path(path).resolve().name.lower()) or "qwen3.5-moe"
+        return Path(path).resolve().name
 
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
         bits, cast, group_size = parse_quant(options)
