@@ -10,7 +10,7 @@ import anyio
 from litestar.types import Receive
 
 from gdsllm_core.errors import ModelNotFoundError
-from gdsllm_core.layout.store import NAME_PATTERN, ModelEntry, ModelStore, is_valid_name
+from gdsllm_core.layout.store import ModelEntry, ModelStore, is_valid_name
 from gdsllm_core.types import GenerateRequest, TokenEvent
 
 
@@ -42,7 +42,7 @@ def resolve_model(store: ModelStore, name: str, default: str | None) -> str:
     if not name:
         return default or ""
     bare = name.removesuffix(":latest")
-    if bare != name and NAME_PATTERN.match(name) and not store.exists(name) and store.exists(bare):
+    if bare != name and is_valid_name(name) and not store.exists(name) and store.exists(bare):
         return bare
     return name
 
