@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from gdsllm_core.convert import ConvertOptions, read_json
+from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer, token_ids
 from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.manifest import TokenizerInfo
 from gdsllm_core.layout.qtypes import FLOAT_QTYPES
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.quant.quantize import QUANTIZABLE, block_values, quantize
@@ -43,44 +43,6 @@ def shard_files(folder: Path) -> dict[str, Path]:
         with safe_open(file, framework="pt") as handle:
             located.update({name: file for name in handle.keys()})
     return located
-
-
-def _tokenizer(folder: Path, config: dict) -> tuple[TokenizerInfo, dict[str, bytes]]:
-    """The folder's tokenizer as it is (tokenizer.json preferred, else tokenizer.model), minus any BOS-adding
-    post-processor (the engine adds BOS when `add_bos` says so)."""
-    tok_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    generation = read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
-    eos = generation.get("eos_token_id", config.get("eos_token_id"))
-    eos_ids = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
-    bos_id = config.get("bos_token_id", generation.get("bos_token_id"))
-    template = tok_config.get("chat_template")
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text()
-    add_bos = tok_config.get("add_bos_token")
-    if (folder / "tokenizer.json").is_file():
-        data = read_json(folder / "tokenizer.json")
-        post = data.get("post_processor")
-        adds_bos = bos_id is not None and _template_adds_bos(post)
-        data["post_processor"] = None
-        kind, file, payload = "hf", "tokenizer.json", json.dumps(data, ensure_ascii=False).encode()
-        add_bos = adds_bos if add_bos is None else add_bos
-    elif (folder / "tokenizer.model").is_file():
-        kind, file, payload = "sentencepiece", "tokenizer.model", (folder / "tokenizer.model").read_bytes()
-        add_bos = True if add_bos is None else add_bos
-    else:  # weights only (e.g. a test model): the engine reports the missing tokenizer when it loads the model
-        return TokenizerInfo(kind="none", file="", bos_id=bos_id, eos_ids=eos_ids, chat_template=template), {}
-    info = TokenizerInfo(kind=kind, file=file, bos_id=bos_id, eos_ids=eos_ids, add_bos=bool(add_bos),
-                         chat_template=template)
-    return info, {file: payload}
-
-
-def _template_adds_bos(post: dict | None) -> bool:
-    if not post:
-        return False
-    if post.get("type") == "Sequence":
-        return any(_template_adds_bos(p) for p in post.get("processors", []))
-    single = post.get("single") if post.get("type") == "TemplateProcessing" else None
-    return bool(single) and "SpecialToken" in single[0]
 
 
 class HfSafetensorsConverter:
@@ -117,7 +79,8 @@ class HfSafetensorsConverter:
         if config.tied_embeddings:
             names.pop("output.weight", None)
         groups = LlamaLayout.group(names, config.n_layers, config.tied_embeddings)
-        tokenizer, files = _tokenizer(source, raw_config)
+        tokenizer, files = read_hf_tokenizer(source, token_ids(raw_config.get("eos_token_id")),
+                                              raw_config.get("bos_token_id"))
         handles = {}
         seen_dtypes: set[str] = set()
         total, done = len(names), 0

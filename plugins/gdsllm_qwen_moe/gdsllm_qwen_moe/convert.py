@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from gdsllm_core.convert import ConvertOptions, read_json
+from gdsllm_core.convert import ConvertOptions
+from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer
 from gdsllm_core.errors import ConversionError, UnsupportedQuantError
-from gdsllm_core.layout.manifest import TokenizerInfo
 from gdsllm_core.layout.qtypes import FLOAT_QTYPES
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_qwen_moe import affine
@@ -91,7 +91,7 @@ class QwenMoeConverter:
                 writer.add_extent(extent_name, tensors)
                 if options.progress:
                     options.progress(extent_name, done, total)
-            tokenizer, files = read_tokenizer(Path(source), eos_ids(Path(source), config.eos_token_ids))
+            tokenizer, files = read_hf_tokenizer(Path(source), config.eos_token_ids, bos_id=None)
             quant = (f"affine{bits}-g{group_size}" if bits else "mlx-affine" if checkpoint.quantization
                      else options.quant.lower() if cast else checkpoint.dtype(plans[0][1][0].weight.key).lower())
             writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
@@ -145,26 +145,3 @@ def affine_entries(name: str, packed: torch.Tensor, scales: torch.Tensor, biases
             (stem + ".scales", scale_type, list(scales.shape), scales.contiguous()),
             (stem + ".biases", scale_type, list(biases.shape), biases.to(scales.dtype).contiguous())]
 
-
-def eos_ids(folder: Path, from_config: list[int]) -> list[int]:
-    """End-of-sequence ids: generation_config.json's (Qwen lists <|im_end|> and <|endoftext|>), else config.json's."""
-    path = folder / "generation_config.json"
-    if path.is_file():
-        found = read_json(path).get("eos_token_id")
-        if found is not None:
-            return [found] if isinstance(found, int) else list(found)
-    return from_config
-
-
-def read_tokenizer(folder: Path, eos_ids: list[int]) -> tuple[TokenizerInfo, dict[str, bytes]]:
-    """tokenizer.json (+ chat template) when the checkpoint ships one; else a "none" tokenizer (weights only)."""
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return TokenizerInfo(kind="none", file="", eos_ids=eos_ids), {}
-    template = None
-    if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text()
-    elif (folder / "tokenizer_config.json").is_file():
-        template = read_json(folder / "tokenizer_config.json").get("chat_template")
-    return (TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos_ids, chat_template=template),
-            {"tokenizer.json": path.read_bytes()})
