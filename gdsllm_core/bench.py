@@ -110,6 +110,17 @@ def weight_bytes_per_token(entry: ModelEntry) -> int:
     return sum(e.nbytes for e in entry.manifest.extents if e.name != "token_embd")
 
 
+def _weight_bytes_per_step(entry: ModelEntry, run: dict, tg: int) -> float:
+    """Weight bytes one decode step of `run` reads, whatever the batch: every extent but the embeddings; for an MoE
+    the dense part plus the experts the step used (the union over the batch: cache hits and misses)."""
+    experts = [e.nbytes for e in entry.manifest.extents if ".expert." in e.name]
+    if not experts or "tg_expert_cache" not in run:
+        return weight_bytes_per_token(entry)
+    dense = sum(e.nbytes for e in entry.manifest.extents if e.name != "token_embd" and ".expert." not in e.name)
+    used = run["tg_expert_cache"]["hits"] + run["tg_expert_cache"]["misses"]
+    return dense + used / tg * sum(experts) / len(experts)
+
+
 def prompt_tokens(vocab_size: int, pp: int, n: int, seed: int = 0) -> list[torch.Tensor]:
     """The bench's `n` prompts: random token ids [pp] each, drawn one after another from one seeded generator
     (so prompt i does not depend on n)."""
@@ -257,16 +268,17 @@ def bench_forward(forward, entry: ModelEntry, pp: int, tg: int, batches: tuple[i
     raw = [bench_batch(forward, prompts[:n], tg) for n in batches]
     after = dict(forward.stats())
     runs = [_batch_figures(run, tg) for run in raw]
-    per_step = weight_bytes_per_token(entry)  # weights are read once per decode step, whatever the batch
     single = next((run for run in runs if run["batch"] == 1), None)
     for run in runs:
-        run["tg_effective_gbps"] = per_step * run["tg_tok_s_per_sequence"] / 1e9
+        run["weight_bytes_per_step"] = _weight_bytes_per_step(entry, run, tg)
+        run["tg_effective_gbps"] = run["weight_bytes_per_step"] * run["tg_tok_s_per_sequence"] / 1e9
         if single is not None:
             run["tg_speedup_vs_batch1"] = run["tg_tok_s"] / single["tg_tok_s"]
     first = runs[0]
     result = {"batch": first["batch"], "pp_s": first["pp_s"], "tg_s": first["tg_s"],
               "pp_tok_s": first["pp_tok_s"], "tg_tok_s": first["tg_tok_s"], **_phase_figures(raw[0], tg),
-              "weight_bytes_per_token": per_step, "tg_effective_gbps": first["tg_effective_gbps"], "batches": runs}
+              "weight_bytes_per_token": first["weight_bytes_per_step"],  # per step: a token at batch 1
+              "tg_effective_gbps": first["tg_effective_gbps"], "batches": runs}
     result["placement"] = {"layers": after.get("layers"), "tiers_bytes": after.get("tiers"),
                            "backend": after.get("backend"), "cuda_graphs": after.get("cuda_graphs"),
                            "repacked_bytes": after.get("repacked_bytes", 0)}
@@ -315,16 +327,16 @@ def format_report(result: dict) -> list[tuple[str, str]]:
     """(figure, value) rows for the console."""
     placement = result["placement"]
     where = placement["layers"] if placement["layers"] is not None else {
-        tier: f"{nbytes / 1e6:,.1f} MB" for tier, nbytes in (placement["tiers_bytes"] or {}).items()}
+        tier: _size(nbytes) for tier, nbytes in (placement["tiers_bytes"] or {}).items()}
     rows = [("model", result["model"]), ("device", result["device"]),
             ("placement", f"{where} via {placement['backend']}"),
             (f"pp{result['pp']}" + (f" x {result['batch']} sequences" if result["batch"] > 1 else ""),
              f"{result['pp_tok_s']:,.1f} tok/s"),
             (f"tg{result['tg']}" + (f" x {result['batch']} sequences" if result["batch"] > 1 else ""),
              f"{result['tg_tok_s']:,.2f} tok/s ({result['tg_s'] / result['tg'] * 1e3:.2f} ms/step)"),
-            ("weights read per step", f"{result['weight_bytes_per_token'] / 1e9:.3f} GB (stored)")]
+            ("weights read per step", f"{_size(result['weight_bytes_per_token'])} (stored)")]
     if "dequantized_bytes" in result:
-        rows.append(("CPU fp32 weights resident", f"{result['dequantized_bytes'] / 1e9:.3f} GB (what a CPU step "
+        rows.append(("CPU fp32 weights resident", f"{_size(result['dequantized_bytes'])} (what a CPU step "
                                                   "reads from RAM, beside the output head)"))
     if "gpu_bandwidth_gbps" in result:
         rows.append(("GPU memory bandwidth (copy, same run)", f"{result['gpu_bandwidth_gbps']:,.0f} GB/s"))
@@ -345,8 +357,8 @@ def format_report(result: dict) -> list[tuple[str, str]]:
     for phase in ("pp", "tg"):
         if result[f"{phase}_streamed_gbps"]:
             rows.append((f"{phase} streamed", f"{result[f'{phase}_streamed_gbps']:.2f} GB/s "
-                         f"(host {result[f'{phase}_host_bytes_per_token'] / 1e9:.2f} GB, storage "
-                         f"{result[f'{phase}_storage_bytes_per_token'] / 1e9:.2f} GB per token; I/O wait "
+                         f"(host {_size(result[f'{phase}_host_bytes_per_token'])}, storage "
+                         f"{_size(result[f'{phase}_storage_bytes_per_token'])} per token; I/O wait "
                          f"{result[f'{phase}_io_wait_s']:.2f} s)"))
     if "tg_s_per_token_over_floor" in result:
         rows.append(("decode s/token vs storage floor", f"{result['tg_s'] / result['tg']:.3f} s vs "
@@ -357,19 +369,27 @@ def format_report(result: dict) -> list[tuple[str, str]]:
             rows.append((f"decode batch {run['batch']}",
                          f"{run['tg_tok_s']:,.2f} tok/s aggregate ({run['decoded_tokens']} tokens), "
                          f"{run['tg_tok_s_per_sequence']:,.2f} tok/s per sequence{speedup}; "
-                         f"{run['tg_moved_bytes_per_step'] / 1e6:,.3f} MB moved per step"))
+                         f"{_size(run['tg_moved_bytes_per_step'])} moved per step"))
     for run in result["batches"]:
         experts = run.get("tg_expert_cache")
         if experts is not None:
             rows.append((f"experts, decode batch {run['batch']}",
                          f"hits {experts['hits']}, misses {experts['misses']}, hit rate {experts['hit_rate']:.1%}, "
-                         f"{experts['bytes_read_per_token'] / 1e6:,.3f} MB read per token "
-                         f"({experts['bytes_read_per_step'] / 1e6:,.3f} MB per step)"))
+                         f"{_size(experts['bytes_read_per_token'])} read per token "
+                         f"({_size(experts['bytes_read_per_step'])} per step)"))
     if "expert_cache" in result:
         host, storage = result["expert_cache"]["host"], result["expert_cache"]["storage"]
         rows.append(("expert cache, whole run", f"hits {host['hits']}, misses {host['misses']}, hit rate "
                      f"{host['hit_rate']:.1%}, {storage['bytes_read']:,} bytes read in {storage['reads']} reads, "
-                     f"{host['cached_bytes'] / 1e6:,.1f} of {host['budget_bytes'] / 1e6:,.1f} MB cached"))
+                     f"{_size(host['cached_bytes'])} of {_size(host['budget_bytes'])} cached"))
     if "vram_peak_bytes" in result:
         rows.append(("VRAM peak (torch allocator)", f"{result['vram_peak_bytes'] / 2**30:.2f} GiB"))
     return rows
+
+
+def _size(nbytes: float) -> str:
+    """Decimal units, three significant figures: 0 B, 24.6 KB, 1.23 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:.0f} B"

@@ -19,12 +19,14 @@ from gdsllm_core.cli.output import parse_size
 @click.option("--pp", default=512, show_default=True, help="Prompt tokens to process.")
 @click.option("--tg", default=128, show_default=True, help="Tokens to decode.")
 @click.option("--batch", "batch", default="1", show_default=True,
-              help="Sequences decoded together, or a list measured in turn (e.g. 1,8,16: speed-up vs batch 1).")
+              help="Sequences decoded together (N different random prompts of --pp tokens, one decode call per step "
+                   "for all), or a list measured in turn in the same run (e.g. 1,8,16: speed-up vs batch 1).")
 @click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (host memory ceiling instead).")
 @click.option("--vram-budget", help="VRAM for weights, KV cache and scratch (e.g. 8GiB); default: free VRAM - 1 GiB.")
-@click.option("--host-cache", help="Pinned host RAM for layers (e.g. 16GiB, 0 to stream the rest from storage).")
+@click.option("--host-cache", help="Pinned host RAM for layers, or the MoE expert cache (e.g. 16GiB, 0 to stream the "
+                                   "rest from storage).")
 @click.option("--vram-layers", type=int, help="At most this many decoder layers resident in VRAM (like -ngl).")
-@click.option("--no-ceilings", is_flag=True, help="Skip measuring the GPU and storage ceilings.")
+@click.option("--no-ceilings", is_flag=True, help="Skip measuring the memory (GPU or host) and storage ceilings.")
 @click.option("--warm", is_flag=True, help="Do not drop the page cache before reading.")
 @click.option("--no-graphs", is_flag=True, help="Decode without CUDA graphs.")
 @click.option("--no-repack", is_flag=True, help="Keep resident Q4_0/Q8_0 weights in the GGUF layout.")
@@ -78,5 +80,6 @@ def parse_batches(text: str) -> tuple[int, ...]:
     except ValueError:
         sizes = ()
     if not sizes or any(n < 1 for n in sizes):
-        raise BadRequestError(f"--batch {text!r} is not a list of positive integers", "e.g. --batch 8 or --batch 1,8,16")
+        raise BadRequestError(f"--batch {text!r} is not a list of positive integers",
+                              "e.g. --batch 8 or --batch 1,8,16")
     return sizes

@@ -114,6 +114,10 @@ def test_cli_bench_on_cpu_counts_tokens_and_measures_the_ceilings(tiny, monkeypa
     largest = max(entry.manifest.files, key=lambda name: (entry.path / name).stat().st_size)
     assert storage["backend"] == "cpu" and storage["bytes"] == (entry.path / largest).stat().st_size
     assert not storage["o_direct"] and storage["caches"].startswith("warm")
+    table = CliRunner().invoke(cli, ["bench", "tiny", "--device", "cpu", "--pp", str(PP), "--tg", str(TG),
+                                     "--batch", "2", "--no-ceilings"])
+    assert table.exit_code == 0, table.output
+    assert f"pp{PP} x 2 sequences" in table.output and "decode batch 2" in table.output
 
 
 def test_cli_bench_rejects_a_bad_batch_list(tiny, monkeypatch):
@@ -191,8 +195,14 @@ def test_moe_expert_cache_figures_equal_the_forward_counters(tmp_path, registere
     assert (total["host"]["hits"], total["host"]["misses"]) == (counters.hits, counters.misses)
     assert counters.hits > 0 and counters.misses > 0
     assert total["storage"]["bytes_read"] == counters.bytes_read == counters.misses * expert_bytes
+    layers, top_k, n_experts = (entry.manifest.config[k] for k in ("num_hidden_layers", "num_experts_per_tok",
+                                                                    "num_experts"))
     for run in result["batches"]:
         decode = run["tg_expert_cache"]
+        requests = decode["hits"] + decode["misses"]  # experts used: the union over the batch, per layer and step
+        if run["batch"] == 1:
+            assert requests == tg * layers * top_k
+        assert tg * layers * top_k <= requests <= tg * layers * min(n_experts, run["batch"] * top_k)
         assert decode["bytes_read"] == decode["misses"] * expert_bytes
         assert run["tg_storage_bytes_per_step"] == decode["bytes_read"] / tg
         assert decode["hit_rate"] == pytest.approx(decode["hits"] / (decode["hits"] + decode["misses"]))
