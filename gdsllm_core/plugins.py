@@ -53,6 +53,15 @@ def load_plugins() -> None:
     pm.check_pending()
 
 
+def ensure_registered(module, name: str) -> bool:
+    """Register a plugin module (after the entry points) unless it already is; True if this call added it."""
+    load_plugins()
+    if pm.is_registered(module) or pm.get_plugin(name) is not None:
+        return False
+    pm.register(module, name=name)
+    return True
+
+
 def distribution_of(plugin) -> tuple[str, str] | None:
     """(distribution name, version) that provides a loaded plugin module, when known."""
     module_name = getattr(plugin, "__name__", "")

@@ -21,9 +21,7 @@ def llama_plugin():
 
     from gdsllm_core import plugins
 
-    plugins.load_plugins()
-    if not any(p is gdsllm_llama.plugin for p in plugins.pm.get_plugins()):
-        plugins.pm.register(gdsllm_llama.plugin, name="llama")
+    plugins.ensure_registered(gdsllm_llama.plugin, "llama")
 
 
 @pytest.fixture(scope="module")

@@ -98,16 +98,13 @@ def shared_tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 def convert_into(source: Path, root: Path, name: str) -> None:
     """Convert in this process (registering the LLaMA plugin itself where entry points are off in tests)."""
+    import gdsllm_llama.plugin
+
     from gdsllm_core import plugins
     from gdsllm_core.convert import convert
     from gdsllm_core.layout.store import ModelStore
 
-    plugins.load_plugins()
-    if not any(plugins.pm.get_name(p) == "llama" or getattr(p, "__name__", "") == "gdsllm_llama.plugin"
-               for p in plugins.pm.get_plugins()):
-        import gdsllm_llama.plugin
-
-        plugins.pm.register(gdsllm_llama.plugin, name="llama")
+    plugins.ensure_registered(gdsllm_llama.plugin, "llama")
     convert(source, ModelStore(root), name=name)
 
 

@@ -10,9 +10,7 @@ def _llama_plugin_registered():
     """Make sure the plugin is registered even when entry points are off in tests."""
     import gdsllm_llama.plugin
 
-    plugins.load_plugins()
-    if not any(p is gdsllm_llama.plugin for p in plugins.pm.get_plugins()):
-        plugins.pm.register(gdsllm_llama.plugin, name="llama")
+    plugins.ensure_registered(gdsllm_llama.plugin, "llama")
     yield
 
 

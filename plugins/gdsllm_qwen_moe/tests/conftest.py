@@ -34,10 +34,7 @@ def converted(hf_checkpoints, tmp_path_factory) -> dict[str, ModelEntry]:
 @pytest.fixture
 def registered_plugin():
     """Make sure this plugin is registered with the plugin manager (entry points may be off in tests)."""
-    plugins.load_plugins()
-    added = plugins.pm.get_plugin("qwen_moe") is None and not plugins.pm.is_registered(qwen_plugin)
-    if added:
-        plugins.pm.register(qwen_plugin, name="qwen_moe")
+    added = plugins.ensure_registered(qwen_plugin, "qwen_moe")
     try:
         yield
     finally:
