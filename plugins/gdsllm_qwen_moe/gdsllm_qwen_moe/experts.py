@@ -5,8 +5,9 @@ decode, the prompt chunk in prefill) are fetched, the cache misses in one batche
 experts live in host RAM under a byte budget; eviction drops the expert requested least often (ties: least recently
 used), so frequently routed experts stay. Statistics: hits, misses, bytes read from storage, evictions."""
 
+import heapq
+import itertools
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +61,10 @@ class ExpertCache:
         self.extents = {e.name: e for e in manifest.extents if ".expert." in e.name}
         self.budget_bytes = budget_bytes
         self.cached_bytes = 0
-        self._entries: OrderedDict[str, tuple[dict[str, Weight], torch.Tensor]] = OrderedDict()  # LRU first
+        self._entries: dict[str, tuple[dict[str, Weight], torch.Tensor]] = {}
+        self._rank: dict[str, tuple[int, int]] = {}  # cached expert -> (frequency, last use): lowest is evicted first
+        self._heap: list[tuple[int, int, str]] = []  # ranks, some stale (skipped when popped)
+        self._clock = itertools.count()
         self._in_use: list[torch.Tensor] = []  # buffers of the last step's uncached experts
         self._free: dict[int, list[torch.Tensor]] = {}  # nbytes -> reusable buffers
         self.frequency: dict[str, int] = {}
@@ -76,7 +80,7 @@ class ExpertCache:
         for expert, name in names.items():
             self.frequency[name] = self.frequency.get(name, 0) + 1
             if name in self._entries:
-                self._entries.move_to_end(name)
+                self._set_rank(name)
                 found[expert] = self._entries[name][0]
             else:
                 missing.append(expert)
@@ -120,19 +124,44 @@ class ExpertCache:
         if nbytes > self.budget_bytes:
             return False
         while self.cached_bytes + nbytes > self.budget_bytes:
-            victims = [n for n in self._entries if n not in keep]
-            if not victims:
+            victim = self._coldest(keep)
+            if victim is None:
                 return False
-            victim = min(victims, key=lambda n: self.frequency[n])  # ties: the least recently used (first)
             if self.frequency[victim] > self.frequency[name]:
                 return False  # the newcomer is the rarer one: do not displace a hotter expert
             _, victim_buffer = self._entries.pop(victim)
+            del self._rank[victim]
             self._release([victim_buffer])
             self.cached_bytes -= victim_buffer.numel()
             self.stats.evictions += 1
         self._entries[name] = (weights, buffer)
+        self._set_rank(name)
         self.cached_bytes += nbytes
         return True
+
+    def _set_rank(self, name: str) -> None:
+        """A cached expert was just used: (frequency, now) is its new rank."""
+        rank = self._rank[name] = (self.frequency[name], next(self._clock))
+        heapq.heappush(self._heap, (*rank, name))
+        if len(self._heap) > 4 * len(self._rank) + 64:  # drop stale ranks now and then
+            self._heap = [(*r, n) for n, r in self._rank.items()]
+            heapq.heapify(self._heap)
+
+    def _coldest(self, keep: set[str]) -> str | None:
+        """The cached expert to evict first (least frequently used, then least recently), not one in `keep`."""
+        held, victim = [], None
+        while self._heap:
+            frequency, last_use, name = self._heap[0]
+            if self._rank.get(name) != (frequency, last_use):
+                heapq.heappop(self._heap)  # stale: evicted, or used again since
+            elif name in keep:
+                held.append(heapq.heappop(self._heap))
+            else:
+                victim = name
+                break
+        for item in held:
+            heapq.heappush(self._heap, item)
+        return victim
 
     def cached_names(self) -> set[str]:
         return set(self._entries)

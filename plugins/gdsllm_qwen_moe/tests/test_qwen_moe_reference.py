@@ -145,6 +145,42 @@ def test_cache_evicts_the_least_frequently_used_expert(converted):
     forward.close()
 
 
+def test_cache_follows_a_brute_force_lfu_on_a_random_trace(converted):
+    """Over a skewed random trace the cache holds exactly what a brute-force LFU (ties: least recently used; a
+    newcomer never displaces a hotter expert; experts of the current step stay) would hold."""
+    entry = converted["per_expert"]
+    expert_bytes = entry.manifest.extent("blk.0.expert.0").nbytes
+    forward = QwenMoeForward(entry, LoadOptions(host_cache=0))
+    cache = ExpertCache(forward.reader, entry.manifest, budget_bytes=3 * expert_bytes)
+    rng = torch.Generator().manual_seed(0)
+    weights = 1.0 / torch.arange(1, 9, dtype=torch.float64) ** 1.2
+    frequency, last_use, cached, clock = {}, {}, [], 0
+    for _ in range(60):
+        step = torch.multinomial(weights, 2, generator=rng).tolist()
+        cache.get(0, step)
+        names = [f"blk.0.expert.{e}" for e in step]
+        for name in names:
+            frequency[name] = frequency.get(name, 0) + 1
+            clock += 1
+            if name in cached:
+                last_use[name] = clock
+        for name in names:
+            if name in cached:
+                continue
+            while len(cached) >= 3:
+                others = [n for n in cached if n not in names]
+                victim = min(others, key=lambda n: (frequency[n], last_use[n])) if others else None
+                if victim is None or frequency[victim] > frequency[name]:
+                    break
+                cached.remove(victim)
+            if len(cached) < 3:
+                cached.append(name)
+                clock += 1
+                last_use[name] = clock
+        assert cache.cached_names() == set(cached)
+    forward.close()
+
+
 def test_multimodal_bf16_checkpoint_with_mtp(hf_model, tmp_path):
     """`model.language_model.*` names, a text_config, bf16 weights, vision and mtp tensors (skipped)."""
     state = {("lm_head.weight" if k == "lm_head.weight" else "model.language_model." + k.removeprefix("model.")):
