@@ -139,7 +139,8 @@ def select_safetensors(files: list[str], index: dict | None, repo_id: str) -> li
         weights = sorted(set(index.get("weight_map", {}).values()))
         missing = [name for name in weights if name not in files]
         if missing:
-            raise DownloadError(f"{repo_id}'s {SAFETENSORS_INDEX} names files the repo does not have: {missing[:3]}")
+            raise DownloadError(f"{repo_id}'s {SAFETENSORS_INDEX} names files the repo does not have: {missing[:3]}",
+                                "the repo is incomplete: pull another revision or report it to the repo's owner")
     else:
         weights = sorted(name for name in root_files if name.endswith(".safetensors"))
     if not weights:
