@@ -142,8 +142,12 @@ def _expert_delta(before: dict, after: dict) -> dict | None:
     start, stop = before["expert_cache"], after["expert_cache"]
     hits = stop["host"]["hits"] - start["host"]["hits"]
     misses = stop["host"]["misses"] - start["host"]["misses"]
-    return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "bytes_read": stop["storage"]["bytes_read"] - start["storage"]["bytes_read"]}
+    delta = {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+             "bytes_read": stop["storage"]["bytes_read"] - start["storage"]["bytes_read"]}
+    if "prefetch" in stop:  # next-layer read-ahead (its bytes are part of bytes_read)
+        delta["prefetch"] = {k: stop["prefetch"][k] - start["prefetch"][k]
+                             for k in ("prefetched", "hits", "waste", "bytes_read", "sync_misses")}
+    return delta
 
 
 def bench_batch(forward, prompts: list[torch.Tensor], tg: int) -> dict:
@@ -377,14 +381,24 @@ def format_report(result: dict) -> list[tuple[str, str]]:
                          f"hits {experts['hits']}, misses {experts['misses']}, hit rate {experts['hit_rate']:.1%}, "
                          f"{_size(experts['bytes_read_per_token'])} read per token "
                          f"({_size(experts['bytes_read_per_step'])} per step)"))
+            if experts.get("prefetch", {}).get("prefetched"):
+                rows.append((f"expert read-ahead, decode batch {run['batch']}", _prefetch_text(experts["prefetch"])))
     if "expert_cache" in result:
         host, storage = result["expert_cache"]["host"], result["expert_cache"]["storage"]
         rows.append(("expert cache, whole run", f"hits {host['hits']}, misses {host['misses']}, hit rate "
                      f"{host['hit_rate']:.1%}, {storage['bytes_read']:,} bytes read in {storage['reads']} reads, "
                      f"{_size(host['cached_bytes'])} of {_size(host['budget_bytes'])} cached"))
+        if result["expert_cache"].get("prefetch", {}).get("prefetched"):
+            rows.append(("expert read-ahead, whole run", _prefetch_text(result["expert_cache"]["prefetch"])))
     if "vram_peak_bytes" in result:
         rows.append(("VRAM peak (torch allocator)", f"{result['vram_peak_bytes'] / 2**30:.2f} GiB"))
     return rows
+
+
+def _prefetch_text(ahead: dict) -> str:
+    """One line on next-layer expert read-ahead: what it read, what was used, what the misses still read."""
+    return (f"{ahead['prefetched']} experts read ahead ({_size(ahead['bytes_read'])}): {ahead['hits']} used, "
+            f"{ahead['waste']} wasted; {ahead['sync_misses']} misses read synchronously")
 
 
 def _size(nbytes: float) -> str:

@@ -31,9 +31,10 @@ from gdsllm_core.cli.output import parse_size
 @click.option("--no-graphs", is_flag=True, help="Decode without CUDA graphs.")
 @click.option("--no-repack", is_flag=True, help="Keep resident Q4_0/Q8_0 weights in the GGUF layout.")
 @click.option("--fast-gemv", is_flag=True, help="Q4_0 decode sums products in fp16 first (overflows past ~1000).")
+@click.option("--prefetch", is_flag=True, help="MoE: read the next layer's likely experts ahead (expert_prefetch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram_layers, no_ceilings, warm, no_graphs,
-          no_repack, fast_gemv, as_json):
+          no_repack, fast_gemv, prefetch, as_json):
     """Measure prompt processing (pp) and decode (tg) tok/s of MODEL, batched decode with --batch."""
     from gdsllm_core.bench import format_report, run_bench
     from gdsllm_core.engine.forward import LoadOptions
@@ -47,6 +48,8 @@ def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram
     extra = {"cuda_graphs": not no_graphs, "repack": not no_repack, "fast_gemv": fast_gemv}
     if vram_layers is not None:
         extra["max_vram_layers"] = vram_layers
+    if prefetch:
+        extra["expert_prefetch"] = True
     options = LoadOptions(device=device, vram_budget=parse_size(vram_budget) if vram_budget else None,
                           host_cache=parse_size(host_cache) if host_cache is not None else None,
                           max_context=pp + tg + 16, extra=extra)

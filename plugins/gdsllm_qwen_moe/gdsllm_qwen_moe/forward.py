@@ -9,7 +9,9 @@ extent resident, so this plugin drives `ExtentReader` itself.)
 
 `LoadOptions.extra`: "dtype" (activations: "float32", the default, or "bfloat16"), "dequantize_dense" (dequantize
 the resident affine matrices once at load instead of at each use: default on CUDA), "prefill_chunk" (prompt tokens
-per pass, default 512)."""
+per pass, default 512), "expert_prefetch" (default off: read ahead the next layer's likely experts; see
+`_predict_next`), "expert_prefetch_limit" (at most this many experts read ahead per layer, default 4 x top-k: the
+host RAM held beyond the cache budget is at most this many experts)."""
 
 from dataclasses import dataclass, field
 
@@ -21,7 +23,7 @@ from gdsllm_core.layout.store import ModelEntry
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
-from gdsllm_qwen_moe.experts import ExpertCache, moe_block
+from gdsllm_qwen_moe.experts import ExpertCache, moe_block, predict_experts
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
 from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows, group_weights, linear
 
@@ -52,6 +54,11 @@ class QwenMoeForward:
         if dtype_name not in COMPUTE_DTYPES:
             raise BadRequestError(f"compute dtype {dtype_name!r} is not supported", "use float32 or bfloat16")
         self.dtype = COMPUTE_DTYPES[dtype_name]
+        self.prefetch = bool(options.extra.get("expert_prefetch", False))
+        self.prefetch_limit = int(options.extra.get("expert_prefetch_limit", 4 * self.config.num_experts_per_tok))
+        if self.prefetch_limit < 1:
+            raise BadRequestError(f"expert_prefetch_limit {self.prefetch_limit} must be at least 1",
+                                  "give a positive number of experts, or turn expert_prefetch off")
         self.vocab_size = self.config.vocab_size
         self.max_context = min(options.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)
@@ -140,11 +147,22 @@ class QwenMoeForward:
                 h = gated_attention(h, w, p, c, [cache.kv[layer] for cache in caches], starts)
             x = x + h
             h = rms_norm(x, w[p + "post_attention_norm.weight"], c.rms_norm_eps)
-            x = x + moe_block(h.reshape(batch * length, -1), w, p, layer, c, self.experts).reshape(x.shape)
+            ahead = self._predict_next(x, layer) if self.prefetch and layer + 1 < c.num_hidden_layers else None
+            x = x + moe_block(h.reshape(batch * length, -1), w, p, layer, c, self.experts, ahead).reshape(x.shape)
         for cache in caches:
             cache.length += length
         self.tokens_processed += batch * length
         return rms_norm(x, w["output_norm.weight"], c.rms_norm_eps)
+
+    def _predict_next(self, x: torch.Tensor, layer: int) -> tuple[int, list[int]]:
+        """(layer + 1, the experts it will likely route to): its router applied to the residual stream entering
+        this layer's MoE block, normalised with the next layer's own post-attention norm (the input its router was
+        trained on, minus this layer's MoE output and the next layer's attention). The union over the step's tokens,
+        most voted first, at most `prefetch_limit`."""
+        c, p = self.config, f"blk.{layer + 1}."
+        h = rms_norm(x, self.weights[p + "post_attention_norm.weight"], c.rms_norm_eps).reshape(-1, x.shape[-1])
+        return layer + 1, predict_experts(h, self.weights[p + "ffn_gate_inp.weight"], c.num_experts_per_tok,
+                                          self.prefetch_limit)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.weights.get("output.weight", self.weights["token_embd.weight"])
