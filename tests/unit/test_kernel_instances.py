@@ -7,17 +7,6 @@ import pytest
 from gdsllm_core.kernels import CHECK_INSTANCES, KERNEL_DIR, compile_for_arch, kernel_sources
 
 
-@pytest.fixture(scope="module")
-def nvrtc():
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as exc:
-        pytest.skip(f"NVRTC cannot load ({type(exc).__name__}: {exc}); install nvidia-cuda-nvrtc==13.0.*")
-    return nvrtc
-
-
 @pytest.mark.parametrize("file_name", sorted(CHECK_INSTANCES))
 def test_template_instances_compile(nvrtc, file_name):
     cubin = compile_for_arch(KERNEL_DIR / file_name)

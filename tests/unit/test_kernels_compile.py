@@ -40,17 +40,6 @@ def include_dirs() -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def nvrtc():
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as exc:
-        pytest.skip(f"NVRTC cannot load ({type(exc).__name__}: {exc}); install nvidia-cuda-nvrtc==13.0.*")
-    return nvrtc
-
-
 def compile_cubin(nvrtc, source: str, name: str) -> bytes:
     headers = include_dirs()
     program = nvrtc.createProgram(source, name, [], [])
