@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU-machine benchmark of issue 7, in one call (repo root; .whl and .work/llamacpp carried):
-# llama.cpp builds in the background (cores 4-15) while gdsllm's GPU tests and benchmarks run (cores 0-3) on
-# synthetic LLaMA-7B-shaped Q4_0 / Q8_0 GGUFs; then llama-bench runs on the same files. Results land in $OUT.
+# The GPU-machine benchmark of issue 7, in one call (repo root; .whl, .work/llamacpp and the SmolLM2 parts carried,
+# see device_setup.sh): llama.cpp builds in the background (cores 4-15) while the LLaMA GPU tests and the GPU-bound
+# benchmarks run (cores 0-3) on synthetic LLaMA-7B-shaped Q4_0 / Q8_0 GGUFs; once the build is done, the runs that
+# compute layers on the CPU (all 16 cores), then llama-bench on the same files. Results land in $OUT.
 set -o pipefail
 . benchmarks/device_setup.sh > /dev/null || exit 1
 export GDSLLM_MODEL_ROOT=/root/models
@@ -13,8 +14,8 @@ pin() { if command -v taskset > /dev/null; then taskset -c "$@"; else shift; "$@
 build=$!
 run() { pin 0-3 "$@"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee $OUT/summary.txt
-run timeout 240 python3 -m pytest -p no:cacheprovider tests/gpu/test_kernels.py tests/gpu/test_llama_gpu.py -q \
-  --tb=short > $OUT/tests.log 2>&1; tail -12 $OUT/tests.log
+run timeout 150 python3 -m pytest -p no:cacheprovider tests/gpu/test_llama_gpu.py tests/gpu/test_cpu_layers_gpu.py -q \
+  --tb=short -rs > $OUT/tests.log 2>&1; tail -12 $OUT/tests.log
 NOREPACK=""
 if grep -qE "FAILED.*(repacked|synthetic)" $OUT/tests.log; then
   NOREPACK="--no-repack"; echo "repacked-layout tests failed: benchmarking without repacking" | tee -a $OUT/summary.txt
@@ -24,15 +25,16 @@ for q in Q4_0 Q8_0; do
   run timeout 180 python3 -c "from gdsllm_core.convert import convert; from gdsllm_core.layout.store import ModelStore; \
 from gdsllm_core import plugins; plugins.load_plugins(); print(convert('/root/7b-$q.gguf', ModelStore(), '7b-$q').path)" 2>&1 | tail -2
 done
-bench() { tag=$1; shift; echo "== $tag: $*"; run timeout 200 python3 -c "import sys; from gdsllm_core.cli.main import main; sys.argv[0] = 'gdsllm'; main()" \
+bench() { tag=$1; shift; echo "== $tag: $*"; run timeout 150 python3 -c "import sys; from gdsllm_core.cli.main import main; sys.argv[0] = 'gdsllm'; main()" \
   bench "$@" --json > /root/$tag.json 2> /root/$tag.err; rc=$?; tail -3 /root/$tag.err
   python3 -c "import json,sys; d=json.load(open('/root/$tag.json')); d['tag']='$tag'; print(json.dumps(d))" >> $OUT/bench.jsonl || echo "$tag failed rc $rc"; }
 bench q4_resident 7b-Q4_0 $NOREPACK
 bench q8_resident 7b-Q8_0 $NOREPACK
-bench q4_8vram_host 7b-Q4_0 --vram-layers 8 $NOREPACK
-bench q4_8vram_storage 7b-Q4_0 --vram-layers 8 --host-cache 0 --tg 8 $NOREPACK
-bench q4_resident_norepack 7b-Q4_0 --no-repack --no-ceilings --pp 64 --tg 64
+bench q4_8vram_storage 7b-Q4_0 --vram-layers 8 --host-cache 0 --cpu-layers 0 --tg 8 $NOREPACK
 timeout 330 sh -c "while kill -0 $build 2>/dev/null; do sleep 5; done"; tail -3 $OUT/build.log
+run() { "$@"; }  # the build is done: every core for the runs that compute layers on the CPU
+bench q4_8vram_host_cpu_auto 7b-Q4_0 --vram-layers 8 --cpu-layers auto $NOREPACK
+bench q4_8vram_host_gpu_only 7b-Q4_0 --vram-layers 8 --cpu-layers 0 $NOREPACK
 lb=/root/llama/llama.cpp/build/bin/llama-bench
 if [ -x $lb ]; then
   for q in Q4_0 Q8_0; do timeout 120 $lb -m /root/7b-$q.gguf -p 512 -n 128 -ngl 99 -r 3 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md; done

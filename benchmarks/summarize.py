@@ -1,4 +1,5 @@
-"""Print the `gdsllm bench --json` results of benchmarks/device_bench.sh (one JSON object a line) as a table.
+"""Print the `gdsllm bench --json` results of the device scripts (one JSON object a line) as tables: one row per run,
+then one row per batch size of the runs made with `--batch`.
 usage: python benchmarks/summarize.py bench.jsonl"""
 
 import json
@@ -21,6 +22,15 @@ def main(path: str) -> None:
               (f"{r['tg_s_per_token_over_floor']:.2f}x" if "tg_s_per_token_over_floor" in r else "-") +
               f" | {r['vram_peak_bytes'] / 2**30:.2f} | {r.get('gpu_bandwidth_gbps', 0):,.0f} "
               f"| {storage.get('gbps', 0):.2f} ({storage.get('caches', 'not measured')}) |")
+    batched = [r for r in rows if len(r.get("batches", [])) > 1]
+    if batched:
+        print("\n| run | sequences | decode steps/s | aggregate tok/s | x batch 1 | bytes moved per step (MB) |")
+        print("|" + " --- |" * 6)
+    for r in batched:
+        for run in r["batches"]:
+            print(f"| {r['tag']} | {run['batch']} | {run['decoded_tokens'] / run['batch'] / run['tg_s']:,.2f} "
+                  f"| {run['tg_tok_s']:,.2f} | {run.get('tg_speedup_vs_batch1', 1.0):.2f}x "
+                  f"| {run.get('weight_bytes_per_step', 0) / 1e6:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@ This is the default (`tiered`) scheduler; plugins may register others through `r
 On a CUDA device `TieredScheduler(...)` builds a `GpuTieredScheduler` (three tiers, streamed through a ring)."""
 
 import collections
+import math
 import mmap
+import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BackendUnavailableError
+from gdsllm_core.errors import BackendUnavailableError, BadRequestError
+from gdsllm_core.layout.manifest import ExtentInfo
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 
@@ -70,6 +74,9 @@ class TieredScheduler:
 VRAM_MARGIN = 1 << 30  # left free for the CUDA context, cuBLAS workspaces and fragmentation
 HOST_MARGIN = 4 << 30  # RAM left to the rest of the machine when the host cache is sized automatically
 RING_SLOTS = 3  # streamed layers in flight: the one computing and two being read
+RING_SLOTS_WITH_CPU = 6  # deeper when the CPU computes layers: the copy stream keeps working through a CPU layer
+COPY_CHUNK_BYTES = 16 << 20  # with CPU layers, ring copies go in pieces: a copy of h to the host waits for the
+#                              host-to-device copy operation in progress (seen on the H100), so keep those short
 
 
 def available_ram() -> int:
@@ -81,6 +88,101 @@ def available_ram() -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_layers_option(value) -> str | int:
+    """`extra["cpu_layers"]` checked: "auto" (balance CPU compute against the copy stream), or a layer count (0:
+    off, the default)."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise BadRequestError(f"cpu_layers {value!r} is neither 'auto' nor a layer count",
+                              "use --cpu-layers auto, 0 (off) or a number of layers")
+    return count
+
+
+def simulate_step_seconds(tiers: list[str], copy_s: float, cpu_s: float, gpu_s: float, slots: int = RING_SLOTS,
+                          dma_wait_s: float = 0.0, tokens: int = 4) -> float:
+    """Seconds of one decode step (the last of `tokens`, the ring in its steady state) of layers whose tiers are
+    "vram" (resident), "ring" (copied through the ring, `copy_s` each) or "cpu" (computed on the CPU, `cpu_s` each,
+    h's round trip included), modelled as `GpuTieredScheduler` and the forward pass run them: a fetch keeps
+    `slots` copies requested, a copy starts once the copy stream is free, the host has asked for it and its slot's
+    previous layer is done (a slot is released at the next fetch); the GPU computes a layer (`gpu_s`) once its
+    copy is in; the CPU computes a layer once the GPU has finished everything before it, and the GPU goes on after.
+    A CPU layer longer than the copies queued before it leaves the copy stream idle: the ring's depth counts.
+
+    `dma_wait_s`: when h goes to the host by a DMA copy, it waits for the host-to-device copy operation in
+    progress (seen on the H100 machine), i.e. up to the next boundary of `dma_wait_s` (the duration of one copy
+    operation: `copy_s` for whole-layer copies, less when the ring copies in chunks); 0 when h moves without
+    the copy engines."""
+    order = [i for i, tier in enumerate(tiers) if tier == "ring"]
+    host = gpu = copy = 0.0
+    copies: list[tuple[float, float]] = []  # (start, end) of each ring copy
+    inflight: collections.deque = collections.deque()  # ready times of requested copies, in order
+    slot_free = [0.0] * max(slots, 1)
+    in_use, issued, step = None, 0, 0.0
+    for _ in range(tokens):
+        began = host
+        for tier in tiers:
+            if tier == "vram":
+                gpu = max(gpu, host) + gpu_s
+            elif tier == "cpu":
+                start = max(host, gpu)
+                if dma_wait_s > 0:
+                    for began_copy, ended in copies:
+                        if began_copy <= start < ended:  # h's copy waits for the operation in progress
+                            start = min(ended, began_copy + math.ceil((start - began_copy) / dma_wait_s) * dma_wait_s)
+                host = start + cpu_s
+                gpu = host
+            else:
+                if in_use is not None:
+                    slot_free[in_use] = max(gpu, host)
+                while len(inflight) < slots and order:
+                    slot = issued % slots
+                    begin = max(copy, slot_free[slot], host)
+                    copy = begin + copy_s
+                    copies.append((begin, copy))
+                    inflight.append((slot, copy))
+                    issued += 1
+                in_use, ready = inflight.popleft()
+                gpu = max(gpu, host, ready) + gpu_s
+        host = max(host, gpu)
+        step = host - began
+    return step
+
+
+def spread(names: list, n: int) -> list:
+    """`n` of `names`, evenly spaced (the middle of n equal runs: every other one for half), so that streamed
+    layers sit between CPU layers and the copy stream has work while the CPU computes."""
+    k, n = len(names), min(n, len(names))
+    return [names[(2 * j + 1) * k // (2 * n)] for j in range(n)] if n > 0 else []
+
+
+def plan_cpu_layers(tiers: list[str], candidates: list[int], copy_s: float, cpu_s: float, gpu_s: float,
+                    slots: int = RING_SLOTS, limit: int | None = None, margin: float = 0.03,
+                    dma_wait_s: float = 0.0) -> list[int]:
+    """Which of `candidates` (indices of "ring" layers in `tiers`) the CPU should compute: for each count up to
+    `limit`, that many candidates evenly spread; the set whose simulated step (`simulate_step_seconds`) is
+    shortest, if it beats streaming them all by more than `margin` (else none)."""
+    def seconds(chosen: list[int]) -> float:
+        marked = set(chosen)
+        return simulate_step_seconds(["cpu" if i in marked else tier for i, tier in enumerate(tiers)], copy_s,
+                                     cpu_s, gpu_s, slots, dma_wait_s)
+
+    streamed = seconds([])
+    best, best_s = [], streamed
+    for n in range(1, min(len(candidates), len(candidates) if limit is None else limit) + 1):
+        chosen = spread(candidates, n)
+        step = seconds(chosen)
+        if step < best_s:
+            best, best_s = chosen, step
+    return best if best_s < streamed * (1 - margin) else []
 
 
 class PinnedArena:
@@ -116,8 +218,14 @@ class GpuTieredScheduler(TieredScheduler):
     a storage read has not finished (counted as I/O wait). Fetches are expected in a fixed cyclic order (the layers,
     token after token); any other order drains the ring and restarts it there.
 
+    Some host-tier layers may also be computed on the CPU ("cpu" placement, `extra["cpu_layers"]`: "auto", a count,
+    or 0 = off): the forward pass packs them for its CPU kernels (`place_on_cpu`, within the host budget beside
+    the pinned tier; their GGUF bytes stay pinned for prefill and large batches) and, step by step, says which
+    of them it computes there (`set_cpu_active`); the ring then skips those, so the copy stream carries the
+    others while the CPU works.
+
     LoadOptions.extra: `reserved_vram_bytes`, `max_vram_layers` (cap on resident layers, like llama.cpp's -ngl),
-    `ring_slots` (default 3)."""
+    `ring_slots` (default 3, or 6 when `cpu_layers` is not 0), `cpu_layers`."""
 
     def __init__(self, entry: ModelEntry, options: LoadOptions, reader: ExtentReader | None = None):
         self.entry = entry
@@ -132,8 +240,15 @@ class GpuTieredScheduler(TieredScheduler):
         layers = [e for e in extents if e.name.startswith("blk.")]
         fixed = [e for e in extents if not e.name.startswith("blk.")]
         reserved = int(options.extra.get("reserved_vram_bytes", 0))
-        slots = int(options.extra.get("ring_slots", RING_SLOTS))
+        self.cpu_request = cpu_layers_option(options.extra.get("cpu_layers", 0))
+        slots = int(options.extra.get("ring_slots", RING_SLOTS_WITH_CPU if self.cpu_request else RING_SLOTS))
         max_layers = options.extra.get("max_vram_layers")
+        self.cpu_placed: list[str] = []  # host-tier layers the forward pass may compute on the CPU
+        self.cpu_bytes = 0  # host RAM of their CPU copies (beside the pinned tier, within the host budget)
+        self.copy_chunk_bytes = 0  # ring copies in pieces of this many bytes (0: whole extents)
+        self._cpu_active: frozenset[str] = frozenset()  # those computed on the CPU in the current step
+        self._copy_clock: collections.deque = collections.deque(maxlen=256)  # (start, end, bytes) of timed copies
+        self._copy_gbps: collections.deque = collections.deque(maxlen=32)  # speeds of the latest finished ones
         free, _total = torch.cuda.mem_get_info(self.device)
         self.vram_budget = int(options.vram_budget) if options.vram_budget is not None else free - VRAM_MARGIN
         self.host_budget = (int(options.host_cache) if options.host_cache is not None
@@ -191,6 +306,7 @@ class GpuTieredScheduler(TieredScheduler):
         self.counters["bytes_read"] += sum(e.nbytes for e in resident + hosted)
         # the ring
         self._order = [e.name for e in extents if self.tier[e.name] != "vram"]
+        self._streamed = list(self._order)  # the ring's order when no layer is computed on the CPU
         self._position = {name: i for i, name in enumerate(self._order)}
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(slots)]
         self._slot_free = [None] * slots  # CUDA event recorded on the compute stream once a slot's layer is done
@@ -214,12 +330,20 @@ class GpuTieredScheduler(TieredScheduler):
         free = self._slot_free[slot]
         dest = self._slots[slot][:extent.nbytes]
         if self.tier[name] == "host":
+            timed = bool(self.cpu_placed)  # copy speed under load, for balancing the CPU layers against it
             with torch.cuda.stream(self._copy_stream):
                 if free is not None:
                     self._copy_stream.wait_event(free)
-                dest.copy_(self._host_buffers[name], non_blocking=True)
-                ready = torch.cuda.Event()
+                start = torch.cuda.Event(enable_timing=True) if timed else None
+                if start is not None:
+                    start.record(self._copy_stream)
+                source, step = self._host_buffers[name], self.copy_chunk_bytes or extent.nbytes
+                for offset in range(0, extent.nbytes, step):
+                    dest[offset:offset + step].copy_(source[offset:offset + step], non_blocking=True)
+                ready = torch.cuda.Event(enable_timing=timed)
                 ready.record(self._copy_stream)
+            if start is not None:
+                self._copy_clock.append((start, ready, extent.nbytes))
             self.counters["bytes_from_host"] += extent.nbytes
         else:
             def read() -> None:
@@ -270,10 +394,94 @@ class GpuTieredScheduler(TieredScheduler):
     def prefetch(self, extent_names: list[str]) -> None:
         """Streamed extents are requested in cyclic order by `fetch` itself; nothing else to do."""
 
+    # -- CPU-computed layers ------------------------------------------------------------------------------------
+
+    def cpu_candidates(self, eligible: Callable[[ExtentInfo], bool]) -> list[str]:
+        """Host-tier layers, in order, that the forward pass can compute on the CPU (`eligible`)."""
+        return [name for name, tier in self.tier.items()
+                if tier == "host" and name.startswith("blk.") and eligible(self._extents[name])]
+
+    def layer_tiers(self) -> list[str]:
+        """Per decoder layer, in order: "vram" (resident) or "ring" (streamed from pinned RAM or storage)."""
+        layers = sorted((name for name in self.tier if name.startswith("blk.")), key=lambda n: int(n.split(".")[1]))
+        return ["vram" if self.tier[name] == "vram" else "ring" for name in layers]
+
+    @property
+    def ring_slots(self) -> int:
+        return len(self._slots)
+
+    def host_view(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of a host-tier extent in pinned RAM (for packing it for the CPU)."""
+        return extent_views(self._extents[name], self._host_buffers[name])
+
+    def host_room(self) -> int:
+        """Host budget left beside the pinned tier and the CPU copies."""
+        pinned = sum(e.nbytes for name, e in self._extents.items() if self.tier[name] == "host")
+        return self.host_budget - pinned - self.cpu_bytes
+
+    def copy_seconds(self, name: str, reps: int = 5) -> float:
+        """Seconds to copy a host-tier extent into a ring slot (median of `reps`, timed by events on the copy
+        stream); call it before decoding starts (it uses slot 0)."""
+        self._release()
+        self._drain()
+        torch.cuda.current_stream(self.device).synchronize()
+        src = self._host_buffers[name]
+        dest = self._slots[0][:src.numel()]
+        times = []
+        with torch.cuda.stream(self._copy_stream):
+            for _ in range(reps + 1):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(self._copy_stream)
+                dest.copy_(src, non_blocking=True)
+                stop.record(self._copy_stream)
+                stop.synchronize()
+                times.append(start.elapsed_time(stop) / 1e3)
+        return sorted(times[1:])[reps // 2]
+
+    def recent_copy_gbps(self) -> float | None:
+        """Median GB/s of the latest host-tier copies (timed while CPU layers exist: PCIe and the CPU share host
+        memory, so this is the speed under that load); None before any has finished."""
+        while self._copy_clock and self._copy_clock[0][1].query():
+            start, stop, nbytes = self._copy_clock.popleft()
+            self._copy_gbps.append(nbytes / (start.elapsed_time(stop) / 1e3) / 1e9)
+        return statistics.median(self._copy_gbps) if self._copy_gbps else None
+
+    def place_on_cpu(self, names: list[str], nbytes: int) -> None:
+        """Mark host-tier layers `names` as computable on the CPU, their CPU copies taking `nbytes` of host RAM."""
+        wrong = [name for name in names if self.tier.get(name) != "host"]
+        if wrong:
+            raise ValueError(f"only host-tier layers can be placed on the CPU, not {wrong}")
+        if nbytes > self.host_room() + self.cpu_bytes:
+            raise BackendUnavailableError(
+                f"the CPU copies of {len(names)} layers ({nbytes / 2**30:.2f} GiB) do not fit the host budget "
+                f"beside the pinned layers", "raise --host-cache or lower --cpu-layers")
+        self.cpu_placed, self.cpu_bytes = list(names), nbytes
+        self.copy_chunk_bytes = COPY_CHUNK_BYTES if names else 0
+        self.counters.setdefault("cpu_layer_runs", 0)
+        self.counters.setdefault("cpu_compute_ns", 0)
+
+    def set_cpu_active(self, names: frozenset[str]) -> None:
+        """The CPU-placed layers the CPU computes from the next fetch on: the ring skips them (drained and
+        restarted when the set changes, at a step boundary)."""
+        if names == self._cpu_active:
+            return
+        if not names <= set(self.cpu_placed):
+            raise ValueError(f"layers {sorted(names - set(self.cpu_placed))} are not placed on the CPU")
+        self._release()
+        self._drain()
+        self._cpu_active = names
+        self._order = [name for name in self._streamed if name not in names]
+        self._position = {name: i for i, name in enumerate(self._order)}
+        self._next = 0
+
     def placement(self) -> dict[str, list[str]]:
+        """Extent names per tier; with CPU layers, a "cpu" entry (those layers are left out of "host")."""
         where: dict[str, list[str]] = {"vram": [], "host": [], "storage": []}
         for name, tier in self.tier.items():
             where[tier].append(name)
+        if self.cpu_placed:
+            where["host"] = [name for name in where["host"] if name not in self.cpu_placed]
+            where["cpu"] = list(self.cpu_placed)
         return where
 
     def stats(self) -> dict:
@@ -283,7 +491,8 @@ class GpuTieredScheduler(TieredScheduler):
         layers = {tier: sum(1 for n in names if n.startswith("blk.")) for tier, names in self.placement().items()}
         return {"backend": self.reader.backend.name, "tiers": sizes, "layers": layers,
                 "ring_slots": len(self._slots), "ring_bytes": sum(s.numel() for s in self._slots),
-                "vram_budget": self.vram_budget, "host_budget": self.host_budget, **self.counters}
+                "vram_budget": self.vram_budget, "host_budget": self.host_budget, "cpu_bytes": self.cpu_bytes,
+                "cpu_active_layers": len(self._cpu_active), **self.counters}
 
     def close(self) -> None:
         self._release()

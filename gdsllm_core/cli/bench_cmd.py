@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from gdsllm_core.cli.main import cli, console, err_console
-from gdsllm_core.cli.output import parse_size
+from gdsllm_core.cli.output import CPU_LAYERS_HELP, parse_size
 
 
 @cli.command("bench")
@@ -26,6 +26,7 @@ from gdsllm_core.cli.output import parse_size
 @click.option("--host-cache", help="Pinned host RAM for layers, or the MoE expert cache (e.g. 16GiB, 0 to stream the "
                                    "rest from storage).")
 @click.option("--vram-layers", type=int, help="At most this many decoder layers resident in VRAM (like -ngl).")
+@click.option("--cpu-layers", default="auto", show_default=True, help=CPU_LAYERS_HELP)
 @click.option("--no-ceilings", is_flag=True, help="Skip measuring the memory (GPU or host) and storage ceilings.")
 @click.option("--warm", is_flag=True, help="Do not drop the page cache before reading.")
 @click.option("--no-graphs", is_flag=True, help="Decode without CUDA graphs.")
@@ -33,19 +34,21 @@ from gdsllm_core.cli.output import parse_size
 @click.option("--fast-gemv", is_flag=True, help="Q4_0 decode sums products in fp16 first (overflows past ~1000).")
 @click.option("--prefetch", is_flag=True, help="MoE: read the next layer's likely experts ahead (expert_prefetch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram_layers, no_ceilings, warm, no_graphs,
-          no_repack, fast_gemv, prefetch, as_json):
+def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram_layers, cpu_layers, no_ceilings, warm,
+          no_graphs, no_repack, fast_gemv, prefetch, as_json):
     """Measure prompt processing (pp) and decode (tg) tok/s of MODEL, batched decode with --batch."""
     from gdsllm_core.bench import format_report, run_bench
     from gdsllm_core.engine.forward import LoadOptions
     from gdsllm_core.errors import BadRequestError
     from gdsllm_core.layout.store import ModelStore
+    from gdsllm_core.scheduler import cpu_layers_option
 
     if bool(model) == bool(gguf_file):
         raise BadRequestError("name a model from the store or pass --gguf FILE (one of the two)",
                               "e.g. `gdsllm bench smollm2-135m-instruct` or `gdsllm bench --gguf model.gguf`")
     batches = parse_batches(batch)
-    extra = {"cuda_graphs": not no_graphs, "repack": not no_repack, "fast_gemv": fast_gemv}
+    extra = {"cuda_graphs": not no_graphs, "repack": not no_repack, "fast_gemv": fast_gemv,
+             "cpu_layers": cpu_layers_option(cpu_layers)}
     if vram_layers is not None:
         extra["max_vram_layers"] = vram_layers
     if prefetch:

@@ -6,7 +6,7 @@ import click
 
 from gdsllm_core.bundled import DEFAULT_MODEL
 from gdsllm_core.cli.main import cli, console, err_console
-from gdsllm_core.cli.output import load_options
+from gdsllm_core.cli.output import CPU_LAYERS_HELP, load_options
 from gdsllm_core.errors import BadRequestError, ConversionError, GdsllmError
 
 MULTILINE = '"""'
@@ -156,9 +156,10 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
 @click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
 @click.option("--host-cache", help="Pinned host RAM for layers that do not fit in VRAM, e.g. 16GiB (default: what "
               "free RAM allows).")
+@click.option("--cpu-layers", default="auto", show_default=True, help=CPU_LAYERS_HELP)
 @click.option("--verbose", is_flag=True, help="Print token counts and speed after each answer.")
 def run(model: str | None, prompt: str | None, system: str | None, max_tokens: int | None, temperature: float,
-        seed: int | None, vram_budget: str | None, host_cache: str | None, verbose: bool) -> None:
+        seed: int | None, vram_budget: str | None, host_cache: str | None, cpu_layers: str, verbose: bool) -> None:
     """Chat with a model in the terminal.
 
     MODEL defaults to the bundled SmolLM2-135M-Instruct, converted into the store on first use."""
@@ -167,7 +168,7 @@ def run(model: str | None, prompt: str | None, system: str | None, max_tokens: i
     from gdsllm_core.storage.backends import choose_backend
     from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
 
-    options = load_options(vram_budget, host_cache)
+    options = load_options(vram_budget, host_cache, cpu_layers)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():

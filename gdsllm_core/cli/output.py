@@ -22,6 +22,8 @@ from rich.text import Text
 from gdsllm_core.cli.main import err_console
 from gdsllm_core.errors import BadRequestError
 
+CPU_LAYERS_HELP = ("Host-tier layers (pinned RAM) the CPU computes while the others are copied to the GPU: "
+                   "auto (balanced by measuring both at load), a count, or 0 (off).")
 SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
@@ -131,10 +133,13 @@ def bytes_progress(description: str, total: int):
         yield lambda n: progress.advance(task, n)
 
 
-def load_options(vram_budget: str | None, host_cache: str | None):
-    """LoadOptions for this machine's device from the --vram-budget / --host-cache sizes (None: automatic)."""
+def load_options(vram_budget: str | None, host_cache: str | None, cpu_layers: str | None = "auto"):
+    """LoadOptions for this machine's device from the --vram-budget / --host-cache sizes (None: automatic) and
+    --cpu-layers ("auto", a count, 0)."""
     from gdsllm_core.engine.engine import default_device
     from gdsllm_core.engine.forward import LoadOptions
+    from gdsllm_core.scheduler import cpu_layers_option
 
     return LoadOptions(device=default_device(), vram_budget=parse_size(vram_budget) if vram_budget else None,
-                       host_cache=parse_size(host_cache) if host_cache else None)
+                       host_cache=parse_size(host_cache) if host_cache else None,
+                       extra={"cpu_layers": cpu_layers_option(cpu_layers)})

@@ -8,7 +8,7 @@ import click
 
 from gdsllm_core import pidfile
 from gdsllm_core.cli.main import cli, console, err_console
-from gdsllm_core.cli.output import load_options
+from gdsllm_core.cli.output import CPU_LAYERS_HELP, load_options
 from gdsllm_core.errors import GdsllmError
 
 
@@ -23,13 +23,15 @@ class ServerRunningError(GdsllmError):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
 @click.option("--host-cache", help="Pinned host RAM for layers that do not fit in VRAM, e.g. 16GiB.")
+@click.option("--cpu-layers", default="auto", show_default=True, help=CPU_LAYERS_HELP)
 def serve(model: str | None, preload: bool, host: str, port: int, vram_budget: str | None,
-          host_cache: str | None) -> None:
+          host_cache: str | None, cpu_layers: str) -> None:
     """Start the Ollama- and OpenAI-compatible API server.
 
     MODEL is what requests that name no model get; --preload loads it before the first request."""
     from gdsllm_core.server.app import run_server
 
+    options = load_options(vram_budget, host_cache, cpu_layers)  # a bad size or count fails before the pid file
     record = pidfile.read()
     if record is not None:
         reason = pidfile.stale_reason(record)
@@ -45,7 +47,7 @@ def serve(model: str | None, preload: bool, host: str, port: int, vram_budget: s
     err_console.print(f"serving on http://{host}:{port} (pid {pid}, pid file {path}); `gdsllm stop` stops it",
                       highlight=False)
     try:
-        run_server(model, host=host, port=port, preload=preload, options=load_options(vram_budget, host_cache))
+        run_server(model, host=host, port=port, preload=preload, options=options)
     finally:
         pidfile.remove(pid=pid)
 

@@ -20,8 +20,13 @@ CHECK_INSTANCES = {
     "gemv.cu": tuple(f"gemv<{code},1,1,0,false>" for code in range(15))
     + ("gemv<3,1,1,0,true>", "gemv<7,4,2,1,false>", "gemv<13,1,1,2,true>", "gemv<14,1,1,0,false>",
        "gemv<10,2,1,2,false>"),
+    "gemv_mma.cu": tuple(f"gemv_mma<{code},{nt},{mode}>" for code in (13, 14) for nt in (1, 2) for mode in (0, 1, 2)),
     "repack.cu": ("repack<3>", "repack<7>"),
     "attention.cu": tuple(f"attn_{part}<{hd}>" for part in ("partial", "combine") for hd in (64, 128, 256)),
+    "affine.cu": tuple(f"affine_dequant<{bits},2,2>" for bits in (1, 2, 3, 4, 5, 6, 8))
+    + ("affine_dequant<4,0,0>", "affine_dequant<3,1,0>", "affine_dequant<8,2,1>")
+    + tuple(f"affine_gemv<{bits},2,2,1,1>" for bits in (2, 3, 4, 5, 6, 8))
+    + ("affine_gemv<4,2,2,8,2>", "affine_gemv<8,1,0,3,2>", "affine_gemv<6,0,1,2,1>"),
 }
 
 

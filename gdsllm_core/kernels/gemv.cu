@@ -31,16 +31,10 @@ __device__ __forceinline__ void dot_chunk(const float* w, const u16* __restrict_
     }
 }
 
-// Packed-half arithmetic in PTX (no CUDA headers needed).
+// Packed-half FMA for the opt-in fast path.
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
     u32 d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
-    u32 d;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
 }
 
@@ -51,8 +45,6 @@ __device__ __forceinline__ float half2_sum(u32 v) { return h2f((u16)(v & 0xFFFFu
 // runs on packed-half FMAs: products are summed in fp16 over 8 values (|partial| <= 64 * max|x|, so activations
 // beyond ~1000 overflow), then in fp32, and the block scale is applied in fp32. (The same for Q8_0 gave no
 // measurable gain and overflows with its +-127 codes, so it was dropped.)
-#define HALF_1024 0x64006400u
-
 // w[m]: half2 weights for values (2m, 2m+1) of the chunk, m < 16; d: the block scale.
 template <int B>
 __device__ __forceinline__ void half2_dot(const u32* w, float d, const u16* __restrict__ x, int K, int c, float* acc) {
@@ -71,15 +63,6 @@ __device__ __forceinline__ void half2_dot(const u32* w, float d, const u16* __re
         }
         acc[b] = fmaf(d, s, acc[b]);
     }
-}
-
-// Q4_0 codes of bytes j..j+3 (q) -> half2 weights (values j,j+1), (j+2,j+3), (j+16,j+17), (j+18,j+19).
-__device__ __forceinline__ void q4_0_half2(u32 q, u32& lo0, u32& lo1, u32& hi0, u32& hi1) {
-    const u32 t0 = __byte_perm(q, 0u, 0x4140), t1 = __byte_perm(q, 0u, 0x4342);
-    lo0 = hsub2((t0 & 0x000F000Fu) | HALF_1024, 0x64086408u);
-    lo1 = hsub2((t1 & 0x000F000Fu) | HALF_1024, 0x64086408u);
-    hi0 = hsub2(((t0 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
-    hi1 = hsub2(((t1 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
 }
 
 template <int QT, int B, bool FAST>

@@ -54,6 +54,31 @@ __device__ __forceinline__ u32 ld_u32_a2(const u8* p) {
     return (u32)q[0] | ((u32)q[1] << 16);
 }
 
+// Packed-half arithmetic in PTX (no CUDA headers needed).
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+    u32 d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+// A small code c becomes an exact half with integer ops alone: the half 0x6400 | c is 1024 + c.
+#define HALF_1024 0x64006400u
+
+// Q4_0 codes of bytes j..j+3 (q) -> half2 weights (values j,j+1), (j+2,j+3), (j+16,j+17), (j+18,j+19).
+__device__ __forceinline__ void q4_0_half2(u32 q, u32& lo0, u32& lo1, u32& hi0, u32& hi1) {
+    const u32 t0 = __byte_perm(q, 0u, 0x4140), t1 = __byte_perm(q, 0u, 0x4342);
+    lo0 = hsub2((t0 & 0x000F000Fu) | HALF_1024, 0x64086408u);
+    lo1 = hsub2((t1 & 0x000F000Fu) | HALF_1024, 0x64086408u);
+    hi0 = hsub2(((t0 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
+    hi1 = hsub2(((t1 >> 4) & 0x000F000Fu) | HALF_1024, 0x64086408u);
+}
+
 __device__ __forceinline__ u32 ld_u32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
 __device__ __forceinline__ u32 byte_of(u32 word, int k) { return (word >> (8 * k)) & 0xFFu; }

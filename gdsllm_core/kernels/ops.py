@@ -16,9 +16,13 @@ BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1"
 REPACKED = {"Q4_0": "Q4_0R", "Q8_0": "Q8_0R"}
 FAST_TYPES = ("Q4_0", "Q4_0R")  # may sum products in fp16 (opt-in, see gemv.cu)
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-MAX_BATCH = 8
+MAX_BATCH = 16  # sequences per GEMV launch (the tensor-core kernel's most; callers may pass more)
+SIMT_MAX_BATCH = 8  # sequences per launch of the SIMT kernel (gemv.cu)
 GEMV_WARPS = 4
-ATTN_SPLITS = 32
+MMA_TYPES = ("Q4_0R", "Q8_0R")  # types gemv_mma.cu reads
+MMA_WARPS = 8
+ATTN_SPLITS = 32  # most position splits per (sequence, head) in decode attention
+ATTN_BLOCKS = 1024  # attention blocks a decode step aims for (B x heads x splits)
 ATTN_HEAD_DIMS = (64, 128, 256)
 
 
@@ -109,51 +113,82 @@ def _gemv_rows_per_warp(batch: int, mode: int) -> int:
     return 2 if batch > 2 and mode != 2 else 1
 
 
+def _check_x(x: torch.Tensor) -> tuple[int, int]:
+    _check(x, "x", torch.float16)
+    if x.dim() != 2 or not x.shape[0]:
+        raise ValueError(f"x must be [B, K] with B >= 1, got {tuple(x.shape)}")
+    return x.shape
+
+
 def gemv(weights: list[torch.Tensor], qtype: str, x: torch.Tensor, outs: list[torch.Tensor],
-         accumulate: bool = False, fast: bool = False) -> None:
-    """outs[i][b] (=|+=) weights[i] @ x[b] for up to three matrices of one type and the same K in one launch.
-    x: fp16 [B, K], B <= 8; outs: fp32 [B, rows_i]. Products are summed in fp32; with `fast`, Q4_0 sums 8 at a
-    time in fp16 first (a few % quicker; overflows when activations exceed about 1000)."""
+         accumulate: bool = False, fast: bool = False, tensor_cores: bool | None = None) -> None:
+    """outs[i][b] (=|+=) weights[i] @ x[b] for up to three matrices of one type and the same K in one launch
+    (per MAX_BATCH rows of x). x: fp16 [B, K]; outs: fp32 [B, rows_i]. Products are summed in fp32; with `fast`,
+    Q4_0 sums 8 at a time in fp16 first (a few % quicker; overflows when activations exceed about 1000).
+    `tensor_cores` picks the MMA kernel for repacked types (None: wherever it applies, see `use_mma`)."""
     if not 1 <= len(weights) <= 3 or len(weights) != len(outs):
         raise ValueError("gemv takes one to three weights, each with its output")
-    _check(x, "x", torch.float16)
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
-        raise ValueError(f"x must be [B, K] with 1 <= B <= {MAX_BATCH}, got {tuple(x.shape)}")
-    batch, cols = x.shape
+    batch, cols = _check_x(x)
     counts = []
     for weight, out in zip(weights, outs, strict=True):
         rows, nbytes = _check_weight(weight, qtype, cols)
         _check(out, "out", torch.float32, (batch, rows))
         counts.append(rows)
     mode = 1 if accumulate else 0
-    _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, None, fast)
+    for first in range(0, batch, MAX_BATCH):
+        last = min(batch, first + MAX_BATCH)
+        _launch_gemv(qtype, mode, weights, counts, cols, nbytes, x[first:last], [o[first:last] for o in outs], None,
+                     fast, tensor_cores)
 
 
 def gemv_swiglu(gate: torch.Tensor, up: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor,
-                fast: bool = False) -> None:
-    """out[b] = fp16(silu(gate @ x[b]) * (up @ x[b])): the decode FFN's first half in one launch."""
-    _check(x, "x", torch.float16)
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
-        raise ValueError(f"x must be [B, K] with 1 <= B <= {MAX_BATCH}, got {tuple(x.shape)}")
-    batch, cols = x.shape
+                fast: bool = False, tensor_cores: bool | None = None) -> None:
+    """out[b] = fp16(silu(gate @ x[b]) * (up @ x[b])): the decode FFN's first half in one launch (per MAX_BATCH
+    rows of x)."""
+    batch, cols = _check_x(x)
     rows, nbytes = _check_weight(gate, qtype, cols)
     if _check_weight(up, qtype, cols)[0] != rows:
         raise ValueError(f"gate has {rows} rows but up has {up.shape[0]}")
     _check(out, "out", torch.float16, (batch, rows))
-    _launch_gemv(qtype, batch, 2, [gate, up], [rows, rows], cols, nbytes, x, [], out, fast)
+    for first in range(0, batch, MAX_BATCH):
+        last = min(batch, first + MAX_BATCH)
+        _launch_gemv(qtype, 2, [gate, up], [rows, rows], cols, nbytes, x[first:last], [], out[first:last], fast,
+                     tensor_cores)
 
 
-def _launch_gemv(qtype, batch, mode, weights, counts, cols, nbytes, x, outs, out_h, fast) -> None:
-    per_warp = _gemv_rows_per_warp(batch, mode)
+def use_mma(qtype: str, counts: list[int]) -> bool:
+    """Whether the tensor-core kernel (gemv_mma.cu) can take this product: repacked Q4_0/Q8_0 with row counts of a
+    multiple of 16. Where it can, it is the default: on the H100 it beat the SIMT kernel from one sequence up
+    (1,669 vs 1,499 GB/s on a 11008 x 4096 Q4_0 matrix) and stays nearly flat to 8 (1,524 GB/s)."""
+    return qtype in MMA_TYPES and all(n % 16 == 0 for n in counts)
+
+
+def _launch_gemv(qtype, mode, weights, counts, cols, nbytes, x, outs, out_h, fast, tensor_cores) -> None:
+    batch = x.shape[0]
     ws = [ptr(w) for w in weights] + [np.uint64(0)] * (3 - len(weights))
     ns = [np.int32(n) for n in counts] + [np.int32(0)] * (3 - len(counts))
     ys = [ptr(o) for o in outs] + [np.uint64(0)] * (3 - len(outs))
     total = counts[0] if mode == 2 else sum(counts)
-    rows_per_block = GEMV_WARPS * per_warp
-    fast = fast and qtype in FAST_TYPES
-    name = f"gemv<{QTYPE_CODES[qtype]},{batch},{per_warp},{mode},{'true' if fast else 'false'}>"
-    launch("gemv.cu", name, ((total + rows_per_block - 1) // rows_per_block,), (GEMV_WARPS * 32,),
-           (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(x), *ys, ptr(out_h)))
+    if tensor_cores is None:
+        tensor_cores = use_mma(qtype, counts)
+    elif tensor_cores and not use_mma(qtype, counts):
+        raise ValueError(f"the tensor-core GEMV takes Q4_0R/Q8_0R matrices of a multiple of 16 rows, not {qtype} "
+                         f"with {counts} rows")
+    if tensor_cores:
+        name = f"gemv_mma<{QTYPE_CODES[qtype]},{(batch + 7) // 8},{mode}>"
+        launch("gemv_mma.cu", name, (total // 16,), (MMA_WARPS * 32,),
+               (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(x), np.int32(batch), *ys, ptr(out_h)))
+        return
+    for first in range(0, batch, SIMT_MAX_BATCH):
+        part = x[first:first + SIMT_MAX_BATCH]
+        b = part.shape[0]
+        ys = [ptr(o[first:first + b]) for o in outs] + [np.uint64(0)] * (3 - len(outs))
+        out_part = None if out_h is None else out_h[first:first + b]
+        per_warp = _gemv_rows_per_warp(b, mode)
+        rows_per_block = GEMV_WARPS * per_warp
+        name = f"gemv<{QTYPE_CODES[qtype]},{b},{per_warp},{mode},{'true' if fast and qtype in FAST_TYPES else 'false'}>"
+        launch("gemv.cu", name, ((total + rows_per_block - 1) // rows_per_block,), (GEMV_WARPS * 32,),
+               (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(part), *ys, ptr(out_part)))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,61 +221,98 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None
     return out
 
 
-def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: torch.Tensor, inv_freq: torch.Tensor,
-               n_head: int, n_kv: int, head_dim: int, rot_dim: int, neox: bool, q_out: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """Rotate q into q_out (fp16) and k into k_cache, copy v into v_cache, for T tokens at positions pos0[0] + t.
-    q fp32 [T, n_head*hd]; k, v fp32 [T, n_kv*hd]; pos0 int32 [1] on the GPU; caches fp16 [max_T, n_kv, hd]."""
+SEQ_SLOT_FIELDS = 5  # int64 per sequence in the decode table: pos, len, k address, v address, layer stride
+
+
+def seq_slots(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], positions: list[int],
+              lengths: list[int]) -> torch.Tensor:
+    """The table the RoPE and attention kernels read (kernels/seq_slots.cuh), on the host: int64 [B, 5], one row
+    per sequence with its position, attended length and caches (fp16 [n_layers, max_T, n_kv, hd], or one layer
+    [max_T, n_kv, hd]). Copy it into a device buffer before launching; the kernels trust it, so it is checked here."""
+    if not len(k_caches) == len(v_caches) == len(positions) == len(lengths):
+        raise ValueError(f"{len(k_caches)} k caches, {len(v_caches)} v caches, {len(positions)} positions and "
+                         f"{len(lengths)} lengths: one of each per sequence")
+    rows = []
+    for k_cache, v_cache, pos, length in zip(k_caches, v_caches, positions, lengths, strict=True):
+        if k_cache.shape != v_cache.shape or k_cache.dim() not in (3, 4):
+            raise ValueError(f"k and v caches must be [n_layers, max_T, n_kv, hd] alike, got "
+                             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        _check(k_cache, "k_cache", torch.float16)
+        _check(v_cache, "v_cache", torch.float16)
+        max_tokens = k_cache.shape[-3]
+        if not 0 <= pos < max_tokens or not 0 <= length <= max_tokens:
+            raise ValueError(f"position {pos} / length {length} outside a cache of {max_tokens} tokens")
+        stride = k_cache.stride(0) if k_cache.dim() == 4 else 0
+        rows.append((pos, length, k_cache.data_ptr(), v_cache.data_ptr(), stride))
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, SEQ_SLOT_FIELDS)
+
+
+def _check_slots(slots: torch.Tensor) -> int:
+    """The number of sequences of a device table made by `seq_slots`."""
+    _check(slots, "slots", torch.int64, align=8)
+    if slots.dim() != 2 or slots.shape[1] != SEQ_SLOT_FIELDS or not slots.shape[0]:
+        raise ValueError(f"slots must be int64 [B, {SEQ_SLOT_FIELDS}] (see seq_slots), got {tuple(slots.shape)}")
+    return slots.shape[0]
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, layer: int,
+               inv_freq: torch.Tensor, n_head: int, n_kv: int, head_dim: int, rot_dim: int, neox: bool,
+               q_out: torch.Tensor) -> None:
+    """For B sequences (slots: their device table, see `seq_slots`) of T new tokens each: rotate q into q_out
+    (fp16) and k into layer `layer` of each sequence's k cache, copy v into its v cache, token t of sequence b at
+    position pos[b] + t. q fp32 [B*T, n_head*hd]; k, v fp32 [B*T, n_kv*hd]; rows sequence-major."""
     if head_dim % 2 or rot_dim % 2 or rot_dim > head_dim or n_kv <= 0 or n_head % n_kv:
         raise ValueError(f"bad attention geometry: heads {n_head}/{n_kv}, head_dim {head_dim}, rot {rot_dim}")
-    tokens = q.shape[0]
-    _check(q, "q", torch.float32, (tokens, n_head * head_dim), align=4)
-    _check(k, "k", torch.float32, (tokens, n_kv * head_dim), align=4)
-    _check(v, "v", torch.float32, (tokens, n_kv * head_dim), align=4)
-    _check(pos0, "pos0", torch.int32, (1,), align=4)
+    batch = _check_slots(slots)
+    rows = q.shape[0]
+    if rows % batch:
+        raise ValueError(f"{rows} rows of q do not split evenly over {batch} sequences")
+    _check(q, "q", torch.float32, (rows, n_head * head_dim), align=4)
+    _check(k, "k", torch.float32, (rows, n_kv * head_dim), align=4)
+    _check(v, "v", torch.float32, (rows, n_kv * head_dim), align=4)
     _check(inv_freq, "inv_freq", torch.float32, (rot_dim // 2,), align=4)
-    _check(q_out, "q_out", torch.float16, (tokens, n_head * head_dim), align=2)
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(cache, name, torch.float16, align=2)
-        if cache.dim() != 3 or tuple(cache.shape[1:]) != (n_kv, head_dim):
-            raise ValueError(f"{name} must be [max_T, {n_kv}, {head_dim}], got {tuple(cache.shape)}")
-    if tokens:
-        launch("rope.cu", "rope_store", (n_head + 2 * n_kv, tokens), (head_dim // 2,),
-               (ptr(q), ptr(k), ptr(v), ptr(pos0), ptr(inv_freq), np.int32(n_head), np.int32(n_kv),
-                np.int32(head_dim), np.int32(rot_dim), np.int32(1 if neox else 0), ptr(q_out), ptr(k_cache),
-                ptr(v_cache)))
+    _check(q_out, "q_out", torch.float16, (rows, n_head * head_dim), align=2)
+    if rows:
+        launch("rope.cu", "rope_store", (n_head + 2 * n_kv, rows // batch, batch), (head_dim // 2,),
+               (ptr(q), ptr(k), ptr(v), ptr(slots), np.int32(layer), ptr(inv_freq), np.int32(n_head),
+                np.int32(n_kv), np.int32(head_dim), np.int32(rot_dim), np.int32(1 if neox else 0), ptr(q_out)))
 
 
-def attention_scratch(n_head: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split partials attention_decode needs, allocated once per model."""
-    return (torch.empty(n_head * ATTN_SPLITS * head_dim, dtype=torch.float32, device=device),
-            torch.empty(n_head * ATTN_SPLITS * 2, dtype=torch.float32, device=device))
+def attention_splits(n_head: int, batch: int) -> int:
+    """Position splits per (sequence, head): enough blocks to fill the GPU, fewer as the batch grows."""
+    return max(1, min(ATTN_SPLITS, -(-ATTN_BLOCKS // (n_head * batch))))
 
 
-def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
-                     scale: float, out: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Softmax attention of one token's q fp16 [n_head, hd] over the first length[0] cached positions
-    (caches fp16 [max_T, n_kv, hd]); writes fp16 out [n_head, hd]."""
-    if q.dim() != 2:
-        raise ValueError(f"q must be [n_head, head_dim], got {tuple(q.shape)}")
-    n_head, head_dim = q.shape
+def attention_scratch(n_head: int, head_dim: int, device: torch.device,
+                      max_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split partials attention_decode needs for up to `max_batch` sequences, allocated once per model."""
+    parts = max(n_head * b * attention_splits(n_head, b) for b in range(1, max_batch + 1))
+    return (torch.empty(parts * head_dim, dtype=torch.float32, device=device),
+            torch.empty(parts * 2, dtype=torch.float32, device=device))
+
+
+def attention_decode(q: torch.Tensor, slots: torch.Tensor, layer: int, n_kv: int, scale: float, out: torch.Tensor,
+                     scratch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Softmax attention of one new token per sequence, q fp16 [B, n_head, hd], over the first len[b] positions of
+    layer `layer` of sequence b's caches (slots: the device table, see `seq_slots`); writes fp16 out [B, n_head, hd]."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, n_head, head_dim], got {tuple(q.shape)}")
+    batch, n_head, head_dim = q.shape
     if head_dim not in ATTN_HEAD_DIMS:
         raise ValueError(f"decode attention supports head_dim {ATTN_HEAD_DIMS}, got {head_dim}")
-    _check(q, "q", torch.float16, align=2)
-    _check(out, "out", torch.float16, (n_head, head_dim), align=2)
-    _check(length, "length", torch.int32, (1,), align=4)
-    n_kv = k_cache.shape[1] if k_cache.dim() == 3 else 0
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(cache, name, torch.float16, align=2)
-        if cache.dim() != 3 or cache.shape[2] != head_dim or cache.shape[1] != n_kv:
-            raise ValueError(f"{name} must be [max_T, n_kv, {head_dim}], got {tuple(cache.shape)}")
-    if n_kv == 0 or n_head % n_kv:
+    if n_kv <= 0 or n_head % n_kv:
         raise ValueError(f"{n_head} query heads do not share {n_kv} KV heads evenly")
+    if _check_slots(slots) != batch:
+        raise ValueError(f"q holds {batch} sequences but slots {slots.shape[0]}")
+    _check(q, "q", torch.float16, align=2)
+    _check(out, "out", torch.float16, tuple(q.shape), align=2)
+    splits = attention_splits(n_head, batch)
     part_o, part_ml = scratch
-    if part_o.numel() < n_head * ATTN_SPLITS * head_dim or part_ml.numel() < n_head * ATTN_SPLITS * 2:
-        raise ValueError("attention scratch is too small: make it with attention_scratch()")
-    launch("attention.cu", f"attn_partial<{head_dim}>", (n_head, ATTN_SPLITS), (128,),
-           (ptr(q), ptr(k_cache), ptr(v_cache), ptr(length), np.int32(n_head), np.int32(n_kv), np.float32(scale),
+    parts = batch * n_head * splits
+    if part_o.numel() < parts * head_dim or part_ml.numel() < parts * 2:
+        raise ValueError(f"attention scratch is too small for {batch} sequences: make it with attention_scratch()")
+    launch("attention.cu", f"attn_partial<{head_dim}>", (n_head, splits, batch), (128,),
+           (ptr(q), ptr(slots), np.int32(layer), np.int32(n_head), np.int32(n_kv), np.float32(scale),
             ptr(part_o), ptr(part_ml)))
-    launch("attention.cu", f"attn_combine<{head_dim}>", (n_head,), (head_dim,),
-           (ptr(part_o), ptr(part_ml), np.int32(ATTN_SPLITS), ptr(out)))
+    launch("attention.cu", f"attn_combine<{head_dim}>", (n_head, batch), (head_dim,),
+           (ptr(part_o), ptr(part_ml), np.int32(splits), ptr(out)))

@@ -63,7 +63,8 @@ class CpuBackend:
 class ExtentReader:
     """Reads one model's extents. Use as a context manager or call close()."""
 
-    def __init__(self, folder: Path, manifest: Manifest, backend=None, threads: int = 8):
+    def __init__(self, folder: Path, manifest: Manifest, backend=None, threads: int = 8,
+                 chunk_bytes: int = CHUNK_BYTES):
         from gdsllm_core.storage.backends import choose_backend
 
         self.folder = Path(folder)
@@ -73,6 +74,8 @@ class ExtentReader:
             probe_path=self.folder / first_file if first_file else self.folder)
         self._handles = {name: self.backend.open(self.folder / name) for name in manifest.files}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gdsllm-io")
+        self.threads = threads
+        self.chunk_bytes = chunk_bytes  # each extent is read in pieces of this size, spread over the threads
         self.bytes_read = 0
 
     def __enter__(self) -> "ExtentReader":
@@ -83,16 +86,27 @@ class ExtentReader:
 
     def submit(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> Future:
         """Read every extent into its destination; the Future resolves when all bytes have landed."""
-        jobs = []
+        return _gather([job for jobs in self._jobs(extents, destinations) for job in jobs])
+
+    def submit_each(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> list[Future]:
+        """As `submit`, with one Future per extent (resolved when that extent has landed), so that a caller can use
+        each extent as soon as it is in."""
+        return [_gather(jobs) for jobs in self._jobs(extents, destinations)]
+
+    def _jobs(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> list[list[Future]]:
+        """Queue the pieces of every extent (in order, so earlier extents land first); their jobs per extent."""
+        per_extent = []
         for extent, dest in zip(extents, destinations, strict=True):
+            jobs: list[Future] = []
+            per_extent.append(jobs)
             if dest.numel() * dest.element_size() < extent.nbytes:
                 raise ValueError(f"destination for extent {extent.name} holds {dest.nbytes} bytes, needs {extent.nbytes}")
             handle = self._handles[extent.file]
-            for start in range(0, extent.nbytes, CHUNK_BYTES):
-                size = min(CHUNK_BYTES, extent.nbytes - start)
+            for start in range(0, extent.nbytes, self.chunk_bytes):
+                size = min(self.chunk_bytes, extent.nbytes - start)
                 jobs.append(self._pool.submit(self.backend.read_into, handle, extent.offset + start, size, dest, start))
         self.bytes_read += sum(extent.nbytes for extent in extents)
-        return _gather(jobs)
+        return per_extent
 
     def read(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> None:
         self.submit(extents, destinations).result()

@@ -81,7 +81,7 @@ def gemv_tolerance(qtype: str, fast: bool) -> float:
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8, 11])
 @pytest.mark.parametrize("fast", [False, True])
 def test_gemv_matches_float64(qtype, batch, fast):
     rng = np.random.default_rng(hash((qtype, batch)) % 2**32)
@@ -165,40 +165,59 @@ def test_swiglu_elementwise():
     assert rel_error(out, F.silu(g.double()) * u.double()) < 1e-3
 
 
-@pytest.mark.parametrize("n_head,n_kv,hd,tokens,start", [(9, 3, 64, 1, 0), (4, 4, 128, 5, 1000), (8, 2, 64, 3, 17)])
-def test_rope_store_matches_cpu_forward(n_head, n_kv, hd, tokens, start):
+def seq_caches(n_layers: int, max_tokens: list[int], n_kv: int, hd: int, fill=torch.zeros):
+    """Per-sequence fp16 caches [n_layers, max_T, n_kv, hd] on the GPU, each of its own length (own layer stride)."""
+    ks = [fill(n_layers, t, n_kv, hd).half().to(CUDA) for t in max_tokens]
+    vs = [fill(n_layers, t, n_kv, hd).half().to(CUDA) for t in max_tokens]
+    return ks, vs
+
+
+@pytest.mark.parametrize("n_head,n_kv,hd,tokens,starts", [(9, 3, 64, 1, [0, 5, 1000]), (4, 4, 128, 5, [1000]),
+                                                          (8, 2, 64, 3, [17, 0]), (8, 2, 128, 1, [3, 0, 40])])
+def test_rope_store_batched_matches_cpu_forward(n_head, n_kv, hd, tokens, starts):
+    """B sequences of T tokens at their own positions, into layer 1 of caches of different sizes: q rotated,
+    k rotated and v copied into the right sequence's cache at the right place, nothing written elsewhere."""
     from gdsllm_llama.forward import apply_rope, rope_tables
 
+    B, layer = len(starts), 1
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
-    q, k, v = torch.randn(tokens, n_head * hd), torch.randn(tokens, n_kv * hd), torch.randn(tokens, n_kv * hd)
-    cos, sin = rope_tables(inv_freq.double(), torch.arange(start, start + tokens))
-    want_q = apply_rope(q.double().view(tokens, n_head, hd), cos, sin).reshape(tokens, -1)
-    want_k = apply_rope(k.double().view(tokens, n_kv, hd), cos, sin)
-    max_t = start + tokens + 3
-    k_cache = torch.zeros(max_t, n_kv, hd, dtype=torch.float16, device=CUDA)
-    v_cache = torch.zeros_like(k_cache)
-    q_out = torch.empty(tokens, n_head * hd, dtype=torch.float16, device=CUDA)
-    ops.rope_store(q.to(CUDA), k.to(CUDA), v.to(CUDA), torch.tensor([start], dtype=torch.int32, device=CUDA),
-                   inv_freq.to(CUDA), n_head, n_kv, hd, hd, True, q_out, k_cache, v_cache)
-    assert rel_error(q_out, want_q) < 1e-3
-    assert rel_error(k_cache[start:start + tokens], want_k) < 1e-3
-    assert rel_error(v_cache[start:start + tokens], v.view(tokens, n_kv, hd).double()) < 1e-3
-    assert not k_cache[:start].any() and not k_cache[start + tokens:].any()  # nothing written elsewhere
+    q, k, v = (torch.randn(B * tokens, n * hd) for n in (n_head, n_kv, n_kv))
+    ks, vs = seq_caches(2, [start + tokens + 3 + 7 * b for b, start in enumerate(starts)], n_kv, hd)
+    slots = ops.seq_slots(ks, vs, starts, [start + tokens for start in starts]).to(CUDA)
+    q_out = torch.full((B * tokens, n_head * hd), float("nan"), dtype=torch.float16, device=CUDA)
+    ops.rope_store(q.to(CUDA), k.to(CUDA), v.to(CUDA), slots, layer, inv_freq.to(CUDA), n_head, n_kv, hd, hd, True,
+                   q_out)
+    for b, start in enumerate(starts):
+        rows = slice(b * tokens, (b + 1) * tokens)
+        cos, sin = rope_tables(inv_freq.double(), torch.arange(start, start + tokens))
+        want_q = apply_rope(q[rows].double().view(tokens, n_head, hd), cos, sin).reshape(tokens, -1)
+        want_k = apply_rope(k[rows].double().view(tokens, n_kv, hd), cos, sin)
+        assert rel_error(q_out[rows], want_q) < 1e-3
+        assert rel_error(ks[b][layer, start:start + tokens], want_k) < 1e-3
+        assert rel_error(vs[b][layer, start:start + tokens], v[rows].view(tokens, n_kv, hd).double()) < 1e-3
+        for cache in (ks[b], vs[b]):  # nothing written elsewhere
+            assert not cache[0].any() and not cache[layer, :start].any() and not cache[layer, start + tokens:].any()
 
 
-@pytest.mark.parametrize("n_head,n_kv,hd,length", [(9, 3, 64, 1), (32, 32, 128, 37), (8, 2, 128, 1000),
-                                                    (4, 1, 64, 4097)])
-def test_attention_decode_matches_cpu_forward(n_head, n_kv, hd, length):
+@pytest.mark.parametrize("n_head,n_kv,hd,lengths", [(9, 3, 64, [1, 37, 300]), (32, 32, 128, [37, 1, 5]),
+                                                    (8, 2, 128, [1000, 1, 4097]), (4, 1, 64, [4097]),
+                                                    (32, 8, 128, [1 + 29 * i for i in range(32)])])
+def test_attention_decode_batched_matches_cpu_forward(n_head, n_kv, hd, lengths):
+    """One new token of each of B sequences over its own length of layer 1 of its own cache (GQA, head_dim 64 and
+    128, from 1 position to more than every split can hold at once, up to 32 sequences: one split each)."""
     from gdsllm_llama.forward import attend
 
-    q = torch.randn(n_head, hd).half()
-    k, v = torch.randn(length + 5, n_kv, hd).half(), torch.randn(length + 5, n_kv, hd).half()
-    want = attend(q.double().view(n_head, 1, hd), k[:length].double().transpose(0, 1),
-                  v[:length].double().transpose(0, 1), length - 1).view(n_head, hd)
-    out = torch.full((n_head, hd), float("nan"), dtype=torch.float16, device=CUDA)
-    ops.attention_decode(q.to(CUDA), k.to(CUDA), v.to(CUDA), torch.tensor([length], dtype=torch.int32, device=CUDA),
-                         1.0 / math.sqrt(hd), out, ops.attention_scratch(n_head, hd, CUDA))
-    assert rel_error(out, want) < 2e-3
+    B, layer = len(lengths), 1
+    q = torch.randn(B, n_head, hd).half()
+    ks, vs = seq_caches(2, [n + 5 + b for b, n in enumerate(lengths)], n_kv, hd, fill=torch.randn)
+    slots = ops.seq_slots(ks, vs, [n - 1 for n in lengths], lengths).to(CUDA)
+    out = torch.full((B, n_head, hd), float("nan"), dtype=torch.float16, device=CUDA)
+    ops.attention_decode(q.to(CUDA), slots, layer, n_kv, 1.0 / math.sqrt(hd), out,
+                         ops.attention_scratch(n_head, hd, CUDA, max_batch=B))
+    for b, n in enumerate(lengths):
+        k, v = ks[b][layer, :n].cpu().double(), vs[b][layer, :n].cpu().double()
+        want = attend(q[b].double().view(n_head, 1, hd), k.transpose(0, 1), v.transpose(0, 1), n - 1)
+        assert rel_error(out[b], want.view(n_head, hd)) < 2e-3, f"sequence {b} (length {n})"
 
 
 def test_launchers_reject_bad_input():
@@ -209,13 +228,22 @@ def test_launchers_reject_bad_input():
         ops.gemv([weight], "Q4_0", x.float(), [out])
     with pytest.raises(ValueError, match="shape"):
         ops.gemv([weight], "Q4_0", x, [torch.empty(1, 5, device=CUDA)])
-    with pytest.raises(ValueError, match="B <= 8"):
-        ops.gemv([weight], "Q4_0", torch.randn(9, 64, device=CUDA).half(), [torch.empty(9, 4, device=CUDA)])
+    with pytest.raises(ValueError, match="B >= 1"):
+        ops.gemv([weight], "Q4_0", torch.empty(0, 64, device=CUDA).half(), [torch.empty(0, 4, device=CUDA)])
     with pytest.raises(ValueError, match="no GPU kernel"):
         ops.dequantize(weight, "IQ2_XS", 64)
     with pytest.raises(ValueError, match="multiple of"):
         ops.dequantize(weight, "Q4_0", 48)
+    ks, vs = seq_caches(1, [4], 1, 96)
+    slots = ops.seq_slots(ks, vs, [0], [1]).to(CUDA)
+    q96 = torch.zeros(1, 2, 96, dtype=torch.float16, device=CUDA)
     with pytest.raises(ValueError, match="head_dim"):
-        ops.attention_decode(torch.zeros(2, 96, dtype=torch.float16, device=CUDA), *[torch.zeros(
-            4, 1, 96, dtype=torch.float16, device=CUDA)] * 2, torch.ones(1, dtype=torch.int32, device=CUDA), 1.0,
-            torch.zeros(2, 96, dtype=torch.float16, device=CUDA), ops.attention_scratch(2, 96, CUDA))
+        ops.attention_decode(q96, slots, 0, 1, 1.0, torch.zeros_like(q96), ops.attention_scratch(2, 96, CUDA))
+    q = torch.zeros(2, 2, 64, dtype=torch.float16, device=CUDA)
+    with pytest.raises(ValueError, match="2 sequences but slots 1"):
+        ops.attention_decode(q, slots, 0, 1, 1.0, torch.zeros_like(q), ops.attention_scratch(2, 64, CUDA, 2))
+    with pytest.raises(ValueError, match="too small"):
+        ops.attention_decode(q, torch.cat([slots, slots]), 0, 1, 1.0, torch.zeros_like(q),
+                             ops.attention_scratch(2, 64, CUDA))
+    with pytest.raises(ValueError, match="outside a cache of 4 tokens"):
+        ops.seq_slots(ks, vs, [4], [5])

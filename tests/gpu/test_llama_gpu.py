@@ -1,5 +1,6 @@
 """The LLaMA GPU forward pass against the CPU reference on the bundled SmolLM2 (greedy tokens and logits), the
-streamed tiers against the resident one, and the VRAM / pinned-RAM budgets against the allocator's peak."""
+streamed tiers against the resident one, batched decode (graphs on and off, streamed, in groups) against one
+sequence at a time, and the VRAM / pinned-RAM budgets against the allocator's peak."""
 
 import pytest
 import torch
@@ -118,25 +119,31 @@ def test_prefill_all_logits_match_decode(smollm2):
     assert_logits_close([batch[0].cpu()], [everything[6].cpu()])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
-def test_synthetic_q4_0_q8_0_models_match_cpu(qtype, tmp_path, llama_plugin):
-    """A small LLaMA-shaped GGUF of random Q4_0 / Q8_0 blocks (benchmarks/synth_llama_gguf.py, rows of 256 and 512
-    values, so resident weights are repacked): GPU logits against the CPU reference, teacher-forced."""
+def synthetic_model(folder, qtype: str, d: int = 256, heads: int = 4, kv_heads: int = 2):
+    """A small LLaMA-shaped model of random blocks (benchmarks/synth_llama_gguf.py: 2 layers, ffn 512, vocab 1000),
+    converted into a store under `folder`."""
     import subprocess
     import sys
     from pathlib import Path
-
-    from gdsllm_llama.forward import LlamaForward
 
     from gdsllm_core.convert import convert
     from gdsllm_core.layout.store import ModelStore
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "synth_llama_gguf.py"
-    gguf = tmp_path / f"synth-{qtype}.gguf"
-    subprocess.run([sys.executable, str(script), str(gguf), "--type", qtype, "--layers", "2", "--d", "256",
-                    "--ffn", "512", "--vocab", "1000", "--heads", "4", "--kv-heads", "2"], check=True,
-                   capture_output=True)
-    entry = convert(gguf, ModelStore(tmp_path / "models"), f"synth-{qtype.lower()}")
+    gguf = folder / f"synth-{qtype}.gguf"
+    subprocess.run([sys.executable, str(script), str(gguf), "--type", qtype, "--layers", "2", "--d", str(d),
+                    "--ffn", "512", "--vocab", "1000", "--heads", str(heads), "--kv-heads", str(kv_heads)],
+                   check=True, capture_output=True)
+    return convert(gguf, ModelStore(folder / "models"), f"synth-{qtype.lower()}")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_synthetic_q4_0_q8_0_models_match_cpu(qtype, tmp_path, llama_plugin):
+    """A small LLaMA-shaped GGUF of random Q4_0 / Q8_0 blocks (rows of 256 and 512 values, so resident weights are
+    repacked): GPU logits against the CPU reference, teacher-forced."""
+    from gdsllm_llama.forward import LlamaForward
+
+    entry = synthetic_model(tmp_path, qtype)
     tokens = torch.tensor([1, 17, 300, 5, 999, 42, 7])
     runs = []
     for forward in (LlamaForward(entry, LoadOptions(device="cpu")), gpu_forward(entry)):
@@ -182,3 +189,118 @@ def test_budgets_are_never_exceeded(smollm2):
         forward.close()
     assert peak <= budget, f"peak {peak} > budget {budget}"
     assert pinned <= host
+
+
+# -- batched decode --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synthetic_hd64(tmp_path_factory, llama_plugin):
+    return synthetic_model(tmp_path_factory.mktemp("synth64"), "Q4_0")
+
+
+@pytest.fixture(scope="module")
+def synthetic_hd128(tmp_path_factory, llama_plugin):
+    return synthetic_model(tmp_path_factory.mktemp("synth128"), "Q8_0", d=512, heads=4, kv_heads=1)
+
+
+def prompts_of(vocab: int, count: int = 12) -> list[list[int]]:
+    """`count` random prompts of different lengths, 1 token and up."""
+    generator = torch.Generator().manual_seed(count)
+    return [torch.randint(3, vocab, (1 + 3 * i,), generator=generator).tolist() for i in range(count)]
+
+
+def scheduled_decode(forward, prompts: list[list[int]], steps: int, schedule):
+    """Greedy decode of `steps` tokens for every prompt, several sequences a `decode` call: `schedule(step, ready)`
+    picks which of the unfinished sequences go into a call, in which order. Returns per sequence its tokens and
+    its logits (prefill's, then each step's) on the host."""
+    caches = [forward.new_cache(len(prompt) + steps + 1) for prompt in prompts]
+    logits = [[forward.prefill(torch.tensor(p), c).float().cpu()] for p, c in zip(prompts, caches, strict=True)]
+    tokens = [[int(row[0].argmax())] for row in logits]
+    step = 0
+    while ready := [i for i in range(len(prompts)) if len(tokens[i]) <= steps]:
+        batch = schedule(step, ready)
+        out = forward.decode(torch.tensor([tokens[i][-1] for i in batch], device=forward.device),
+                             [caches[i] for i in batch])
+        for row, i in enumerate(batch):
+            logits[i].append(out[row].float().cpu())
+            tokens[i].append(int(out[row].argmax()))
+        step += 1
+    return tokens, logits
+
+
+def one_at_a_time(step, ready):
+    return ready[:1]
+
+
+def all_at_once(step, ready):
+    return ready
+
+
+def joining_and_leaving(step, ready):
+    """Batches of changing size and order: sequences leave and come back between steps."""
+    order = ready[::-1] if step % 2 else ready
+    return order[:max(1, len(order) - step % 5)]
+
+
+def assert_same_decode(got, want, label: str = "") -> None:
+    for i, (tokens, logits) in enumerate(zip(*got, strict=True)):
+        assert tokens == want[0][i], f"{label} sequence {i}: {tokens} != {want[0][i]}"
+        assert_logits_close(logits, want[1][i])
+
+
+@pytest.mark.parametrize("model", ["synthetic_hd64", "synthetic_hd128", "smollm2"])
+def test_batched_decode_matches_one_at_a_time(model, request):
+    """12 sequences of different prompt lengths: all at once, and in batches that change size and order (sequences
+    joining and leaving), with CUDA graphs and without: the same greedy tokens and logits as one at a time."""
+    entry = request.getfixturevalue(model)
+    prompts = prompts_of(entry.manifest.config["vocab_size"])
+    runs = {}
+    for graphs in (True, False):
+        forward = gpu_forward(entry, extra={"cuda_graphs": graphs})
+        try:
+            runs["single", graphs] = scheduled_decode(forward, prompts, 6, one_at_a_time)
+            runs["all", graphs] = scheduled_decode(forward, prompts, 6, all_at_once)
+            runs["mixed", graphs] = scheduled_decode(forward, prompts, 6, joining_and_leaving)
+            stats = forward.stats()
+        finally:
+            forward.close()
+        if graphs:  # one graph per batch size, each serving whichever caches come
+            assert stats["cuda_graphs"] and {1, 6, 8, 12} <= set(stats["cuda_graph_batches"])
+        else:
+            assert stats["cuda_graph_batches"] == []
+    want = runs["single", False]
+    for (schedule, graphs), run in runs.items():
+        assert_same_decode(run, want, f"{schedule}, graphs {graphs}:")
+
+
+def test_batched_decode_streamed_in_groups(synthetic_hd64, monkeypatch):
+    """One layer read from storage, at most 5 sequences a step (12 are decoded in groups): the tokens of one at a
+    time on the resident model, and every extent fetched once per group (not per GEMV batch of ops.MAX_BATCH)."""
+    from gdsllm_llama import forward_gpu
+
+    prompts = prompts_of(1000)
+    resident = gpu_forward(synthetic_hd64)
+    try:
+        want = scheduled_decode(resident, prompts, 5, one_at_a_time)
+    finally:
+        resident.close()
+    monkeypatch.setattr(forward_gpu, "DECODE_BATCH", 5)
+    forward = gpu_forward(synthetic_hd64, host_cache=0, extra={"max_vram_layers": 1})
+    calls = []
+    try:
+        assert forward.scheduler.stats()["layers"] == {"vram": 1, "host": 0, "storage": 1}
+
+        def counted(step, ready):
+            batch = joining_and_leaving(step, ready)
+            calls.append(-(-len(batch) // 5))  # groups of at most 5
+            return batch
+
+        before = forward.scheduler.stats()["fetches"]
+        got = scheduled_decode(forward, prompts, 5, counted)
+        fetches = forward.scheduler.stats()["fetches"] - before
+    finally:
+        forward.close()
+    assert_same_decode(got, want)
+    assert max(calls) > 1
+    per_pass = 5  # token_embd, blk.0, blk.1, output_norm, output
+    assert fetches == per_pass * (len(prompts) + sum(calls))  # prefill once per prompt, decode once per group

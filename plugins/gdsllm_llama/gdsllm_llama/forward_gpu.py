@@ -1,11 +1,13 @@
 """LlamaForwardGPU: the LLaMA forward pass on a CUDA GPU, built from the kernels in `gdsllm_core.kernels`.
 
 Same config, tensor names, rope convention (HF half-split) and cache semantics as the CPU reference `forward.py`.
-Decode (1..8 sequences): fused dequant + GEMV kernels straight from the GGML blocks, RoPE fused with the KV-cache
-write, split-K decode attention; every length and position lives in device memory, so when all layers are
-resident one token of one sequence is a CUDA graph replay. Prefill: each weight is dequantized to fp16 into a
-reused scratch buffer and multiplied with cuBLAS; attention through torch SDPA. Layers come from the tiered
-scheduler (VRAM, pinned host RAM, storage), which streams non-resident ones while earlier layers compute.
+Decode (up to DECODE_BATCH sequences a step, more in groups): fused dequant + GEMV kernels straight from the GGML
+blocks (`ops.MAX_BATCH` rows of x a launch), RoPE fused with the KV-cache write and split-K decode attention, each one
+launch for all sequences; positions, lengths and cache addresses live in a device table, so when all layers are
+resident a step of B sequences is the replay of one CUDA graph per B, whichever caches they use. Prefill: each
+weight is dequantized to fp16 into a reused scratch buffer and multiplied with cuBLAS; attention through torch
+SDPA. Layers come from the tiered scheduler (VRAM, pinned host RAM, storage), which streams non-resident ones while
+earlier layers compute.
 
 The residual stream is fp32; activations fed to matrix products and the KV cache are fp16; logits are fp32.
 """
@@ -23,17 +25,18 @@ from gdsllm_core.errors import ContextOverflowError, UnsupportedQuantError
 from gdsllm_core.kernels import ops
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_llama.config import LlamaConfig
+from gdsllm_llama.cpu_layers import CpuLayers
 
 # cuDNN attention is left out: it builds an execution plan per new prompt length (a stall of about a second)
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 PREFILL_CHUNK = 512  # prompt tokens per pass through the layers (each streamed layer moves once per chunk)
-MAX_BATCH = ops.MAX_BATCH
+DECODE_BATCH = 32  # sequences one decode step takes (the workspace's size); more are decoded in groups
 ACTIVATION_MARGIN = 256 << 20  # cuBLAS workspace and allocator slack, reserved beside the KV cache
 
 
 class LlamaGpuCache:
     """KV cache of one sequence on the GPU: k, v fp16 [n_layers, max_tokens, n_kv_heads, head_dim], allocated
-    once. `length` is mirrored in device memory (`pos`) so decode kernels and graph replays read it there."""
+    once. Each step writes `length` and the caches' addresses into the forward's device table of sequences."""
 
     def __init__(self, config: LlamaConfig, max_tokens: int, device: torch.device):
         self.max_tokens = max_tokens
@@ -41,7 +44,6 @@ class LlamaGpuCache:
         shape = (config.n_layers, max_tokens, config.n_kv_heads, config.head_dim)
         self.k = torch.empty(shape, dtype=torch.float16, device=device)
         self.v = torch.empty(shape, dtype=torch.float16, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
 
     def reserve(self, n_new: int) -> None:
         if self.length + n_new > self.max_tokens:
@@ -69,6 +71,8 @@ class LlamaForwardGPU:
         self.max_context = min(c.context_length, options.max_context or c.context_length)
         self.use_graphs = bool(options.extra.get("cuda_graphs", True))
         self.fast_gemv = bool(options.extra.get("fast_gemv", False))
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> captured decode step
+        self._graph_pool = None
         self._qtypes = {t.name: t.qtype for e in entry.manifest.extents for t in e.tensors}
         self._check_types()
         self._head_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
@@ -81,9 +85,11 @@ class LlamaForwardGPU:
             self.scheduler = scheduler_cls(entry, LoadOptions(device=str(self.device), vram_budget=options.vram_budget,
                                                               host_cache=options.host_cache,
                                                               max_context=options.max_context, extra=extra))
+            self.cpu_layers = CpuLayers.attach(c, entry, self.scheduler)  # host-tier layers the CPU may compute
             self._allocate_workspace()
             self.repacked_bytes = self._repack_resident() if options.extra.get("repack", True) else 0
         self.last_step: dict = {}
+        self._on_cpu: frozenset[int] = frozenset()  # layers the CPU computes in the current decode step
 
     # -- set-up -----------------------------------------------------------------------------------------------
 
@@ -109,7 +115,7 @@ class LlamaForwardGPU:
         return kv_bytes(c, self.max_context) + scratch + chunk * per_token * 2 + ACTIVATION_MARGIN
 
     def _allocate_workspace(self) -> None:
-        c, dev, B = self.config, self.device, MAX_BATCH
+        c, dev, B = self.config, self.device, DECODE_BATCH
         q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         self._scratch = torch.empty(self._largest_matrix(), dtype=torch.float16, device=dev)
         self._h = torch.empty(B, c.dim, dtype=torch.float32, device=dev)
@@ -122,9 +128,8 @@ class LlamaForwardGPU:
         self._act = torch.empty(B, c.ffn_dim, dtype=torch.float16, device=dev)
         self._logits = torch.empty(B, c.vocab_size, dtype=torch.float32, device=dev)
         self._tokens = torch.zeros(B, dtype=torch.int64, device=dev)
-        self._pos = torch.zeros(B, dtype=torch.int32, device=dev)  # position of the new token, per sequence
-        self._len = torch.zeros(B, dtype=torch.int32, device=dev)  # cached positions after it, per sequence
-        self._attn_scratch = ops.attention_scratch(c.n_heads, c.head_dim, dev)
+        self._slots = torch.zeros(B, ops.SEQ_SLOT_FIELDS, dtype=torch.int64, device=dev)  # see ops.seq_slots
+        self._attn_scratch = ops.attention_scratch(c.n_heads, c.head_dim, dev, B)
         self._inv_freq = c.inv_freq().to(dev, torch.float32).contiguous()
         self._scale = 1.0 / math.sqrt(c.head_dim)
         self._norms: dict[str, torch.Tensor] = {}
@@ -174,104 +179,122 @@ class LlamaForwardGPU:
         return ops.dequantize(views[name], self._qtypes[name], cols, out=out)
 
     def _gemv_group(self, views, names: list[str], x: torch.Tensor, outs: list[torch.Tensor],
-                    accumulate: bool = False) -> None:
-        """One launch per run of same-typed matrices (q, k, v share one when their types agree)."""
+                    accumulate: bool = False, fast: bool | None = None) -> None:
+        """One launch per run of same-typed matrices (q, k, v share one when their types agree) and group of
+        `ops.MAX_BATCH` rows of x (ops.gemv splits larger batches; a run's groups follow each other, so its
+        weights are read again from L2)."""
+        fast = self.fast_gemv if fast is None else fast
         start = 0
         while start < len(names):
             end = start + 1
             while end < len(names) and self._qtypes[names[end]] == self._qtypes[names[start]]:
                 end += 1
             ops.gemv([views[n] for n in names[start:end]], self._qtypes[names[start]], x, outs[start:end],
-                     accumulate=accumulate, fast=self.fast_gemv)
+                     accumulate=accumulate, fast=fast)
             start = end
 
-    # -- decode -----------------------------------------------------------------------------------------------
+    def _gated_ffn(self, views, gate: str, up: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out = fp16(silu(gate @ x) * (up @ x)) for rows x [B, dim]: fused when gate and up share a type."""
+        if self._qtypes[gate] != self._qtypes[up]:
+            g32 = torch.empty(x.shape[0], self.config.ffn_dim, dtype=torch.float32, device=self.device)
+            u32 = torch.empty_like(g32)
+            self._gemv_group(views, [gate, up], x, [g32, u32])
+            out.copy_(F.silu(g32) * u32)
+        else:
+            ops.gemv_swiglu(views[gate], views[up], self._qtypes[gate], x, out, fast=self.fast_gemv)
 
-    def _decode_layers(self, B: int, caches: list[LlamaGpuCache]) -> None:
+    # -- decode ---------------------------------------------------------------------------------------------
+
+    def _write_slots(self, caches: list[LlamaGpuCache], positions: list[int], lengths: list[int]) -> None:
+        """Fill the device table of sequences the RoPE and attention kernels read (an ordinary pageable copy:
+        the host buffer is consumed before the call returns, so nothing waits on the GPU)."""
+        table = ops.seq_slots([c.k for c in caches], [c.v for c in caches], positions, lengths)
+        self._slots[:len(caches)].copy_(table, non_blocking=True)
+
+    def _decode_layers(self, B: int) -> None:
         c = self.config
-        h, xn = self._h[:B], self._xn[:B]
+        h, xn, slots = self._h[:B], self._xn[:B], self._slots[:B]
         q, k, v, q16, attn, act = (self._q[:B], self._k[:B], self._v[:B], self._q16[:B], self._attn[:B],
                                    self._act[:B])
         for i in range(c.n_layers):
+            if i in self._on_cpu:
+                self.cpu_layers.run_layer(i, h)
+                continue
             w, resident = self._layer(i)
             p = f"blk.{i}."
             ops.rmsnorm(h, self._norm(w, p + "attn_norm.weight", resident), c.rms_eps, out=xn)
             self._gemv_group(w, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], xn, [q, k, v])
-            for b, cache in enumerate(caches):
-                ops.rope_store(q[b:b + 1], k[b:b + 1], v[b:b + 1], self._pos[b:b + 1], self._inv_freq, c.n_heads,
-                               c.n_kv_heads, c.head_dim, c.head_dim, True, q16[b:b + 1], cache.k[i], cache.v[i])
-                ops.attention_decode(q16[b].view(c.n_heads, c.head_dim), cache.k[i], cache.v[i],
-                                     self._len[b:b + 1], self._scale, attn[b].view(c.n_heads, c.head_dim),
-                                     self._attn_scratch)
+            ops.rope_store(q, k, v, slots, i, self._inv_freq, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, True,
+                           q16)
+            ops.attention_decode(q16.view(B, c.n_heads, c.head_dim), slots, i, c.n_kv_heads, self._scale,
+                                 attn.view(B, c.n_heads, c.head_dim), self._attn_scratch)
             self._gemv_group(w, [p + "attn_output.weight"], attn, [h], accumulate=True)
             ops.rmsnorm(h, self._norm(w, p + "ffn_norm.weight", resident), c.rms_eps, out=xn)
-            gate, up = p + "ffn_gate.weight", p + "ffn_up.weight"
-            if self._qtypes[gate] == self._qtypes[up]:
-                ops.gemv_swiglu(w[gate], w[up], self._qtypes[gate], xn, act, fast=self.fast_gemv)
-            else:
-                g32 = torch.empty(B, c.ffn_dim, dtype=torch.float32, device=self.device)
-                u32 = torch.empty_like(g32)
-                self._gemv_group(w, [gate, up], xn, [g32, u32])
-                act.copy_(F.silu(g32) * u32)
+            self._gated_ffn(w, p + "ffn_gate.weight", p + "ffn_up.weight", xn, act)
             self._gemv_group(w, [p + "ffn_down.weight"], act, [h], accumulate=True)
         fixed = self.scheduler.fetch("output_norm")
         ops.rmsnorm(h, self._norm(fixed, "output_norm.weight", True), c.rms_eps, out=xn)
-        head = self.scheduler.fetch(self._head_extent)
-        ops.gemv([head[self._head_name]], self._qtypes[self._head_name], xn, [self._logits[:B]])
+        self._gemv_group(self.scheduler.fetch(self._head_extent), [self._head_name], xn, [self._logits[:B]],
+                         fast=False)
 
     def _embed(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
         table = self.scheduler.fetch("token_embd")["token_embd.weight"]
         ops.dequantize(table, self._qtypes["token_embd.weight"], self.config.dim, out=out, rows=tokens,
                        dtype=torch.float32)
 
-    def _decode_step(self, B: int, caches: list[LlamaGpuCache]) -> None:
+    def _decode_step(self, B: int) -> None:
+        """One token of the B sequences whose tokens and table are in `_tokens` / `_slots`: logits in `_logits`."""
         self._embed(self._tokens[:B], self._h[:B])
-        self._decode_layers(B, caches)
+        self._decode_layers(B)
 
     def _all_resident(self) -> bool:
         tiers = getattr(self.scheduler, "tier", None)
         return tiers is not None and all(t == "vram" for t in tiers.values())
 
-    def _graph_for(self, cache: LlamaGpuCache) -> torch.cuda.CUDAGraph | None:
-        """The captured one-token step for this cache (made on first use), or None where graphs do not apply."""
+    def _graph_for(self, B: int) -> torch.cuda.CUDAGraph | None:
+        """The captured step for B sequences (made on first use, after one eager step on the current inputs, which
+        the replay then repeats), or None where graphs do not apply: some layers stream through the scheduler."""
         if not (self.use_graphs and self._all_resident()):
             return None
-        if cache.graph is None:
-            self._decode_step(1, [cache])  # warm-up: compiles and loads every kernel outside the capture
+        graph = self._graphs.get(B)
+        if graph is None:
+            self._decode_step(B)  # warm-up: compiles and loads every kernel outside the capture
             torch.cuda.current_stream(self.device).synchronize()
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
-                    self._decode_step(1, [cache])
+                with torch.cuda.graph(graph, pool=self._graph_pool):
+                    self._decode_step(B)
             except RuntimeError:  # a launch that cannot be captured here: run eagerly from now on
                 self.use_graphs = False
                 return None
-            cache.graph = graph
-        return cache.graph
+            self._graphs[B] = graph
+        return graph
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, caches: list[LlamaGpuCache]) -> torch.Tensor:
-        """One step for B sequences (tokens [B]); logits [B, V] fp32 on the GPU."""
+        """One step for B sequences (tokens [B]); logits [B, V] fp32 on the GPU. Up to DECODE_BATCH (32)
+        sequences share each layer's fetch and launches; more are decoded in groups of that many."""
         tokens = tokens.reshape(-1)
         if tokens.numel() != len(caches):
             raise ValueError(f"{tokens.numel()} tokens for {len(caches)} caches")
-        if len(caches) > MAX_BATCH:
-            return torch.cat([self.decode(tokens[i:i + MAX_BATCH], caches[i:i + MAX_BATCH])
-                              for i in range(0, len(caches), MAX_BATCH)])
+        if len(caches) > DECODE_BATCH:
+            return torch.cat([self.decode(tokens[i:i + DECODE_BATCH], caches[i:i + DECODE_BATCH])
+                              for i in range(0, len(caches), DECODE_BATCH)])
         began, counters = time.perf_counter(), dict(self.scheduler.stats())
         B = len(caches)
         with torch.cuda.device(self.device):
             for cache in caches:
                 cache.reserve(1)
             self._tokens[:B].copy_(tokens, non_blocking=True)
-            for b, cache in enumerate(caches):
-                self._pos[b:b + 1].fill_(cache.length)
-                self._len[b:b + 1].fill_(cache.length + 1)
-            graph = self._graph_for(caches[0]) if B == 1 else None
+            self._write_slots(caches, [cache.length for cache in caches], [cache.length + 1 for cache in caches])
+            self._on_cpu = self.cpu_layers.begin_step(caches, 1) if self.cpu_layers else frozenset()
+            graph = self._graph_for(B)
             if graph is not None:
                 graph.replay()
             else:
-                self._decode_step(B, caches)
+                self._decode_step(B)
             for cache in caches:
                 cache.length += 1
             logits = self._logits[:B].clone()
@@ -289,20 +312,25 @@ class LlamaForwardGPU:
         T = h.shape[0]
         S = start + T
         q16 = torch.empty(T, c.n_heads * c.head_dim, dtype=torch.float16, device=self.device)
-        self._pos[:1].fill_(start)
+        self._write_slots([cache], [start], [S])
+        slots = self._slots[:1]
         mask = None
         if start:
             mask = (torch.arange(S, device=self.device)[None, :]
                     <= torch.arange(start, S, device=self.device)[:, None])
+        on_cpu = self.cpu_layers.begin_step([cache], T) if self.cpu_layers else frozenset()
         for i in range(c.n_layers):
+            if i in on_cpu:
+                self.cpu_layers.run_layer(i, h)
+                continue
             w, resident = self._layer(i)
             p = f"blk.{i}."
             xn = ops.rmsnorm(h, self._norm(w, p + "attn_norm.weight", resident), c.rms_eps)
             q = self._project(w, p + "attn_q.weight", xn).float()
             k = self._project(w, p + "attn_k.weight", xn).float()
             v = self._project(w, p + "attn_v.weight", xn).float()
-            ops.rope_store(q, k, v, self._pos[:1], self._inv_freq, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim,
-                           True, q16, cache.k[i], cache.v[i])
+            ops.rope_store(q, k, v, slots, i, self._inv_freq, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, True,
+                           q16)
             qh = q16.view(T, c.n_heads, c.head_dim).transpose(0, 1).unsqueeze(0)  # [1, H, T, hd]
             kh = cache.k[i, :S].transpose(0, 1).unsqueeze(0).contiguous()  # [1, KV, S, hd]
             vh = cache.v[i, :S].transpose(0, 1).unsqueeze(0).contiguous()
@@ -317,14 +345,12 @@ class LlamaForwardGPU:
             h += self._project(w, p + "ffn_down.weight", ops.swiglu(gate, up))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [T, V] of hidden rows h [T, D] fp32 (GEMV over the quantized head, 8 rows a launch)."""
+        """fp32 logits [T, V] of hidden rows h [T, D] fp32 (GEMV over the quantized head)."""
         c = self.config
         norm = self._norm(self.scheduler.fetch("output_norm"), "output_norm.weight", True)
         xn = ops.rmsnorm(h.contiguous(), norm, c.rms_eps)
-        head = self.scheduler.fetch(self._head_extent)[self._head_name]
         logits = torch.empty(h.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
-        for r in range(0, h.shape[0], MAX_BATCH):
-            ops.gemv([head], self._qtypes[self._head_name], xn[r:r + MAX_BATCH], [logits[r:r + MAX_BATCH]])
+        self._gemv_group(self.scheduler.fetch(self._head_extent), [self._head_name], xn, [logits], fast=False)
         return logits
 
     @torch.inference_mode()
@@ -362,11 +388,16 @@ class LlamaForwardGPU:
 
     def stats(self) -> dict:
         return {**self.scheduler.stats(), "last_step": self.last_step, "cuda_graphs": self.use_graphs,
+                "cuda_graph_batches": sorted(self._graphs),
+                "cpu_layers": self.cpu_layers.stats() if self.cpu_layers else None,
                 "repacked_bytes": self.repacked_bytes, "vram_allocated": torch.cuda.memory_allocated(self.device)}
 
     def close(self) -> None:
+        if self.cpu_layers:
+            self.cpu_layers.close()
         self.scheduler.close()
         self._norms.clear()
+        self._graphs.clear()
 
 
 def make_forward(entry: ModelEntry, options: LoadOptions | None = None):

@@ -1,11 +1,15 @@
 """`python -m gdsllm_qwen_moe.bench`: expert streaming on a synthetic model with the 397B's layer shapes.
 
-1. ceiling: the same reader reading `--ceiling-gb` of expert extents cold (page cache dropped), GB/s;
-2. cold decode: page cache dropped before each step, host cache off: seconds per layer against
-   bytes read per layer / ceiling (the I/O-bound lower bound), and the compute-only time of the same step re-run
-   with every expert cached;
-3. Zipf trace: routing drawn from a Zipf law per layer through the host cache under `--budget-gb`: hit rate and
-   bytes read per token, against the cold bytes per token x (1 - hit rate).
+1. ceiling: `--ceiling-gb` of expert extents read cold (page cache dropped) in one batched call, by the storage
+   layer's default reader (8 threads, 16 MiB pieces) and by the forward's own expert reader; the faster is the
+   ceiling;
+2. cold decode: page cache dropped before each step, both cache tiers off: seconds per layer against bytes read
+   per layer / ceiling (the I/O-bound lower bound), the time spent waiting on reads, and the compute-only time of
+   the same step re-run with every expert resident in VRAM; `--read-configs` repeats it per reader setting
+   (threads x piece MiB);
+3. Zipf trace: routing drawn from a Zipf law per layer through the host tier alone (`--budget-gb`) and through
+   the VRAM tier (`--vram-budget-gb`) in front of it: hit rates per tier and bytes read per token, against the
+   cold bytes per token x (1 - hit rate).
 With `--prefetch`, step 2 is run again with next-layer expert read-ahead on (`cold_prefetch`: per step, the
 read-ahead's experts, hits, waste and bytes; `prefetch_speedup`: cold seconds off / on). On this synthetic model the
 routers are random, so its hit rate says little about a real checkpoint: the timings show what overlap buys."""
@@ -13,6 +17,7 @@ routers are random, so its hit rate says little about a real checkpoint: the tim
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +26,7 @@ import torch
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.storage.backends import drop_page_cache
+from gdsllm_core.storage.reader import ExtentReader
 from gdsllm_qwen_moe.experts import ExpertCache
 from gdsllm_qwen_moe.forward import QwenMoeForward
 from gdsllm_qwen_moe.synthetic import qwen35_397b_shapes, write_synthetic
@@ -31,8 +37,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float) -> float:
-    """GB/s of the model's own reader over consecutive expert extents, read cold in one batched call."""
+def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float) -> dict:
+    """GB/s over consecutive expert extents, read cold in one batched call: by a default reader and by the
+    forward's own (same backend)."""
     extents = [e for e in forward.entry.manifest.extents if ".expert." in e.name]
     chosen, total = [], 0
     for extent in reversed(extents):  # the last layers: far from anything read at load time
@@ -41,22 +48,29 @@ def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float) ->
         chosen.append(extent)
         total += extent.nbytes
     buffers = [torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=forward.device.type == "cuda") for e in chosen]
-    drop_page_cache(weights)
-    began = time.perf_counter()
-    forward.reader.read(chosen, buffers)
-    return total / (time.perf_counter() - began) / 1e9
+    rates = {}
+    default = ExtentReader(forward.entry.path, forward.entry.manifest, backend=forward.reader.backend)
+    for label, reader in (("default_reader", default), ("expert_reader", forward.reader)):
+        drop_page_cache(weights)
+        began = time.perf_counter()
+        reader.read(chosen, buffers)
+        rates[label] = total / (time.perf_counter() - began) / 1e9
+    default.close()
+    return {"gb": total / 1e9, **rates, "ceiling_gb_s": max(rates.values())}
 
 
 def cold_decode(forward: QwenMoeForward, weights: Path, steps: int) -> dict:
-    """Decode `steps` tokens, page cache dropped before each; then re-run each step with its experts cached."""
+    """Decode `steps` tokens, page cache dropped and both tiers emptied before each (after one untimed step that
+    fills the buffer pools, as any earlier token would have); then re-run each step with its experts in VRAM."""
     layers = forward.config.num_hidden_layers
-    cache = forward.new_cache(steps + 1)
+    cache = forward.new_cache(steps + 2)
     forward.prefill(torch.tensor([1]), cache)
     token, rows = 2, []
-    for _ in range(steps):
+    for step in range(-1, steps):
         before = copy.deepcopy(cache)
         drop_page_cache(weights)
         read_before = forward.experts.stats.bytes_read
+        wait_before = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns
         ahead_before = forward.experts.as_dict()["prefetch"]
         _sync(forward.device)
         began = time.perf_counter()
@@ -64,42 +78,94 @@ def cold_decode(forward: QwenMoeForward, weights: Path, steps: int) -> dict:
         _sync(forward.device)
         cold = time.perf_counter() - began
         read = forward.experts.stats.bytes_read - read_before
+        waited = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns - wait_before
         ahead = {k: v - ahead_before[k] for k, v in forward.experts.as_dict()["prefetch"].items()}
-        forward.experts.budget_bytes = 1 << 40  # warm re-run: same routing, every expert now kept
+        forward.experts.vram.budget_bytes = 1 << 40  # warm re-run: same routing, every expert now in VRAM
         forward.decode(torch.tensor([token]), [copy.deepcopy(before)])  # fills the cache
         _sync(forward.device)
         began = time.perf_counter()
         forward.decode(torch.tensor([token]), [before])
         _sync(forward.device)
         warm = time.perf_counter() - began
-        forward.experts = ExpertCache(forward.reader, forward.entry.manifest, 0, forward.device)
-        rows.append({"cold_s_per_layer": cold / layers, "bytes_per_layer": read / layers,
-                     "compute_s_per_layer": warm / layers, "prefetch": ahead})
+        forward.experts.clear()
+        forward.experts.vram.budget_bytes = 0
+        if step >= 0:
+            rows.append({"cold_s_per_layer": cold / layers, "bytes_per_layer": read / layers,
+                         "read_wait_s_per_layer": waited / 1e9 / layers, "compute_s_per_layer": warm / layers,
+                         "prefetch": ahead})
         token = int(logits[0].argmax()) % forward.vocab_size
     return {"steps": rows}
 
 
-def zipf_trace(forward: QwenMoeForward, tokens: int, budget_bytes: int, exponent: float, seed: int) -> dict:
-    """Requests drawn per layer from a Zipf law over the experts (each layer its own popularity order)."""
+def profile_step(forward: QwenMoeForward, weights: Path) -> dict:
+    """One decode step under torch.profiler, cold (both tiers empty, page cache dropped) and warm (every expert
+    in VRAM), with the same routing: wall time, GPU busy time, and the ops taking most host and GPU time (the
+    CUDA runtime calls among them show host syncs and copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if forward.device.type == "cuda" else [])
+    cache = forward.new_cache(4)
+    forward.prefill(torch.tensor([1]), cache)
+    forward.experts.clear()
+    forward.experts.vram.budget_bytes = 0
+    report = {}
+    for label in ("cold", "warm"):
+        if label == "cold":
+            drop_page_cache(weights)
+        else:
+            forward.experts.vram.budget_bytes = 1 << 40
+            forward.decode(torch.tensor([2]), [copy.deepcopy(cache)])  # fills the VRAM tier
+        step = copy.deepcopy(cache)
+        _sync(forward.device)
+        with profile(activities=activities) as prof:
+            began = time.perf_counter()
+            forward.decode(torch.tensor([2]), [step])
+            _sync(forward.device)
+            wall = time.perf_counter() - began
+        events = list(prof.key_averages())
+        report[label] = {"wall_ms": wall * 1e3, "gpu_busy_ms": sum(_gpu_us(e) for e in events) / 1e3,
+                         "top_host_ms": _top(events, lambda e: e.self_cpu_time_total),
+                         "top_gpu_ms": _top(events, _gpu_us)}
+    forward.experts.clear()
+    forward.experts.vram.budget_bytes = 0
+    return report
+
+
+def _gpu_us(event) -> float:
+    return getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+
+
+def _top(events: list, key) -> list:
+    """(op, calls, ms) of the 14 events highest by `key` (microseconds)."""
+    return [(e.key[:60], e.count, round(key(e) / 1e3, 3)) for e in sorted(events, key=key, reverse=True)[:14]]
+
+
+def zipf_trace(forward: QwenMoeForward, tokens: int, budget_bytes: int, exponent: float, seed: int,
+               vram_budget_bytes: int = 0) -> dict:
+    """Requests drawn per layer from a Zipf law over the experts (each layer its own popularity order), served
+    by the tiers (experts handed to the forward's device as the forward pass gets them)."""
     config = forward.config
     generator = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, config.num_experts + 1, dtype=torch.float64)
     weights = ranks.pow(-exponent)
     orders = [torch.randperm(config.num_experts, generator=generator) for _ in range(config.num_hidden_layers)]
-    cache = ExpertCache(forward.reader, forward.entry.manifest, budget_bytes, forward.device)
+    cache = ExpertCache(forward.reader, forward.entry.manifest, budget_bytes, forward.device, vram_budget_bytes)
     began = time.perf_counter()
     for _ in range(tokens):
         for layer in range(config.num_hidden_layers):
             picks = torch.multinomial(weights, config.num_experts_per_tok, replacement=False, generator=generator)
             cache.get(layer, orders[layer][picks].tolist())
+    _sync(forward.device)
     elapsed = time.perf_counter() - began
     expert_bytes = forward.entry.manifest.extent("blk.0.expert.0").nbytes
     stats = cache.as_dict()
+    cache.close()
     cold_per_token = config.num_hidden_layers * config.num_experts_per_tok * expert_bytes
-    return {"tokens": tokens, "budget_bytes": budget_bytes, "exponent": exponent,
-            "hit_rate": stats["host"]["hit_rate"], "bytes_read_per_token": stats["storage"]["bytes_read"] / tokens,
+    return {"tokens": tokens, "host_budget_bytes": budget_bytes, "vram_budget_bytes": vram_budget_bytes,
+            "exponent": exponent, "hit_rate": stats["hit_rate"], "vram_hit_rate": stats["vram"]["hit_rate"],
+            "host_hit_rate": stats["host"]["hit_rate"], "bytes_read_per_token": stats["storage"]["bytes_read"] / tokens,
             "cold_bytes_per_token": cold_per_token,
-            "cold_bytes_per_token_x_miss_rate": cold_per_token * (1 - stats["host"]["hit_rate"]),
+            "cold_bytes_per_token_x_miss_rate": cold_per_token * (1 - stats["hit_rate"]),
             "seconds_per_token": elapsed / tokens, "read_seconds_per_token": stats["storage"]["read_ns"] / 1e9 / tokens}
 
 
@@ -113,7 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ceiling-gb", type=float, default=2.0)
     parser.add_argument("--zipf-tokens", type=int, default=64)
     parser.add_argument("--zipf-exponent", type=float, default=1.1)
-    parser.add_argument("--budget-gb", type=float, default=4.0)
+    parser.add_argument("--budget-gb", type=float, default=4.0, help="host tier of the Zipf trace")
+    parser.add_argument("--vram-budget-gb", type=float, default=0.0,
+                        help="VRAM tier of a second Zipf trace (0: that trace is skipped)")
+    parser.add_argument("--read-configs", default="",
+                        help="extra reader settings for the cold decode, e.g. '8x16,32x1' (threads x piece MiB)")
+    parser.add_argument("--profile", action="store_true", help="also profile one cold and one warm decode step")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a self-test of this script)")
     parser.add_argument("--prefetch", action="store_true",
                         help="also run the cold decode with next-layer expert read-ahead, to compare on/off")
@@ -128,26 +199,49 @@ def main(argv: list[str] | None = None) -> dict:
             config = tiny_shapes(args.layers)
         began = time.perf_counter()
         entry = write_synthetic(args.root, name, config, group_size=64 if args.tiny else 128)
-        print(f"wrote {entry.path} ({entry.size_bytes / 1e9:.2f} GB) in {time.perf_counter() - began:.1f} s")
+        print(f"wrote {entry.path} ({entry.size_bytes / 1e9:.2f} GB) in {time.perf_counter() - began:.1f} s",
+              file=sys.stderr)
     weights = entry.path / entry.manifest.extents[0].file
-    forward = QwenMoeForward(entry, LoadOptions(device=args.device, host_cache=0, extra={"dtype": args.dtype}))
+
+    def load(**extra) -> QwenMoeForward:
+        return QwenMoeForward(entry, LoadOptions(device=args.device, host_cache=0,
+                                                 extra={"dtype": args.dtype, "expert_vram_bytes": 0, **extra}))
+
+    forward = load()
     result = {"device": str(forward.device), "dtype": args.dtype, "backend": forward.reader.backend.name,
               "backend_reason": getattr(forward.reader.backend, "reason", ""),
+              "expert_reader": {"threads": forward.reader.threads, "piece_bytes": forward.reader.chunk_bytes},
               "expert_bytes": entry.manifest.extent("blk.0.expert.0").nbytes,
-              "ceiling_gb_s": storage_ceiling(forward, weights, args.ceiling_gb)}
-    result["cold"] = cold_decode(forward, weights, args.steps)
+              "ceiling": storage_ceiling(forward, weights, args.ceiling_gb)}
+    result["ceiling_gb_s"] = result["ceiling"]["ceiling_gb_s"]
+    runs = {"cold": cold_decode(forward, weights, args.steps)}
     if args.prefetch:
-        ahead = QwenMoeForward(entry, LoadOptions(device=args.device, host_cache=0,
-                                                  extra={"dtype": args.dtype, "expert_prefetch": True}))
-        result["cold_prefetch"] = cold_decode(ahead, weights, args.steps)
+        ahead = load(expert_prefetch=True)
+        runs["cold_prefetch"] = cold_decode(ahead, weights, args.steps)
         ahead.close()
-        result["prefetch_speedup"] = (sum(r["cold_s_per_layer"] for r in result["cold"]["steps"]) /
-                                      sum(r["cold_s_per_layer"] for r in result["cold_prefetch"]["steps"]))
-    for run in ("cold", "cold_prefetch")[:1 + args.prefetch]:
-        for row in result[run]["steps"]:
+        result["prefetch_speedup"] = (sum(r["cold_s_per_layer"] for r in runs["cold"]["steps"]) /
+                                      sum(r["cold_s_per_layer"] for r in runs["cold_prefetch"]["steps"]))
+    for setting in filter(None, args.read_configs.split(",")):
+        threads, piece_mib = setting.split("x")
+        other = load(expert_read_threads=int(threads), expert_read_chunk=int(float(piece_mib) * (1 << 20)))
+        runs[f"cold_{setting}"] = cold_decode(other, weights, args.steps)
+        other.close()
+    for label, run in runs.items():
+        for row in run["steps"]:
             row["io_bound_s_per_layer"] = row["bytes_per_layer"] / (result["ceiling_gb_s"] * 1e9)
             row["ratio_to_io_bound"] = row["cold_s_per_layer"] / row["io_bound_s_per_layer"]
+        run["mean_ratio_to_io_bound"] = sum(r["ratio_to_io_bound"] for r in run["steps"]) / len(run["steps"])
+        result[label] = run
+    if args.profile:
+        try:
+            result["profile"] = profile_step(forward, weights)
+        except Exception as exc:  # a profiler that cannot start on this machine costs the run nothing else
+            result["profile"] = {"error": repr(exc)}
     result["zipf"] = zipf_trace(forward, args.zipf_tokens, int(args.budget_gb * 1e9), args.zipf_exponent, seed=0)
+    if args.vram_budget_gb > 0:
+        result["zipf_two_tiers"] = zipf_trace(forward, args.zipf_tokens, int(args.budget_gb * 1e9),
+                                              args.zipf_exponent, seed=0,
+                                              vram_budget_bytes=int(args.vram_budget_gb * 1e9))
     forward.close()
     print(json.dumps(result, indent=1))
     return result

@@ -1,31 +1,44 @@
-"""The MoE block with selective expert loading and a host-RAM expert cache.
+"""The MoE block with selective expert loading and a two-tier expert cache (VRAM in front of host RAM).
 
 Per layer the router runs first; only the experts it picked (the union over every token of the step: the batch in
-decode, the prompt chunk in prefill) are fetched, the cache misses in one batched `ExtentReader.submit`. Cached
-experts live in host RAM under a byte budget; eviction drops the expert requested least often (ties: least recently
-used), so frequently routed experts stay. Statistics: hits, misses, bytes read from storage, evictions.
+decode, the prompt chunk in prefill) are fetched. `ExpertCache.stream` hands them out as they become available:
+VRAM-tier hits at once, host-tier hits after their copy to the device, and storage misses as each one's read lands
+(all misses are submitted together at the start, one future per expert), so the compute of the first experts
+overlaps the reads of the others. Reads land in pooled host buffers (pinned when computing on a GPU) and are copied
+into pooled device buffers on the compute stream: steady-state decoding allocates nothing.
+
+Tiers: each holds experts under its own byte budget (`LfuTier`); eviction drops the expert requested least often
+(ties: least recently used), never one the current step uses, and never for a rarer newcomer. The host tier admits
+experts read from storage; the VRAM tier admits every expert it did not already hold (promotion from the host tier
+or straight from storage), keeping the device copy just made. The VRAM tier is device-agnostic: with device "cpu"
+and a budget it holds copies in host memory (what the CPU tests exercise). Admissions happen once the step's
+experts are all in, in request order, so cache contents never depend on read completion order. Statistics: hits
+per tier, misses (storage reads), bytes read, evictions.
 
 Optional read-ahead (`ExpertCache.prefetch`, driven by the forward pass when `LoadOptions.extra["expert_prefetch"]`
 is on): the experts predicted for the next layer that are neither cached nor on their way are read asynchronously
-into pooled buffers held beside the cache (not counted in `cached_bytes`). The next `get` takes those it needs
+into pooled buffers held beside the cache (not counted in `cached_bytes`). The next `stream` takes those it needs
 (waiting on the read only if it has not landed) and passes them through the same admission as synchronous misses,
-in the same order, so the cache holds exactly what it would without read-ahead; the rest are waste, returned to the
-pool. Host RAM is thus at most the budget plus the read-ahead in flight (at most one layer's prediction, which the
-caller caps)."""
+in the same order, so the caches hold exactly what they would without read-ahead; the rest are waste, returned to
+the pool. Host RAM is thus at most the budget plus the read-ahead in flight (at most one layer's prediction, which
+the caller caps)."""
 
 import heapq
 import itertools
 import time
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core.layout.manifest import Manifest
+from gdsllm_core.layout.manifest import ExtentInfo, Manifest
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.config import QwenMoeConfig
-from gdsllm_qwen_moe.weights import Weight, group_weights, linear, to_device
+from gdsllm_qwen_moe.weights import Weight, group_weights, linear
+
+DENSE_TOKENS = 8  # up to this many rows, every selected expert runs on all rows (weights 0 where not routed)
 
 
 def expert_extent(layer: int, expert: int) -> str:
@@ -51,171 +64,99 @@ def predict_experts(x: torch.Tensor, router: Weight, top_k: int, limit: int) -> 
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # served by the host tier
+    vram_hits: int = 0  # served by the VRAM tier
+    misses: int = 0  # read from storage (whether or not read ahead)
     bytes_read: int = 0
-    reads: int = 0  # batched storage reads issued
+    reads: int = 0  # steps that issued storage reads
     read_ns: int = 0  # time spent waiting for them
-    evictions: int = 0
+    evictions: int = 0  # host tier
+    vram_evictions: int = 0
+    vram_promotions: int = 0  # experts admitted to the VRAM tier
     last_read_by_layer: dict[int, dict] = field(default_factory=dict)
     # read-ahead: misses are counted as above whether or not they were prefetched; bytes_read includes its reads
     prefetched: int = 0  # experts read ahead
-    prefetch_hits: int = 0  # of those, requested by the next get (misses it did not have to read itself)
+    prefetch_hits: int = 0  # of those, requested by the next step (misses it did not have to read itself)
     prefetch_waste: int = 0  # of those, not requested: read for nothing
     prefetch_bytes: int = 0
     prefetch_reads: int = 0  # batched read-ahead reads issued
-    prefetch_wait_ns: int = 0  # time `get` waited on read-ahead that had not landed yet
+    prefetch_wait_ns: int = 0  # time a step waited on read-ahead that had not landed yet
     last_prefetch_by_layer: dict[int, dict] = field(default_factory=dict)
 
-    def as_dict(self, cached_bytes: int, budget_bytes: int) -> dict:
-        requests = self.hits + self.misses
-        return {"host": {"hits": self.hits, "misses": self.misses,
-                         "hit_rate": self.hits / requests if requests else 0.0,
-                         "cached_bytes": cached_bytes, "budget_bytes": budget_bytes, "evictions": self.evictions},
+    def as_dict(self, host: "LfuTier", vram: "LfuTier") -> dict:
+        requests = self.hits + self.vram_hits + self.misses
+        past_vram = requests - self.vram_hits
+        return {"requests": requests, "hit_rate": (self.hits + self.vram_hits) / requests if requests else 0.0,
+                "vram": {"hits": self.vram_hits, "hit_rate": self.vram_hits / requests if requests else 0.0,
+                         "cached_bytes": vram.cached_bytes, "budget_bytes": vram.budget_bytes,
+                         "evictions": self.vram_evictions, "promotions": self.vram_promotions},
+                # host: of the requests the VRAM tier did not serve (all of them when it is off)
+                "host": {"hits": self.hits, "misses": self.misses,
+                         "hit_rate": self.hits / past_vram if past_vram else 0.0,
+                         "cached_bytes": host.cached_bytes, "budget_bytes": host.budget_bytes,
+                         "evictions": self.evictions},
                 "storage": {"bytes_read": self.bytes_read, "reads": self.reads, "read_ns": self.read_ns},
                 "prefetch": {"prefetched": self.prefetched, "hits": self.prefetch_hits, "waste": self.prefetch_waste,
                              "bytes_read": self.prefetch_bytes, "reads": self.prefetch_reads,
                              "wait_ns": self.prefetch_wait_ns, "sync_misses": self.misses - self.prefetch_hits}}
 
 
-class ExpertCache:
-    """Expert extents on demand: read from storage through `reader`, kept in host RAM (pinned when computing on a
-    GPU) up to `budget_bytes`, and handed out on `device`. Read buffers come from a pool: those of experts that
-    were not kept (or were evicted) are reused by later reads, so steady-state decoding allocates nothing."""
+class LfuTier:
+    """Experts (weights + the buffer they live in) under a byte budget. Ranks are (frequency, last use), the
+    frequency shared with the other tier (requests counted once per step); the lowest rank is evicted first."""
 
-    def __init__(self, reader: ExtentReader, manifest: Manifest, budget_bytes: int,
-                 device: torch.device | None = None):
-        self.reader = reader
-        self.device = device or torch.device("cpu")
-        self.extents = {e.name: e for e in manifest.extents if ".expert." in e.name}
+    def __init__(self, budget_bytes: int, frequency: dict[str, int], release: Callable[[torch.Tensor], None]):
         self.budget_bytes = budget_bytes
         self.cached_bytes = 0
-        self._entries: dict[str, tuple[dict[str, Weight], torch.Tensor]] = {}
-        self._rank: dict[str, tuple[int, int]] = {}  # cached expert -> (frequency, last use): lowest is evicted first
+        self.entries: dict[str, tuple[dict[str, Weight], torch.Tensor]] = {}
+        self.frequency = frequency
+        self.release = release  # takes an evicted expert's buffer back
+        self.evictions = 0
+        self._rank: dict[str, tuple[int, int]] = {}
         self._heap: list[tuple[int, int, str]] = []  # ranks, some stale (skipped when popped)
         self._clock = itertools.count()
-        self._in_use: list[torch.Tensor] = []  # buffers of the last step's uncached experts
-        self._free: dict[int, list[torch.Tensor]] = {}  # nbytes -> reusable buffers
-        self._pending: dict[str, tuple[torch.Tensor, Future]] = {}  # read-ahead: expert -> (buffer, its read)
-        self.frequency: dict[str, int] = {}
-        self.stats = CacheStats()
 
-    def get(self, layer: int, experts: list[int]) -> dict[int, dict[str, Weight]]:
-        """The weights of `experts` of `layer`; misses are read together in one batched read."""
-        self._release(self._in_use)
-        self._in_use = []
-        names = {e: expert_extent(layer, e) for e in experts}
-        ahead = {name: self._pending.pop(name) for name in names.values()
-                 if name in self._pending and name not in self._entries}
-        found: dict[int, dict[str, Weight]] = {}
-        missing = []
-        for expert, name in names.items():
-            self.frequency[name] = self.frequency.get(name, 0) + 1
-            if name in self._entries:
-                self._set_rank(name)
-                found[expert] = self._entries[name][0]
-            else:
-                missing.append(expert)
-        self.stats.hits += len(found)
-        self.stats.misses += len(missing)
-        read_bytes = 0
-        if missing:
-            extents = [self.extents[names[e]] for e in missing]
-            unread = [extent for extent in extents if extent.name not in ahead]
-            buffers = {extent.name: self._buffer(extent.nbytes) for extent in unread}
-            if unread:
-                began = time.perf_counter_ns()
-                self.reader.read(unread, [buffers[extent.name] for extent in unread])
-                self.stats.read_ns += time.perf_counter_ns() - began
-                read_bytes = sum(extent.nbytes for extent in unread)
-                self.stats.reads += 1
-            if ahead:
-                began = time.perf_counter_ns()
-                for future in {id(f): f for _, f in ahead.values()}.values():
-                    future.result()
-                self.stats.prefetch_wait_ns += time.perf_counter_ns() - began
-                self.stats.prefetch_hits += len(ahead)
-                buffers.update({name: buffer for name, (buffer, _) in ahead.items()})
-            for expert, extent in zip(missing, extents, strict=True):
-                buffer = buffers[extent.name]
-                found[expert] = group_weights(extent, extent_views(extent, buffer))
-                if not self._admit(extent.name, found[expert], buffer, keep=set(names.values())):
-                    self._in_use.append(buffer)
-        self._drop_pending()
-        self.stats.bytes_read += read_bytes
-        self.stats.last_read_by_layer[layer] = {"ids": list(experts), "misses": len(missing),
-                                                 "bytes": read_bytes, "prefetch_hits": len(ahead)}
-        if self.device.type != "cpu":
-            found = {expert: to_device(weights, self.device) for expert, weights in found.items()}
-        return found
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Start reading those of `experts` of `layer` that are neither cached nor already on their way, in one
-        batched asynchronous read; the next `get` uses them or drops them."""
-        names = [expert_extent(layer, e) for e in experts]
-        wanted = [self.extents[n] for n in names if n not in self._entries and n not in self._pending]
-        self.stats.last_prefetch_by_layer[layer] = {"predicted": list(experts),
-                                                    "read": [int(e.name.rsplit(".", 1)[1]) for e in wanted]}
-        if not wanted:
-            return
-        buffers = [self._buffer(extent.nbytes) for extent in wanted]
-        future = self.reader.submit(wanted, buffers)
-        for extent, buffer in zip(wanted, buffers, strict=True):
-            self._pending[extent.name] = (buffer, future)
-        nbytes = sum(extent.nbytes for extent in wanted)
-        self.stats.prefetched += len(wanted)
-        self.stats.prefetch_bytes += nbytes
-        self.stats.bytes_read += nbytes
-        self.stats.prefetch_reads += 1
+    def use(self, name: str) -> dict[str, Weight] | None:
+        """The weights of a held expert (its rank refreshed), or None."""
+        if name not in self.entries:
+            return None
+        self._set_rank(name)
+        return self.entries[name][0]
 
-    def _drop_pending(self) -> None:
-        """Read-ahead nobody asked for: wait for it to land (its buffers are about to be reused), count it as waste."""
-        for buffer, future in self._pending.values():
-            future.result()
-            self._free.setdefault(buffer.numel(), []).append(buffer)  # never copied to the GPU: no sync needed
-        self.stats.prefetch_waste += len(self._pending)
-        self._pending.clear()
-
-    @property
-    def pending_bytes(self) -> int:
-        """Host RAM held by read-ahead not yet taken by `get` (beside `cached_bytes`)."""
-        return sum(buffer.numel() for buffer, _ in self._pending.values())
-
-    def _buffer(self, nbytes: int) -> torch.Tensor:
-        pool = self._free.get(nbytes)
-        if pool:
-            return pool.pop()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-
-    def _release(self, buffers: list[torch.Tensor]) -> None:
-        if buffers and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # their copies to the GPU have landed
-        for buffer in buffers:
-            self._free.setdefault(buffer.numel(), []).append(buffer)
-
-    def _admit(self, name: str, weights: dict[str, Weight], buffer: torch.Tensor, keep: set[str]) -> bool:
-        """Cache an expert if the budget allows, evicting less frequently used ones not needed by this step."""
+    def admit(self, name: str, weights: Callable[[], dict[str, Weight]], buffer: torch.Tensor,
+              keep: set[str]) -> bool:
+        """Hold an expert (its weights made by `weights()` if admitted) if the budget allows, evicting less
+        frequently used ones not in `keep`."""
         nbytes = buffer.numel()
         if nbytes > self.budget_bytes:
             return False
         while self.cached_bytes + nbytes > self.budget_bytes:
             victim = self._coldest(keep)
-            if victim is None:
-                return False
-            if self.frequency[victim] > self.frequency[name]:
-                return False  # the newcomer is the rarer one: do not displace a hotter expert
-            _, victim_buffer = self._entries.pop(victim)
+            if victim is None or self.frequency[victim] > self.frequency[name]:
+                return False  # everything left is needed now, or hotter than the newcomer
+            _, victim_buffer = self.entries.pop(victim)
             del self._rank[victim]
-            self._release([victim_buffer])
+            self.release(victim_buffer)
             self.cached_bytes -= victim_buffer.numel()
-            self.stats.evictions += 1
-        self._entries[name] = (weights, buffer)
+            self.evictions += 1
+        self.entries[name] = (weights(), buffer)
         self._set_rank(name)
         self.cached_bytes += nbytes
         return True
 
+    def clear(self) -> list[torch.Tensor]:
+        """Forget every held expert; their buffers are returned."""
+        buffers = [buffer for _, buffer in self.entries.values()]
+        self.entries.clear()
+        self._rank.clear()
+        self._heap.clear()
+        self.cached_bytes = 0
+        return buffers
+
     def _set_rank(self, name: str) -> None:
-        """A cached expert was just used: (frequency, now) is its new rank."""
         rank = self._rank[name] = (self.frequency[name], next(self._clock))
         heapq.heappush(self._heap, (*rank, name))
         if len(self._heap) > 4 * len(self._rank) + 64:  # drop stale ranks now and then
@@ -223,7 +164,7 @@ class ExpertCache:
             heapq.heapify(self._heap)
 
     def _coldest(self, keep: set[str]) -> str | None:
-        """The cached expert to evict first (least frequently used, then least recently), not one in `keep`."""
+        """The held expert to evict first (least frequently used, then least recently), not one in `keep`."""
         held, victim = [], None
         while self._heap:
             frequency, last_use, name = self._heap[0]
@@ -238,30 +179,276 @@ class ExpertCache:
             heapq.heappush(self._heap, item)
         return victim
 
+
+class ExpertCache:
+    """Expert extents on demand: read from storage through `reader`, kept in a host tier (pinned when computing on
+    a GPU) up to `budget_bytes` and in a VRAM tier (on `device`) up to `vram_budget_bytes`, handed out on
+    `device`. Read and staging buffers come from pools keyed by size, reused step after step."""
+
+    def __init__(self, reader: ExtentReader, manifest: Manifest, budget_bytes: int,
+                 device: torch.device | None = None, vram_budget_bytes: int = 0):
+        self.reader = reader
+        self.device = device or torch.device("cpu")
+        self.extents = {e.name: e for e in manifest.extents if ".expert." in e.name}
+        self.frequency: dict[str, int] = {}
+        self.host = LfuTier(budget_bytes, self.frequency, self._free_host)
+        self.vram = LfuTier(vram_budget_bytes, self.frequency, self._free_device)
+        # experts are copied to `device` unless they are used in place (CPU, no VRAM tier)
+        self.staged = self.device.type != "cpu" or vram_budget_bytes > 0
+        self._host_free: dict[int, list[torch.Tensor]] = {}
+        self._device_free: dict[int, list[torch.Tensor]] = {}
+        self._host_in_use: list[torch.Tensor] = []  # the last step's uncached read buffers
+        self._device_in_use: list[torch.Tensor] = []  # the last step's staging buffers not kept by the VRAM tier
+        self._copied: torch.cuda.Event | None = None  # recorded after the last step's copies to the GPU
+        self._pending: dict[str, tuple[torch.Tensor, Future]] = {}  # read-ahead: expert -> (buffer, its read)
+        self.stats = CacheStats()
+
+    # budgets (the host tier's under the names the forward pass and bench have always used) --------------------
+    @property
+    def budget_bytes(self) -> int:
+        return self.host.budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        self.host.budget_bytes = value
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.host.cached_bytes
+
     def cached_names(self) -> set[str]:
-        return set(self._entries)
+        """Experts held by the host tier."""
+        return set(self.host.entries)
+
+    def vram_names(self) -> set[str]:
+        return set(self.vram.entries)
+
+    # fetching -----------------------------------------------------------------------------------------------
+    def get(self, layer: int, experts: list[int]) -> dict[int, dict[str, Weight]]:
+        """The weights of `experts` of `layer`, all at once."""
+        return dict(self.stream(layer, experts))
+
+    def stream(self, layer: int, experts: list[int]) -> Iterator[tuple[int, dict[str, Weight]]]:
+        """(expert, its weights on the device) for each of `experts` of `layer`, as each becomes available: VRAM
+        hits, host hits, then storage misses in the order their reads land. Consume it to the end: the cache
+        admissions and statistics of the step happen there."""
+        self._recycle()
+        names = {e: expert_extent(layer, e) for e in experts}
+        keep = set(names.values())
+        ahead = {name: self._pending.pop(name) for name in names.values()
+                 if name in self._pending and name not in self.host and name not in self.vram}
+        vram_hits, host_hits, missing = [], [], []
+        for expert, name in names.items():
+            self.frequency[name] = self.frequency.get(name, 0) + 1
+            in_vram, in_host = self.vram.use(name), self.host.use(name)  # a request refreshes both tiers' ranks
+            if in_vram is not None:
+                vram_hits.append(expert)
+            elif in_host is not None:
+                host_hits.append(expert)
+            else:
+                missing.append(expert)
+        self.stats.vram_hits += len(vram_hits)
+        self.stats.hits += len(host_hits)
+        self.stats.misses += len(missing)
+        buffers: dict[int, torch.Tensor] = {}
+        futures: dict[int, Future] = {}
+        unread = [e for e in missing if names[e] not in ahead]
+        read_bytes = sum(self.extents[names[e]].nbytes for e in unread)
+        if unread:
+            extents = [self.extents[names[e]] for e in unread]
+            buffers.update({e: self._host_buffer(extent.nbytes) for e, extent in zip(unread, extents, strict=True)})
+            futures.update(zip(unread, self.reader.submit_each(extents, [buffers[e] for e in unread]), strict=True))
+            self.stats.reads += 1
+        for e in missing:
+            if names[e] in ahead:
+                buffers[e], futures[e] = ahead[names[e]]
+        staged: dict[int, tuple[dict[str, Weight], torch.Tensor]] = {}  # expert -> (device weights, device buffer)
+        for expert in vram_hits:
+            yield expert, self.vram.entries[names[expert]][0]
+        for expert in host_hits:
+            weights, buffer = self.host.entries[names[expert]]
+            yield expert, self._on_device(expert, self.extents[names[expert]], weights, buffer, staged)
+        by_future: dict[int, list[int]] = {}
+        for expert in missing:
+            by_future.setdefault(id(futures[expert]), []).append(expert)
+        landed = as_completed({id(f): f for f in futures.values()}.values())
+        while True:
+            began = time.perf_counter_ns()
+            future = next(landed, None)
+            waited = time.perf_counter_ns() - began
+            if future is None:
+                break
+            future.result()
+            if any(names[e] in ahead for e in by_future[id(future)]):
+                self.stats.prefetch_wait_ns += waited
+            else:
+                self.stats.read_ns += waited
+            for expert in by_future[id(future)]:
+                yield expert, self._on_device(expert, self.extents[names[expert]], None, buffers[expert], staged)
+        if self.staged and self.device.type == "cuda" and (host_hits or missing):
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(self.device))
+        self._admit_all(names, host_hits, missing, buffers, staged, keep)
+        self._drop_pending()
+        self.stats.prefetch_hits += len(ahead)
+        self.stats.bytes_read += read_bytes
+        self.stats.last_read_by_layer[layer] = {"ids": list(experts), "misses": len(missing), "bytes": read_bytes,
+                                                 "prefetch_hits": len(ahead), "vram_hits": len(vram_hits)}
+
+    def _on_device(self, expert: int, extent: ExtentInfo, weights: dict[str, Weight] | None, buffer: torch.Tensor,
+                   staged: dict) -> dict[str, Weight]:
+        """The expert's weights where they are computed: copied into a staging buffer on the device (kept in
+        `staged` for the VRAM tier's admission), or the host views themselves (`weights`, else made here)."""
+        if not self.staged:
+            return weights if weights is not None else group_weights(extent, extent_views(extent, buffer))
+        device_buffer = self._device_buffer(extent.nbytes)
+        device_buffer.copy_(buffer[:extent.nbytes], non_blocking=True)
+        on_device = group_weights(extent, extent_views(extent, device_buffer))
+        staged[expert] = (on_device, device_buffer)
+        return on_device
+
+    def _admit_all(self, names: dict[int, str], host_hits: list[int], missing: list[int],
+                   buffers: dict[int, torch.Tensor], staged: dict, keep: set[str]) -> None:
+        """The step's admissions, in request order: host tier for storage reads, VRAM tier for everything it
+        did not hold. Buffers no tier kept go back to the pools at the next step."""
+        for expert in missing:
+            extent, buffer = self.extents[names[expert]], buffers[expert]
+            if not self.host.admit(names[expert], lambda e=extent, b=buffer: group_weights(e, extent_views(e, b)),
+                                   buffer, keep):
+                self._host_in_use.append(buffer)
+        for expert in names:
+            if expert not in staged:
+                continue
+            weights, device_buffer = staged[expert]
+            if self.vram.admit(names[expert], lambda w=weights: w, device_buffer, keep):
+                self.stats.vram_promotions += 1
+            else:
+                self._device_in_use.append(device_buffer)
+        self.stats.evictions, self.stats.vram_evictions = self.host.evictions, self.vram.evictions
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start reading those of `experts` of `layer` that are neither cached nor already on their way, in one
+        batched asynchronous read; the next step uses them or drops them."""
+        names = [expert_extent(layer, e) for e in experts]
+        wanted = [self.extents[n] for n in names
+                  if n not in self.host and n not in self.vram and n not in self._pending]
+        self.stats.last_prefetch_by_layer[layer] = {"predicted": list(experts),
+                                                    "read": [int(e.name.rsplit(".", 1)[1]) for e in wanted]}
+        if not wanted:
+            return
+        buffers = [self._host_buffer(extent.nbytes) for extent in wanted]
+        future = self.reader.submit(wanted, buffers)
+        for extent, buffer in zip(wanted, buffers, strict=True):
+            self._pending[extent.name] = (buffer, future)
+        nbytes = sum(extent.nbytes for extent in wanted)
+        self.stats.prefetched += len(wanted)
+        self.stats.prefetch_bytes += nbytes
+        self.stats.bytes_read += nbytes
+        self.stats.prefetch_reads += 1
+
+    def _drop_pending(self) -> None:
+        """Read-ahead nobody asked for: wait for it to land (its buffers are about to be reused), count it as waste."""
+        for buffer, future in self._pending.values():
+            future.result()
+            self._host_free.setdefault(buffer.numel(), []).append(buffer)  # never copied to the GPU: no sync needed
+        self.stats.prefetch_waste += len(self._pending)
+        self._pending.clear()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Host RAM held by read-ahead not yet taken by a step (beside `cached_bytes`)."""
+        return sum(buffer.numel() for buffer, _ in self._pending.values())
+
+    # buffer pools -------------------------------------------------------------------------------------------
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        pool = self._host_free.get(nbytes)
+        if pool:
+            return pool.pop()
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def _device_buffer(self, nbytes: int) -> torch.Tensor:
+        pool = self._device_free.get(nbytes)
+        if pool:
+            return pool.pop()
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def _wait_copies(self) -> None:
+        """The copies out of host buffers issued so far have landed (their buffers may be refilled)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
+    def _recycle(self) -> None:
+        """The last step's buffers that no tier kept go back to the pools. Device buffers are reused in stream
+        order (the next copy into one queues behind the compute that read it); host buffers once the copies out
+        of them have landed."""
+        if self._host_in_use:
+            self._wait_copies()
+        for buffer in self._host_in_use:
+            self._host_free.setdefault(buffer.numel(), []).append(buffer)
+        for buffer in self._device_in_use:
+            self._device_free.setdefault(buffer.numel(), []).append(buffer)
+        self._host_in_use, self._device_in_use = [], []
+
+    def _free_host(self, buffer: torch.Tensor) -> None:
+        self._host_in_use.append(buffer)  # an evicted expert's buffer: back to the pool at the next step
+
+    def _free_device(self, buffer: torch.Tensor) -> None:
+        self._device_free.setdefault(buffer.numel(), []).append(buffer)
 
     def as_dict(self) -> dict:
-        return self.stats.as_dict(self.cached_bytes, self.budget_bytes)
+        return self.stats.as_dict(self.host, self.vram)
+
+    def clear(self) -> None:
+        """Back to cold: no expert held, no request counted (statistics and buffer pools are kept)."""
+        self._drop_pending()
+        self._wait_copies()
+        self._host_in_use += self.host.clear()
+        self._device_in_use += self.vram.clear()
+        self._recycle()
+        self.frequency.clear()
+
+    def close(self) -> None:
+        """Drop every held expert and pooled buffer (after the reads and copies in flight have landed)."""
+        self.clear()
+        self._host_free.clear()
+        self._device_free.clear()
+        self._host_in_use, self._device_in_use = [], []
 
 
 def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, config: QwenMoeConfig,
               cache: ExpertCache, read_ahead: tuple[int, list[int]] | None = None) -> torch.Tensor:
-    """x [N, hidden] -> routed experts (weighted) + sigmoid-gated shared expert. `read_ahead` (layer, experts): a
-    prefetch started once this layer's experts are in hand, so that it overlaps their compute."""
+    """x [N, hidden] -> routed experts (weighted) + sigmoid-gated shared expert. Each expert is computed as soon
+    as `cache.stream` hands it over (up to DENSE_TOKENS rows: on every row, weighted 0 where not routed, so no
+    host sync; its output in its own slot, the slots summed in expert order: the result does not depend on the
+    order reads land). `read_ahead` (layer, experts): a prefetch started once this layer's experts are computed (on a
+    GPU: queued, so it starts as the last read lands)."""
     weights, ids = route(x, w[prefix + "ffn_gate_inp.weight"], config.num_experts_per_tok)
-    selected = torch.unique(ids).tolist()
-    experts = cache.get(layer, selected)
-    if read_ahead is not None:
-        cache.prefetch(*read_ahead)
-    out = torch.zeros_like(x)
-    for expert in selected:
-        tokens, slot = torch.where(ids == expert)
-        ew = experts[expert]
-        p = f"blk.{layer}.expert.{expert}."
-        hidden = x[tokens]
-        act = F.silu(linear(hidden, ew[p + "ffn_gate.weight"])) * linear(hidden, ew[p + "ffn_up.weight"])
-        out.index_add_(0, tokens, linear(act, ew[p + "ffn_down.weight"]) * weights[tokens, slot, None])
+    chosen = torch.unique(ids)
+    selected = chosen.tolist()
     shared = linear(F.silu(linear(x, w[prefix + "ffn_gate_shexp.weight"])) * linear(x, w[prefix + "ffn_up_shexp.weight"]),
                     w[prefix + "ffn_down_shexp.weight"])
-    return out + torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * shared
+    shared = torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * shared
+    if x.shape[0] <= DENSE_TOKENS:
+        coefficients = (weights.unsqueeze(-1) * (ids.unsqueeze(-1) == chosen)).sum(dim=1)  # [N, selected]
+        slots = x.new_empty(len(selected), *x.shape)
+        position = {expert: j for j, expert in enumerate(selected)}
+        for expert, ew in cache.stream(layer, selected):
+            j = position[expert]
+            torch.mul(expert_ffn(x, ew, f"blk.{layer}.expert.{expert}."), coefficients[:, j, None], out=slots[j])
+        routed = slots.sum(dim=0)
+    else:
+        experts = cache.get(layer, selected)
+        routed = torch.zeros_like(x)
+        for expert in selected:
+            tokens, slot = torch.where(ids == expert)
+            out = expert_ffn(x[tokens], experts[expert], f"blk.{layer}.expert.{expert}.")
+            routed.index_add_(0, tokens, out * weights[tokens, slot, None])
+    if read_ahead is not None:
+        cache.prefetch(*read_ahead)
+    return routed + shared
+
+
+def expert_ffn(x: torch.Tensor, ew: dict[str, Weight], p: str) -> torch.Tensor:
+    act = F.silu(linear(x, ew[p + "ffn_gate.weight"])) * linear(x, ew[p + "ffn_up.weight"])
+    return linear(act, ew[p + "ffn_down.weight"])

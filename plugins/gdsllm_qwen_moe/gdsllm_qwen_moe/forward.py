@@ -1,5 +1,5 @@
 """QwenMoeForward: the torch forward pass of Qwen3.5-MoE. Plain torch ops: the reference on the CPU; on a CUDA
-device the same ops run there (no custom kernels yet).
+device the same ops run there (the affine matrices through the kernels of `gdsllm_core.kernels.affine_ops`, see `weights.linear`).
 
 Residency: the dense extents (embeddings, each layer's attention / router / shared expert / norms, output) are read
 once, in one batched `ExtentReader` read, and stay resident on the compute device. Experts are never loaded up
@@ -11,7 +11,10 @@ extent resident, so this plugin drives `ExtentReader` itself.)
 the resident affine matrices once at load instead of at each use: default on CUDA), "prefill_chunk" (prompt tokens
 per pass, default 512), "expert_prefetch" (default off: read ahead the next layer's likely experts; see
 `_predict_next`), "expert_prefetch_limit" (at most this many experts read ahead per layer, default 4 x top-k: the
-host RAM held beyond the cache budget is at most this many experts)."""
+host RAM held beyond the cache budget is at most this many experts), "expert_read_threads" / "expert_read_chunk"
+(reader threads and piece size in bytes: a layer's experts are spread over all threads), "expert_vram_bytes" (the
+VRAM expert tier's budget; default on CUDA: `LoadOptions.vram_budget` less what the dense part took and VRAM_RESERVE, or
+without a budget the free VRAM after loading less VRAM_RESERVE; 0 on the CPU)."""
 
 from dataclasses import dataclass, field
 
@@ -30,6 +33,9 @@ from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows,
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # LoadOptions.extra["dtype"]
 PREFILL_CHUNK = 512  # prompt tokens per pass: experts are read once per chunk (the union of its routes)
+EXPERT_READ_THREADS = 8  # the storage layer's defaults; `bench --read-configs` compares others on a machine
+EXPERT_READ_CHUNK = 16 << 20
+VRAM_RESERVE = 4 << 30  # VRAM left beside the expert tier for caches, activations and the allocator
 
 
 @dataclass
@@ -62,7 +68,9 @@ class QwenMoeForward:
         self.vocab_size = self.config.vocab_size
         self.max_context = min(options.max_context or self.config.max_position_embeddings,
                                self.config.max_position_embeddings)
-        self.reader = ExtentReader(entry.path, entry.manifest)
+        self.reader = ExtentReader(entry.path, entry.manifest,
+                                   threads=int(options.extra.get("expert_read_threads", EXPERT_READ_THREADS)),
+                                   chunk_bytes=int(options.extra.get("expert_read_chunk", EXPERT_READ_CHUNK)))
         dense_extents = [e for e in entry.manifest.extents if ".expert." not in e.name]
         direct = self.device.type == "cuda" and self.reader.backend.name != "cpu"  # cuFile / staged into VRAM
         arena = torch.empty(sum(e.nbytes for e in dense_extents), dtype=torch.uint8, device=self.device if direct else "cpu")
@@ -79,9 +87,19 @@ class QwenMoeForward:
             self.weights = {name: dense(w, self.dtype) if isinstance(w, AffineWeight) and name != "token_embd.weight"
                             else w for name, w in self.weights.items()}
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
-        self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device)
+        self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device, self._vram_tier_bytes(options))
         self.prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
         self.tokens_processed = 0
+
+    def _vram_tier_bytes(self, options: LoadOptions) -> int:
+        if "expert_vram_bytes" in options.extra:
+            return int(options.extra["expert_vram_bytes"])
+        if self.device.type != "cuda":
+            return 0
+        if options.vram_budget is not None:
+            return max(0, int(options.vram_budget) - torch.cuda.memory_allocated(self.device) - VRAM_RESERVE)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return max(0, free - VRAM_RESERVE)
 
     # caches -------------------------------------------------------------------------------------------------
     def new_cache(self, max_tokens: int) -> QwenMoeCache:
@@ -173,14 +191,21 @@ class QwenMoeForward:
         experts = self.experts.as_dict()
         tokens = self.tokens_processed
         on_gpu = self.device.type == "cuda"
+        per_token = {"vram_hits": experts["vram"]["hits"] / tokens if tokens else 0.0,
+                     "host_hits": experts["host"]["hits"] / tokens if tokens else 0.0,
+                     "misses": experts["host"]["misses"] / tokens if tokens else 0.0}
         return {"backend": self.reader.backend.name, "device": str(self.device),
-                "tiers": {"vram": self.dense_bytes if on_gpu else 0,
+                "tiers": {"vram": (self.dense_bytes if on_gpu else 0) + experts["vram"]["cached_bytes"],
                           "host": self.experts.cached_bytes + (0 if on_gpu else self.dense_bytes),
                           "storage": experts["storage"]["bytes_read"]},
                 "dense_resident_bytes": self.dense_bytes, "expert_cache": experts, "tokens": tokens,
+                "experts_per_token": per_token,
                 "expert_bytes_read_per_token": experts["storage"]["bytes_read"] / tokens if tokens else 0.0}
 
     def close(self) -> None:
         self.weights.clear()
+        self.experts.close()
         self.experts = ExpertCache(self.reader, self.entry.manifest, 0)
         self.reader.close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,5 +1,6 @@
-"""Stored tensors as the CPU forward pass uses them: plain tensors, or `AffineWeight` (packed words + scales +
-biases, dequantized when used)."""
+"""Stored tensors as the forward pass uses them: plain tensors, or `AffineWeight` (packed words + scales + biases,
+dequantized when used). On a CUDA device affine matrices go through the kernels of `gdsllm_core.kernels.affine_ops`:
+the fused dequantize + GEMV for up to 8 rows of activations, else dequantize-to-float then torch's matmul."""
 
 from dataclasses import dataclass
 
@@ -26,16 +27,24 @@ class AffineWeight:
         return self.packed.shape[0], self.packed.shape[1] * 32 // self.bits
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.packed.is_cuda:
+            from gdsllm_core.kernels import affine_ops
+
+            return affine_ops.dequantize(self.packed, self.scales, self.biases, self.bits, self.group_size, dtype)
         return affine.dequantize(self.packed, self.scales, self.biases, self.bits, self.group_size, dtype)
 
     def rows(self, index: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Only the rows `index` (an embedding lookup, a block of rows), dequantized."""
+        if self.packed.is_cuda:
+            return AffineWeight(*(t[index].contiguous() for t in (self.packed, self.scales, self.biases)), self.bits,
+                                self.group_size).dense(dtype)
         return affine.dequantize(self.packed[index], self.scales[index], self.biases[index], self.bits,
                                  self.group_size, dtype)
 
 
 Weight = torch.Tensor | AffineWeight
 DEQUANT_BLOCK_VALUES = 1 << 24  # values dequantized at once by `linear` (int64 codes: 128 MiB)
+CUDA_DEQUANT_BLOCK_VALUES = 1 << 26  # the same on a GPU (the kernel writes floats alone: 128 MiB of bf16)
 
 
 def to_device(weights: dict[str, Weight], device: torch.device) -> dict[str, Weight]:
@@ -73,6 +82,8 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     if not isinstance(weight, AffineWeight):
         return F.linear(x, weight.to(x.dtype))
     rows, cols = weight.shape
+    if x.is_cuda:
+        return _cuda_linear(x, weight)
     step = max(1, DEQUANT_BLOCK_VALUES // cols)
     if step >= rows:
         return F.linear(x, weight.dense(x.dtype))
@@ -84,3 +95,20 @@ def embedding_rows(weight: Weight, tokens: torch.Tensor, dtype: torch.dtype = to
     if isinstance(weight, AffineWeight):
         return weight.rows(tokens, dtype)
     return weight[tokens].to(dtype)
+
+
+def _cuda_linear(x: torch.Tensor, weight: AffineWeight) -> torch.Tensor:
+    from gdsllm_core.kernels import affine_ops
+
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if flat.shape[0] <= affine_ops.MAX_BATCH and weight.bits in affine_ops.GEMV_BITS:
+        if flat.data_ptr() % 16:  # a view into the middle of a row: the kernel loads 16-byte vectors
+            flat = flat.clone()
+        out = affine_ops.gemv(flat, weight.packed, weight.scales, weight.biases, weight.bits,
+                              weight.group_size)
+    else:
+        rows, cols = weight.shape
+        step = max(1, CUDA_DEQUANT_BLOCK_VALUES // cols)
+        out = torch.cat([F.linear(flat, weight.rows(slice(start, start + step), x.dtype))
+                         for start in range(0, rows, step)], dim=-1) if step < rows else F.linear(flat, weight.dense(x.dtype))
+    return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -6,10 +6,15 @@ from gdsllm_qwen_moe import bench
 
 def test_bench_accounting_on_tiny_shapes(tmp_path):
     result = bench.main(["--root", str(tmp_path), "--tiny", "--layers", "4", "--device", "cpu", "--steps", "1",
-                         "--ceiling-gb", "0.0005", "--zipf-tokens", "12", "--budget-gb", "0.0004"])
+                         "--ceiling-gb", "0.0005", "--zipf-tokens", "12", "--budget-gb", "0.0004",
+                         "--vram-budget-gb", "0.0002", "--read-configs", "2x0.25"])
     top_k, expert_bytes = 4, result["expert_bytes"]
     assert [row["bytes_per_layer"] for row in result["cold"]["steps"]] == [top_k * expert_bytes]  # host cache off
     zipf = result["zipf"]
     assert 0 < zipf["hit_rate"] < 1
     assert zipf["bytes_read_per_token"] == pytest.approx(zipf["cold_bytes_per_token_x_miss_rate"], rel=1e-12)
     assert zipf["cold_bytes_per_token"] == 4 * top_k * expert_bytes
+    two = result["zipf_two_tiers"]  # the VRAM tier (device-agnostic: host memory here) in front of the host tier
+    assert 0 < two["vram_hit_rate"] < two["hit_rate"] < 1 and zipf["vram_hit_rate"] == 0
+    assert two["bytes_read_per_token"] == pytest.approx(two["cold_bytes_per_token_x_miss_rate"], rel=1e-12)
+    assert [row["bytes_per_layer"] for row in result["cold_2x0.25"]["steps"]] == [top_k * expert_bytes]

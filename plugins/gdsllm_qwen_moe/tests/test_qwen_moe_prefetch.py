@@ -15,7 +15,8 @@ pytestmark = pytest.mark.reference
 
 
 class CountingReader:
-    """Wraps the forward's ExtentReader: `read` is what the cache reads synchronously, `submit` its read-ahead."""
+    """Wraps the forward's ExtentReader: `submit_each` is what the cache reads for a step's misses, `submit` its
+    read-ahead."""
 
     def __init__(self, reader, cache=None, budget: int = 0):
         self.reader, self.cache, self.budget = reader, cache, budget
@@ -23,9 +24,9 @@ class CountingReader:
         self.ahead: list[str] = []
         self.ahead_batches: list[int] = []
 
-    def read(self, extents, destinations) -> None:
+    def submit_each(self, extents, destinations):
         self.sync += [e.name for e in extents]
-        self.reader.read(extents, destinations)
+        return self.reader.submit_each(extents, destinations)
 
     def submit(self, extents, destinations):
         if self.cache is not None:  # what the cache holds when read-ahead starts: its budget, nothing else pending
