@@ -14,13 +14,14 @@ pin() { if command -v taskset > /dev/null; then taskset -c "$@"; else shift; "$@
 build=$!
 run() { pin 0-3 "$@"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee $OUT/summary.txt
-run timeout 150 python3 -m pytest -p no:cacheprovider tests/gpu/test_llama_gpu.py tests/gpu/test_cpu_layers_gpu.py -q \
-  --tb=short -rs > $OUT/tests.log 2>&1; tail -12 $OUT/tests.log
+TYPES=${TYPES:-Q4_0 Q8_0}  # the synthetic files to make and measure
+TESTS=${TESTS:-tests/gpu/test_llama_gpu.py tests/gpu/test_cpu_layers_gpu.py}
+run timeout 150 python3 -m pytest -p no:cacheprovider $TESTS -q --tb=short -rs > $OUT/tests.log 2>&1; tail -12 $OUT/tests.log
 NOREPACK=""
 if grep -qE "FAILED.*(repacked|synthetic)" $OUT/tests.log; then
   NOREPACK="--no-repack"; echo "repacked-layout tests failed: benchmarking without repacking" | tee -a $OUT/summary.txt
 fi
-for q in Q4_0 Q8_0; do
+for q in $TYPES; do
   run timeout 120 python3 benchmarks/synth_llama_gguf.py /root/7b-$q.gguf --type $q > /dev/null &&
   run timeout 180 python3 -c "from gdsllm_core.convert import convert; from gdsllm_core.layout.store import ModelStore; \
 from gdsllm_core import plugins; plugins.load_plugins(); print(convert('/root/7b-$q.gguf', ModelStore(), '7b-$q').path)" 2>&1 | tail -2
@@ -29,7 +30,8 @@ bench() { tag=$1; shift; echo "== $tag: $*"; run timeout 150 python3 -c "import 
   bench "$@" --json > /root/$tag.json 2> /root/$tag.err; rc=$?; tail -3 /root/$tag.err
   python3 -c "import json,sys; d=json.load(open('/root/$tag.json')); d['tag']='$tag'; print(json.dumps(d))" >> $OUT/bench.jsonl || echo "$tag failed rc $rc"; }
 bench q4_resident 7b-Q4_0 $NOREPACK
-bench q8_resident 7b-Q8_0 $NOREPACK
+case "$TYPES" in *Q8_0*) bench q8_resident 7b-Q8_0 $NOREPACK;; esac
+bench q4_resident_batch 7b-Q4_0 --pp 64 --tg 32 --batch 1,8,16 --no-ceilings $NOREPACK
 bench q4_8vram_storage 7b-Q4_0 --vram-layers 8 --host-cache 0 --cpu-layers 0 --tg 8 $NOREPACK
 timeout 330 sh -c "while kill -0 $build 2>/dev/null; do sleep 5; done"; tail -3 $OUT/build.log
 run() { "$@"; }  # the build is done: every core for the runs that compute layers on the CPU
@@ -37,7 +39,7 @@ bench q4_8vram_host_cpu_auto 7b-Q4_0 --vram-layers 8 --cpu-layers auto $NOREPACK
 bench q4_8vram_host_gpu_only 7b-Q4_0 --vram-layers 8 --cpu-layers 0 $NOREPACK
 lb=/root/llama/llama.cpp/build/bin/llama-bench
 if [ -x $lb ]; then
-  for q in Q4_0 Q8_0; do timeout 120 $lb -m /root/7b-$q.gguf -p 512 -n 128 -ngl 99 -r 3 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md; done
+  for q in $TYPES; do timeout 120 $lb -m /root/7b-$q.gguf -p 512 -n 128 -ngl 99 -r 3 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md; done
   timeout 150 $lb -m /root/7b-Q4_0.gguf -p 512 -n 128 -ngl 8 -r 2 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md
 fi
 python3 benchmarks/summarize.py $OUT/bench.jsonl | tee -a $OUT/summary.txt

@@ -1,9 +1,11 @@
 """`gdsllm bench`: prompt processing (pp) and decode (tg) speed of a model, with the ceilings measured in the same
 run (GPU or host memory bandwidth, storage read speed) and each figure as a fraction of its ceiling.
 
-Batched decode (`batches`, e.g. (1, 8, 16)): for each batch size N, N sequences are prefilled one after another
-(N different random prompts of `pp` tokens; prompt i is the same for every N, and prompt 0 is the batch-1 prompt),
-then `tg` greedy steps decode all N at once, one `forward.decode(tokens[N], caches)` per step. Aggregate tok/s is
+Decode is measured as llama-bench's tgN: from an empty context (a one-token prompt), so the two compare on the
+same file. Batched decode (`batches`, e.g. (1, 8, 16)): for each batch size N, N sequences are prefilled one after
+another (N different random prompts of `pp` tokens; prompt i is the same for every N, and prompt 0 is the batch-1
+prompt: the pp figure), then N fresh sequences of one token each decode `tg` greedy steps all at once, one
+`forward.decode(tokens[N], caches)` per step. Aggregate tok/s is
 N x tg / time; bytes moved per step (from the forward's `stats()`: host->GPU copies, storage reads, expert reads)
 are reported so one can check they do not grow with N."""
 
@@ -151,19 +153,25 @@ def _expert_delta(before: dict, after: dict) -> dict | None:
 
 
 def bench_batch(forward, prompts: list[torch.Tensor], tg: int) -> dict:
-    """Prefill one cache per prompt, one untimed decode step (kernels for this batch size, CUDA graph capture),
-    then `tg` timed greedy steps of all sequences at once. Returns timings, `stats()` snapshots and the tokens."""
+    """Prefill one cache per prompt (timed: pp). Then decode as llama-bench's tgN does, from an empty context: a
+    fresh cache per sequence holding one token (its prompt's first), one untimed step (kernels for this batch size,
+    CUDA graph capture), then `tg` timed greedy steps of all sequences at once. Returns timings, `stats()`
+    snapshots and the tokens."""
     device = forward.device
     n, pp = len(prompts), prompts[0].numel()
-    caches = [forward.new_cache(pp + tg + 2) for _ in range(n)]
+    caches = [forward.new_cache(pp + 1) for _ in range(n)]
     prompts = [prompt.to(device) for prompt in prompts]
     _sync(device)
     before = dict(forward.stats())
     began = time.perf_counter()
-    logits = [forward.prefill(prompt, cache) for prompt, cache in zip(prompts, caches, strict=True)]
+    for prompt, cache in zip(prompts, caches, strict=True):
+        forward.prefill(prompt, cache)
     _sync(device)
     pp_s = time.perf_counter() - began
     after_pp = dict(forward.stats())
+    del caches
+    caches = [forward.new_cache(tg + 3) for _ in range(n)]
+    logits = [forward.prefill(prompt[:1], cache) for prompt, cache in zip(prompts, caches, strict=True)]
     token = torch.stack([row.argmax() for row in logits])  # [N]
     generated = [token]
     token = forward.decode(token, caches).argmax(-1)

@@ -132,7 +132,8 @@ def test_cli_bench_rejects_a_bad_batch_list(tiny, monkeypatch):
 
 def test_batched_tokens_equal_transformers_and_bytes_per_step_do_not_grow(tiny):
     """Streaming every layer from storage at each step: the bytes of one step are the layers + embeddings, for
-    1 sequence or 3; each batched sequence decodes transformers' greedy tokens for its prompt."""
+    1 sequence or 3; each batched sequence decodes transformers' greedy tokens for the one-token prompt its decode
+    starts from (the first of its pp prompt, as llama-bench's tg starts from an empty context)."""
     from gdsllm_llama.forward import LlamaForward
 
     model, entry = tiny
@@ -148,7 +149,7 @@ def test_batched_tokens_equal_transformers_and_bytes_per_step_do_not_grow(tiny):
         assert run["tg_moved_bytes_per_token"] == per_step / run["batch"]
     for prompt, tokens in zip(prompt_tokens(entry.manifest.config["vocab_size"], PP, 3), batched["tokens"],
                               strict=True):
-        logits, fed = hf_logits_with_cache(model, prompt.tolist(), TG + 1)
+        logits, fed = hf_logits_with_cache(model, prompt.tolist()[:1], TG + 1)
         assert tokens == fed + [int(logits[-1].argmax())]
     assert single["tokens"] == batched["tokens"][:1]
 
@@ -164,8 +165,8 @@ def test_smollm2_batched_decode_equals_single_sequences(smollm2, registered):
         assert [(r["prefilled_tokens"], r["decoded_tokens"]) for r in (single, batched)] == [(3, 1), (6, 2)]
         assert single["tg_moved_bytes_per_step"] == batched["tg_moved_bytes_per_step"] == 0
         assert single["tokens"] == batched["tokens"][:1]
-        prompt = prompt_tokens(forward.vocab_size, pp, 2)[1]  # sequence 1 decoded alone
-        cache = forward.new_cache(pp + tg + 2)
+        prompt = prompt_tokens(forward.vocab_size, pp, 2)[1][:1]  # sequence 1's decode, alone: its first token
+        cache = forward.new_cache(tg + 3)
         alone = [int(forward.prefill(prompt, cache).argmax())]
         for _ in range(tg + 1):
             alone.append(int(forward.decode(torch.tensor(alone[-1:]), [cache])[0].argmax()))
@@ -216,5 +217,5 @@ def test_moe_expert_cache_figures_equal_the_forward_counters(tmp_path, registere
     for prompt, tokens in zip(prompt_tokens(entry.manifest.config["vocab_size"], pp, 2),
                               result["batches"][1]["tokens"], strict=True):
         with torch.no_grad():
-            reference = model.generate(prompt[None], max_new_tokens=tg + 2, do_sample=False, pad_token_id=0)
-        assert tokens == reference[0, pp:].tolist()
+            reference = model.generate(prompt[None, :1], max_new_tokens=tg + 2, do_sample=False, pad_token_id=0)
+        assert tokens == reference[0, 1:].tolist()  # decode starts from the prompt's first token
