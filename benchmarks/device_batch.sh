@@ -5,11 +5,7 @@
 # and from storage (caches dropped), the ceilings measured in each run. Results land in $OUT.
 set -o pipefail
 . benchmarks/device_setup.sh > /dev/null || exit 1
-info=/tmp/site/gdsllm_qwen_moe-0.1.0.dist-info  # the Qwen plugin's entry point, as device_setup.sh does for LLaMA
-mkdir -p $info
-printf 'Metadata-Version: 2.1\nName: gdsllm-qwen-moe\nVersion: 0.1.0\n' > $info/METADATA
-printf '[gdsllm]\nqwen_moe = gdsllm_qwen_moe.plugin\n' > $info/entry_points.txt
-export PYTHONPATH=$PYTHONPATH:$PWD/plugins/gdsllm_qwen_moe GDSLLM_MODEL_ROOT=/root/models
+export GDSLLM_MODEL_ROOT=/root/models
 pin() { if command -v taskset > /dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
 ( pin 8-15 timeout 120 python3 benchmarks/synth_llama_gguf.py /root/7b-Q4_0.gguf --type Q4_0 > /dev/null &&
   pin 8-15 timeout 150 python3 -c "from gdsllm_core.convert import convert; from gdsllm_core.layout.store import \

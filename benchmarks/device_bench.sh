@@ -26,7 +26,8 @@ for q in $TYPES; do
   run timeout 180 python3 -c "from gdsllm_core.convert import convert; from gdsllm_core.layout.store import ModelStore; \
 from gdsllm_core import plugins; plugins.load_plugins(); print(convert('/root/7b-$q.gguf', ModelStore(), '7b-$q').path)" 2>&1 | tail -2
 done
-bench() { tag=$1; shift; echo "== $tag: $*"; run timeout 150 python3 -c "import sys; from gdsllm_core.cli.main import main; sys.argv[0] = 'gdsllm'; main()" \
+wanted() { [ -z "$ONLY" ] || [[ $1 =~ $ONLY ]]; }  # ONLY: a regex of the run tags to do (default: all)
+bench() { tag=$1; shift; wanted $tag || return 0; echo "== $tag: $*"; run timeout 150 python3 -c "import sys; from gdsllm_core.cli.main import main; sys.argv[0] = 'gdsllm'; main()" \
   bench "$@" --json > /root/$tag.json 2> /root/$tag.err; rc=$?; tail -3 /root/$tag.err
   python3 -c "import json,sys; d=json.load(open('/root/$tag.json')); d['tag']='$tag'; print(json.dumps(d))" >> $OUT/bench.jsonl || echo "$tag failed rc $rc"; }
 bench q4_resident 7b-Q4_0 $NOREPACK
@@ -37,9 +38,12 @@ timeout 330 sh -c "while kill -0 $build 2>/dev/null; do sleep 5; done"; tail -3 
 run() { "$@"; }  # the build is done: every core for the runs that compute layers on the CPU
 bench q4_8vram_host_cpu_auto 7b-Q4_0 --vram-layers 8 --cpu-layers auto $NOREPACK
 bench q4_8vram_host_gpu_only 7b-Q4_0 --vram-layers 8 --cpu-layers 0 $NOREPACK
+bench q4_8vram_host_cpu_8 7b-Q4_0 --vram-layers 8 --cpu-layers 8 $NOREPACK
 lb=/root/llama/llama.cpp/build/bin/llama-bench
 if [ -x $lb ]; then
-  for q in $TYPES; do timeout 120 $lb -m /root/7b-$q.gguf -p 512 -n 128 -ngl 99 -r 3 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md; done
-  timeout 150 $lb -m /root/7b-Q4_0.gguf -p 512 -n 128 -ngl 8 -r 2 2>&1 | grep -E '^\|' | tee -a $OUT/llamacpp.md
+  for q in $TYPES; do wanted llamacpp_ngl99 && timeout 120 $lb -m /root/7b-$q.gguf -p 512 -n 128 -ngl 99 -r 3 2>&1 |
+    grep -E '^\|' | tee -a $OUT/llamacpp.md; done
+  wanted llamacpp_ngl8 && timeout 150 $lb -m /root/7b-Q4_0.gguf -p 512 -n 128 -ngl 8 -r 2 2>&1 | grep -E '^\|' |
+    tee -a $OUT/llamacpp.md
 fi
 python3 benchmarks/summarize.py $OUT/bench.jsonl | tee -a $OUT/summary.txt

@@ -1,11 +1,6 @@
 # The Qwen3.5-MoE plugin's GPU run (source it from the repo root on the GPU machine, after benchmarks/device_setup.sh):
 # GPU tests, then the streaming bench on the 397B's layer shapes. Logs under $OUT. Usage:
 #   . benchmarks/device_qwen.sh LAYERS BENCH_TIMEOUT [extra bench args]
-info=/tmp/site/gdsllm_qwen_moe-0.1.0.dist-info
-mkdir -p $info
-printf 'Metadata-Version: 2.1\nName: gdsllm-qwen-moe\nVersion: 0.1.0\n' > $info/METADATA
-printf '[gdsllm]\nqwen_moe = gdsllm_qwen_moe.plugin\n' > $info/entry_points.txt
-export PYTHONPATH=$PYTHONPATH:$PWD/plugins/gdsllm_qwen_moe PYTHONUNBUFFERED=1
 layers=${1:-4}; bench_timeout=${2:-170}; shift 2
 nvidia-smi -L; df -h / | tail -1; free -g | head -2
 python3 -c 'import transformers; print("transformers", transformers.__version__); from transformers import Qwen3_5MoeForCausalLM; print("has qwen3_5_moe")' 2>&1 | tail -2

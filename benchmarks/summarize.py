@@ -8,14 +8,14 @@ import sys
 
 def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    print("| run | layers vram/host/storage | pp tok/s | tg tok/s | ms/token | decode GB/s (frac of GPU copy) "
+    print("| run | layers vram/host/cpu/storage | pp tok/s | tg tok/s | ms/token | decode GB/s (frac of GPU copy) "
           "| streamed GB/s (tg) | s/token over storage floor | VRAM peak GiB | GPU copy GB/s | storage GB/s |")
     print("|" + " --- |" * 11)
     for r in rows:
         layers = r["placement"]["layers"] or {}
         frac = r.get("tg_fraction_of_gpu_bandwidth")
         storage = r.get("storage", {})
-        print(f"| {r['tag']} | {layers.get('vram')}/{layers.get('host')}/{layers.get('storage')} "
+        print(f"| {r['tag']} | {layers.get('vram')}/{layers.get('host')}/{layers.get('cpu', 0)}/{layers.get('storage')} "
               f"| {r['pp_tok_s']:,.0f} | {r['tg_tok_s']:,.2f} | {r['tg_s'] / r['tg'] * 1e3:,.2f} "
               f"| {r['tg_effective_gbps']:,.0f}" + (f" ({frac:.1%})" if frac else "") +
               f" | {r['tg_streamed_gbps']:.2f} | " +
