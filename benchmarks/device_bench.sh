@@ -34,6 +34,22 @@ bench q4_resident 7b-Q4_0 $NOREPACK
 case "$TYPES" in *Q8_0*) bench q8_resident 7b-Q8_0 $NOREPACK;; esac
 bench q4_resident_batch 7b-Q4_0 --pp 64 --tg 32 --batch 1,8,16 --no-ceilings $NOREPACK
 bench q4_8vram_storage 7b-Q4_0 --vram-layers 8 --host-cache 0 --cpu-layers 0 --tg 8 $NOREPACK
+if [ -n "$QWEN_LAYERS" ]; then  # while llama.cpp builds: the Qwen3.5-MoE expert streaming bench (issue 8), 397B shapes
+  run timeout 200 python3 -m gdsllm_qwen_moe.bench --root /root/qstore --layers $QWEN_LAYERS --prefetch \
+    --vram-budget-gb 2 --zipf-tokens 32 > $OUT/qwen.json 2> $OUT/qwen.err; echo "qwen bench rc $?"; tail -2 $OUT/qwen.err
+  python3 - $OUT/qwen.json <<'PY' | tee -a $OUT/summary.txt
+import json, sys
+text = open(sys.argv[1]).read()
+r = json.loads(text[text.index("{"):])
+print("qwen: ceiling", r["ceiling"], "| prefetch speed-up", r.get("prefetch_speedup"))
+for key in ("cold", "cold_prefetch"):
+    v = r[key]
+    print(f"qwen {key}: mean ratio to the I/O floor {v['mean_ratio_to_io_bound']:.3f};", [
+        (round(s["cold_s_per_layer"] * 1e3, 1), round(s["io_bound_s_per_layer"] * 1e3, 1)) for s in v["steps"]])
+for key in ("zipf", "zipf_two_tiers"):
+    print("qwen", key, r.get(key))
+PY
+fi
 timeout 330 sh -c "while kill -0 $build 2>/dev/null; do sleep 5; done"; tail -3 $OUT/build.log
 run() { "$@"; }  # the build is done: every core for the runs that compute layers on the CPU
 bench q4_8vram_host_cpu_auto 7b-Q4_0 --vram-layers 8 --cpu-layers auto $NOREPACK
