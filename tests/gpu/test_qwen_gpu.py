@@ -159,7 +159,9 @@ def test_tiny_hf_model_on_cuda_matches_transformers(tmp_path, quant):
         with torch.no_grad():
             all_logits = model(tokens[None]).logits[0]  # the same sequence in one pass
         ref = [all_logits[:prompt.numel()]] + [all_logits[prompt.numel() - 1 + i][None] for i in range(1, 9)]
-    # bf16 on the GPU vs fp32: 4.7e-2 was measured on the H100 for the prompt logits of this random tiny model
-    # (our bf16 CPU path: 0.8e-2); the logic is checked in fp32, where the GPU path matches transformers to 1e-4
-    # (test_cuda_device_matches_cpu)
-    assert_close_and_same_greedy(ours, ref, 6e-2)
+    # bf16 through a random tiny model is chaotic: the largest logit deviation moved between 4.7e-2 and 6.8e-2 of
+    # the largest logit from one H100 run to the next (cuBLAS picks its bf16 kernels per run; our bf16 CPU path:
+    # 0.8e-2). So this bf16 check is loose (a wrong weight or layout gives errors of order 1) and the greedy tokens
+    # must agree wherever the margin is clear; the logic is checked in fp32, where the GPU path matches
+    # transformers to 1e-4 (test_cuda_device_matches_cpu).
+    assert_close_and_same_greedy(ours, ref, 0.1)
