@@ -123,8 +123,9 @@ def _check_x(x: torch.Tensor) -> tuple[int, int]:
 def gemv(weights: list[torch.Tensor], qtype: str, x: torch.Tensor, outs: list[torch.Tensor],
          accumulate: bool = False, fast: bool = False, tensor_cores: bool | None = None) -> None:
     """outs[i][b] (=|+=) weights[i] @ x[b] for up to three matrices of one type and the same K in one launch
-    (per MAX_BATCH rows of x). x: fp16 [B, K]; outs: fp32 [B, rows_i]. Products are summed in fp32; with `fast`,
-    Q4_0 sums 8 at a time in fp16 first (a few % quicker; overflows when activations exceed about 1000).
+    (per group of rows of x the kernel takes). x: fp16 [B, K]; outs: fp32 [B, rows_i]. Products are summed in
+    fp32; with `fast`, Q4_0 sums 8 at a time in fp16 first (a few % quicker; overflows when activations exceed
+    about 1000).
     `tensor_cores` picks the MMA kernel for repacked types (None: wherever it applies, see `use_mma`)."""
     if not 1 <= len(weights) <= 3 or len(weights) != len(outs):
         raise ValueError("gemv takes one to three weights, each with its output")
@@ -134,26 +135,19 @@ def gemv(weights: list[torch.Tensor], qtype: str, x: torch.Tensor, outs: list[to
         rows, nbytes = _check_weight(weight, qtype, cols)
         _check(out, "out", torch.float32, (batch, rows))
         counts.append(rows)
-    mode = 1 if accumulate else 0
-    for first in range(0, batch, MAX_BATCH):
-        last = min(batch, first + MAX_BATCH)
-        _launch_gemv(qtype, mode, weights, counts, cols, nbytes, x[first:last], [o[first:last] for o in outs], None,
-                     fast, tensor_cores)
+    _launch_gemv(qtype, 1 if accumulate else 0, weights, counts, cols, nbytes, x, outs, None, fast, tensor_cores)
 
 
 def gemv_swiglu(gate: torch.Tensor, up: torch.Tensor, qtype: str, x: torch.Tensor, out: torch.Tensor,
                 fast: bool = False, tensor_cores: bool | None = None) -> None:
-    """out[b] = fp16(silu(gate @ x[b]) * (up @ x[b])): the decode FFN's first half in one launch (per MAX_BATCH
-    rows of x)."""
+    """out[b] = fp16(silu(gate @ x[b]) * (up @ x[b])): the decode FFN's first half in one launch (per group of
+    rows of x the kernel takes)."""
     batch, cols = _check_x(x)
     rows, nbytes = _check_weight(gate, qtype, cols)
     if _check_weight(up, qtype, cols)[0] != rows:
         raise ValueError(f"gate has {rows} rows but up has {up.shape[0]}")
     _check(out, "out", torch.float16, (batch, rows))
-    for first in range(0, batch, MAX_BATCH):
-        last = min(batch, first + MAX_BATCH)
-        _launch_gemv(qtype, 2, [gate, up], [rows, rows], cols, nbytes, x[first:last], [], out[first:last], fast,
-                     tensor_cores)
+    _launch_gemv(qtype, 2, [gate, up], [rows, rows], cols, nbytes, x, [], out, fast, tensor_cores)
 
 
 def use_mma(qtype: str, counts: list[int]) -> bool:
@@ -164,31 +158,32 @@ def use_mma(qtype: str, counts: list[int]) -> bool:
 
 
 def _launch_gemv(qtype, mode, weights, counts, cols, nbytes, x, outs, out_h, fast, tensor_cores) -> None:
-    batch = x.shape[0]
-    ws = [ptr(w) for w in weights] + [np.uint64(0)] * (3 - len(weights))
-    ns = [np.int32(n) for n in counts] + [np.int32(0)] * (3 - len(counts))
-    ys = [ptr(o) for o in outs] + [np.uint64(0)] * (3 - len(outs))
-    total = counts[0] if mode == 2 else sum(counts)
+    """Launch the chosen kernel over every row of x, in groups of as many rows as it takes (MAX_BATCH for the
+    tensor-core kernel, SIMT_MAX_BATCH for the SIMT one)."""
     if tensor_cores is None:
         tensor_cores = use_mma(qtype, counts)
     elif tensor_cores and not use_mma(qtype, counts):
         raise ValueError(f"the tensor-core GEMV takes Q4_0R/Q8_0R matrices of a multiple of 16 rows, not {qtype} "
                          f"with {counts} rows")
-    if tensor_cores:
-        name = f"gemv_mma<{QTYPE_CODES[qtype]},{(batch + 7) // 8},{mode}>"
-        launch("gemv_mma.cu", name, (total // 16,), (MMA_WARPS * 32,),
-               (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(x), np.int32(batch), *ys, ptr(out_h)))
-        return
-    for first in range(0, batch, SIMT_MAX_BATCH):
-        part = x[first:first + SIMT_MAX_BATCH]
+    ws = [ptr(w) for w in weights] + [np.uint64(0)] * (3 - len(weights))
+    ns = [np.int32(n) for n in counts] + [np.int32(0)] * (3 - len(counts))
+    total = counts[0] if mode == 2 else sum(counts)
+    step = MAX_BATCH if tensor_cores else SIMT_MAX_BATCH
+    for first in range(0, x.shape[0], step):
+        part = x[first:first + step]
         b = part.shape[0]
         ys = [ptr(o[first:first + b]) for o in outs] + [np.uint64(0)] * (3 - len(outs))
-        out_part = None if out_h is None else out_h[first:first + b]
+        out_part = ptr(None if out_h is None else out_h[first:first + b])
+        if tensor_cores:
+            launch("gemv_mma.cu", f"gemv_mma<{QTYPE_CODES[qtype]},{(b + 7) // 8},{mode}>", (total // 16,),
+                   (MMA_WARPS * 32,), (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(part), np.int32(b), *ys,
+                                       out_part))
+            continue
         per_warp = _gemv_rows_per_warp(b, mode)
         rows_per_block = GEMV_WARPS * per_warp
         name = f"gemv<{QTYPE_CODES[qtype]},{b},{per_warp},{mode},{'true' if fast and qtype in FAST_TYPES else 'false'}>"
         launch("gemv.cu", name, ((total + rows_per_block - 1) // rows_per_block,), (GEMV_WARPS * 32,),
-               (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(part), *ys, ptr(out_part)))
+               (*ws, *ns, np.int32(cols), np.int64(nbytes), ptr(part), *ys, out_part))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
