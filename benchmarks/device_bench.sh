@@ -2,7 +2,8 @@
 # The GPU-machine benchmark of issue 7, in one call (repo root; .whl, .work/llamacpp and the SmolLM2 parts carried,
 # see device_setup.sh): llama.cpp builds in the background (cores 4-15) while the LLaMA GPU tests and the GPU-bound
 # benchmarks run (cores 0-3) on synthetic LLaMA-7B-shaped Q4_0 / Q8_0 GGUFs; once the build is done, the runs that
-# compute layers on the CPU (all 16 cores), then llama-bench on the same files. Results land in $OUT.
+# compute layers on the CPU (all 16 cores: never beside the build), then llama-bench on the same files. Results
+# land in $OUT. QWEN_LAYERS=N (and QWEN_ARGS) also runs issue 8's bench during the build.
 set -o pipefail
 . benchmarks/device_setup.sh > /dev/null || exit 1
 export GDSLLM_MODEL_ROOT=/root/models
@@ -35,31 +36,34 @@ case "$TYPES" in *Q8_0*) bench q8_resident 7b-Q8_0 $NOREPACK;; esac
 bench q4_resident_batch 7b-Q4_0 --pp 64 --tg 32 --batch 1,8,16 --no-ceilings $NOREPACK
 bench q4_8vram_storage 7b-Q4_0 --vram-layers 8 --host-cache 0 --cpu-layers 0 --tg 8 $NOREPACK
 if [ -n "$QWEN_LAYERS" ]; then  # while llama.cpp builds: the Qwen3.5-MoE expert streaming bench (issue 8), 397B shapes
-  run timeout 200 python3 -m gdsllm_qwen_moe.bench --root /root/qstore --layers $QWEN_LAYERS --prefetch \
-    --vram-budget-gb 2 --zipf-tokens 32 > $OUT/qwen.json 2> $OUT/qwen.err; echo "qwen bench rc $?"; tail -2 $OUT/qwen.err
+  run timeout 200 python3 -m gdsllm_qwen_moe.bench --root /root/qstore --layers $QWEN_LAYERS ${QWEN_ARGS:---prefetch \
+    --vram-budget-gb 2 --zipf-tokens 32} > $OUT/qwen.json 2> $OUT/qwen.err; echo "qwen bench rc $?"; tail -2 $OUT/qwen.err
   python3 - $OUT/qwen.json <<'PY' | tee -a $OUT/summary.txt
 import json, sys
 text = open(sys.argv[1]).read()
 r = json.loads(text[text.index("{"):])
 print("qwen: ceiling", r["ceiling"], "| prefetch speed-up", r.get("prefetch_speedup"))
-for key in ("cold", "cold_prefetch"):
-    v = r[key]
+for key, v in r.items():
+    if not key.startswith("cold"):
+        continue
     print(f"qwen {key}: mean ratio to the I/O floor {v['mean_ratio_to_io_bound']:.3f};", [
         (round(s["cold_s_per_layer"] * 1e3, 1), round(s["io_bound_s_per_layer"] * 1e3, 1)) for s in v["steps"]])
 for key in ("zipf", "zipf_two_tiers"):
     print("qwen", key, r.get(key))
 PY
 fi
-timeout 330 sh -c "while kill -0 $build 2>/dev/null; do sleep 5; done"; tail -3 $OUT/build.log
+began=$(date +%s); wait $build; echo "waited $(( $(date +%s) - began )) s for the build"; tail -3 $OUT/build.log
 run() { "$@"; }  # the build is done: every core for the runs that compute layers on the CPU
-bench q4_8vram_host_cpu_auto 7b-Q4_0 --vram-layers 8 --cpu-layers auto $NOREPACK
-bench q4_8vram_host_gpu_only 7b-Q4_0 --vram-layers 8 --cpu-layers 0 $NOREPACK
+for round in $(seq ${HOST_ROUNDS:-1}); do  # alternated: the machine's speed drifts between runs
+  bench q4_8vram_host_cpu_auto_$round 7b-Q4_0 --vram-layers 8 $NOREPACK  # --cpu-layers auto, the default
+  bench q4_8vram_host_gpu_only_$round 7b-Q4_0 --vram-layers 8 --cpu-layers 0 $NOREPACK
+done
 bench q4_8vram_host_cpu_8 7b-Q4_0 --vram-layers 8 --cpu-layers 8 $NOREPACK
 lb=/root/llama/llama.cpp/build/bin/llama-bench
 if [ -x $lb ]; then
   for q in $TYPES; do wanted llamacpp_ngl99 && timeout 120 $lb -m /root/7b-$q.gguf -p 512 -n 128 -ngl 99 -r 3 2>&1 |
     grep -E '^\|' | tee -a $OUT/llamacpp.md; done
-  wanted llamacpp_ngl8 && timeout 150 $lb -m /root/7b-Q4_0.gguf -p 512 -n 128 -ngl 8 -r 2 2>&1 | grep -E '^\|' |
+  wanted llamacpp_ngl8 && timeout 150 $lb -m /root/7b-Q4_0.gguf -p 512 -n 128 -ngl 8 -r ${NGL8_REPS:-2} 2>&1 | grep -E '^\|' |
     tee -a $OUT/llamacpp.md
 fi
 python3 benchmarks/summarize.py $OUT/bench.jsonl | tee -a $OUT/summary.txt

@@ -26,7 +26,7 @@ from gdsllm_core.cli.output import CPU_LAYERS_HELP, parse_size
 @click.option("--host-cache", help="Pinned host RAM for layers, or the MoE expert cache (e.g. 16GiB, 0 to stream the "
                                    "rest from storage).")
 @click.option("--vram-layers", type=int, help="At most this many decoder layers resident in VRAM (like -ngl).")
-@click.option("--cpu-layers", default="0", show_default=True, help=CPU_LAYERS_HELP)
+@click.option("--cpu-layers", default="auto", show_default=True, help=CPU_LAYERS_HELP)
 @click.option("--no-ceilings", is_flag=True, help="Skip measuring the memory (GPU or host) and storage ceilings.")
 @click.option("--warm", is_flag=True, help="Do not drop the page cache before reading.")
 @click.option("--no-graphs", is_flag=True, help="Decode without CUDA graphs.")

@@ -156,7 +156,7 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
 @click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
 @click.option("--host-cache", help="Pinned host RAM for layers that do not fit in VRAM, e.g. 16GiB (default: what "
               "free RAM allows).")
-@click.option("--cpu-layers", default="0", show_default=True, help=CPU_LAYERS_HELP)
+@click.option("--cpu-layers", default="auto", show_default=True, help=CPU_LAYERS_HELP)
 @click.option("--verbose", is_flag=True, help="Print token counts and speed after each answer.")
 def run(model: str | None, prompt: str | None, system: str | None, max_tokens: int | None, temperature: float,
         seed: int | None, vram_budget: str | None, host_cache: str | None, cpu_layers: str, verbose: bool) -> None:

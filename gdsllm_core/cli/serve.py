@@ -23,7 +23,7 @@ class ServerRunningError(GdsllmError):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
 @click.option("--host-cache", help="Pinned host RAM for layers that do not fit in VRAM, e.g. 16GiB.")
-@click.option("--cpu-layers", default="0", show_default=True, help=CPU_LAYERS_HELP)
+@click.option("--cpu-layers", default="auto", show_default=True, help=CPU_LAYERS_HELP)
 def serve(model: str | None, preload: bool, host: str, port: int, vram_budget: str | None,
           host_cache: str | None, cpu_layers: str) -> None:
     """Start the Ollama- and OpenAI-compatible API server.

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
+from gdsllm_core.scheduler import RING_SLOTS  # noqa: E402
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 260, 1345, 28, 2683, 339, 5248, 30]
 STEPS = 32
@@ -175,7 +176,7 @@ def test_budgets_are_never_exceeded(smollm2):
     del probe
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    budget = fixed + reserved + 3 * layer_bytes + 5 * layer_bytes + (1 << 20)
+    budget = fixed + reserved + RING_SLOTS * layer_bytes + 5 * layer_bytes + (1 << 20)  # the ring, 5 resident
     host = 7 * layer_bytes
     torch.cuda.reset_peak_memory_stats()
     forward = gpu_forward(smollm2, vram_budget=budget, host_cache=host)

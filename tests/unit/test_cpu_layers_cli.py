@@ -15,6 +15,6 @@ def test_bad_cpu_layers_is_one_line(command):
 def test_load_options_carry_cpu_layers():
     from gdsllm_core.cli.output import load_options
 
-    assert load_options(None, None).extra["cpu_layers"] == 0
-    assert load_options(None, None, "auto").extra["cpu_layers"] == "auto"
+    assert load_options(None, None).extra["cpu_layers"] == "auto"  # the default
+    assert load_options(None, None, "0").extra["cpu_layers"] == 0
     assert load_options("1GiB", None, "7").extra == {"cpu_layers": 7}

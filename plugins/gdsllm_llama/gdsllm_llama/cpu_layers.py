@@ -41,7 +41,9 @@ MEASURE_CONTEXT = 128  # cached positions behind each row when timing a CPU laye
 # Decode times of a 7B with 0..16 CPU layers on the H100 machine (2026-11-25) fit `simulate_step_seconds` with
 # 0-0.1 ms here once the wait for the copy operation in progress is modelled.
 LAYER_OVERHEAD_S = 0.1e-3
-GPU_LAYER_GBPS = 1000.0  # rough GPU decode speed through a layer's bytes, for the compute-chain estimate
+# GPU decode speed through a layer's bytes, for the compute-chain estimate: eager (ungraphed) layers are launch
+# bound, a 7B Q4_0 layer (114 MB) took 0.35-0.5 ms on the H100 (2026-11-25), not the 0.08 ms its bytes need.
+GPU_LAYER_GBPS = 250.0
 REPLAN_DRIFT = 0.15  # re-plan a step size's CPU layers when a speed it used has moved by more than this
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 

@@ -230,7 +230,8 @@ class ExpertCache:
 
     def stream(self, layer: int, experts: list[int]) -> Iterator[tuple[int, dict[str, Weight]]]:
         """(expert, its weights on the device) for each of `experts` of `layer`, as each becomes available: VRAM
-        hits, host hits, then storage misses in the order their reads land. Consume it to the end: the cache
+        hits, host hits, then storage misses in the order their reads land. The reads are submitted before this
+        returns (work the caller queues before consuming overlaps them). Consume it to the end: the cache
         admissions and statistics of the step happen there."""
         self._recycle()
         names = {e: expert_extent(layer, e) for e in experts}
@@ -262,6 +263,13 @@ class ExpertCache:
         for e in missing:
             if names[e] in ahead:
                 buffers[e], futures[e] = ahead[names[e]]
+        return self._deliver(layer, experts, names, keep, ahead, vram_hits, host_hits, missing, buffers, futures,
+                             read_bytes)
+
+    def _deliver(self, layer: int, experts: list[int], names: dict[int, str], keep: set[str], ahead: dict,
+                 vram_hits: list[int], host_hits: list[int], missing: list[int], buffers: dict[int, torch.Tensor],
+                 futures: dict[int, Future], read_bytes: int) -> Iterator[tuple[int, dict[str, Weight]]]:
+        """`stream`'s hand-over, once its reads are on their way."""
         staged: dict[int, tuple[dict[str, Weight], torch.Tensor]] = {}  # expert -> (device weights, device buffer)
         for expert in vram_hits:
             yield expert, self.vram.entries[names[expert]][0]
@@ -426,6 +434,7 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
     weights, ids = route(x, w[prefix + "ffn_gate_inp.weight"], config.num_experts_per_tok)
     chosen = torch.unique(ids)
     selected = chosen.tolist()
+    arriving = cache.stream(layer, selected) if x.shape[0] <= DENSE_TOKENS else None  # reads start now
     shared = linear(F.silu(linear(x, w[prefix + "ffn_gate_shexp.weight"])) * linear(x, w[prefix + "ffn_up_shexp.weight"]),
                     w[prefix + "ffn_down_shexp.weight"])
     shared = torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * shared
@@ -433,7 +442,7 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
         coefficients = (weights.unsqueeze(-1) * (ids.unsqueeze(-1) == chosen)).sum(dim=1)  # [N, selected]
         slots = x.new_empty(len(selected), *x.shape)
         position = {expert: j for j, expert in enumerate(selected)}
-        for expert, ew in cache.stream(layer, selected):
+        for expert, ew in arriving:
             j = position[expert]
             torch.mul(expert_ffn(x, ew, f"blk.{layer}.expert.{expert}."), coefficients[:, j, None], out=slots[j])
         routed = slots.sum(dim=0)

@@ -33,8 +33,11 @@ from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows,
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # LoadOptions.extra["dtype"]
 PREFILL_CHUNK = 512  # prompt tokens per pass: experts are read once per chunk (the union of its routes)
-EXPERT_READ_THREADS = 8  # the storage layer's defaults; `bench --read-configs` compares others on a machine
-EXPERT_READ_CHUNK = 16 << 20
+# A layer's ~10 experts in 1 MiB pieces over 16 threads: the disk stays busy to the last piece (with the storage
+# layer's 8 x 16 MiB, 10 whole-expert reads left 2 reading alone at the end). H100 machine, 2026-11-25, cold
+# decode over the I/O floor (`bench --read-configs`): 8x16 1.52, 8x2 1.13, 16x2 1.29, 16x1 0.99, 32x1 1.18.
+EXPERT_READ_THREADS = 16
+EXPERT_READ_CHUNK = 1 << 20
 VRAM_RESERVE = 4 << 30  # VRAM left beside the expert tier for caches, activations and the allocator
 
 

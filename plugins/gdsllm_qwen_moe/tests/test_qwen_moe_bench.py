@@ -18,3 +18,10 @@ def test_bench_accounting_on_tiny_shapes(tmp_path):
     assert 0 < two["vram_hit_rate"] < two["hit_rate"] < 1 and zipf["vram_hit_rate"] == 0
     assert two["bytes_read_per_token"] == pytest.approx(two["cold_bytes_per_token_x_miss_rate"], rel=1e-12)
     assert [row["bytes_per_layer"] for row in result["cold_2x0.25"]["steps"]] == [top_k * expert_bytes]
+    ceiling = result["ceiling"]
+    assert ceiling["ceiling_gb_s"] == max(ceiling["default_reader"], ceiling["expert_reader"])
+    assert result["random_ceiling_gb_s"] == ceiling["random_experts"] > 0
+    row = result["cold"]["steps"][0]  # each ratio: seconds over bytes / that ceiling
+    assert row["ratio_to_random_io_bound"] == pytest.approx(
+        row["cold_s_per_layer"] / (row["bytes_per_layer"] / (result["random_ceiling_gb_s"] * 1e9)))
+    assert row["ratio_to_io_bound"] == pytest.approx(row["cold_s_per_layer"] / row["io_bound_s_per_layer"])
