@@ -74,8 +74,8 @@ class TieredScheduler:
 VRAM_MARGIN = 1 << 30  # left free for the CUDA context, cuBLAS workspaces and fragmentation
 HOST_MARGIN = 4 << 30  # RAM left to the rest of the machine when the host cache is sized automatically
 # Streamed layers in flight. A full ring idles the copy stream until its oldest layer is computed, so the ring
-# must also cover the resident layers computed at the start of each step: on the H100 (7B, 8 layers resident,
-# eager launches at ~0.35 ms a layer) 3 slots left PCIe idle ~3.5 ms a token, 54 ms/token against 50.4 of copies.
+# also covers the resident layers computed at the start of each step (eager, ~0.35 ms each on the H100). There,
+# 7B Q4_0 with 8 layers resident and 24 pinned: 50-54 ms/token at 4 slots, PCIe at 51-54 GB/s (its ceiling).
 RING_SLOTS = 4
 RING_SLOTS_WITH_CPU = 8  # deeper when the CPU computes layers: the copy stream keeps working through CPU layers
 COPY_CHUNK_BYTES = 16 << 20  # with CPU layers, ring copies go in pieces: a copy of h to the host waits for the
@@ -188,6 +188,33 @@ def plan_cpu_layers(tiers: list[str], candidates: list[int], copy_s: float, cpu_
     return best if best_s < streamed * (1 - margin) else []
 
 
+def place_streamed_layers(layers: list[ExtentInfo], room: int, host_budget: int, max_layers: int,
+                          depths: list[int]) -> tuple[int, dict[str, str]] | None:
+    """(ring slots, each layer's tier) when not every layer fits in VRAM: the first ring depth of `depths` whose
+    buffers fit in `room` VRAM bytes, except that a depth before the last is taken only if some layer lands in
+    pinned host RAM (the deeper ring serves CPU-computed layers, which are host-tier ones). In order, layers go to
+    VRAM while the room left beside the ring and `max_layers` allow, then to host RAM within `host_budget`, then to
+    storage. None when no depth's buffers fit."""
+    layer_max = max((e.nbytes for e in layers), default=0)
+    for slots in depths:
+        if room - slots * layer_max < 0:
+            continue
+        tiers, used_vram, used_host, resident = {}, 0, 0, 0
+        for e in layers:
+            if used_vram + e.nbytes <= room - slots * layer_max and resident < max_layers:
+                tiers[e.name] = "vram"
+                used_vram += e.nbytes
+                resident += 1
+            elif used_host + e.nbytes <= host_budget:
+                tiers[e.name] = "host"
+                used_host += e.nbytes
+            else:
+                tiers[e.name] = "storage"
+        if slots == depths[-1] or "host" in tiers.values():
+            return slots, tiers
+    return None
+
+
 class PinnedArena:
     """One block of page-locked host memory of exactly `nbytes` (anonymous mmap + cudaHostRegister), so the
     pinned bytes are what the host budget says (torch's pinned allocator rounds up to a power of two)."""
@@ -228,7 +255,8 @@ class GpuTieredScheduler(TieredScheduler):
     others while the CPU works.
 
     LoadOptions.extra: `reserved_vram_bytes`, `max_vram_layers` (cap on resident layers, like llama.cpp's -ngl),
-    `ring_slots` (default RING_SLOTS, or RING_SLOTS_WITH_CPU when `cpu_layers` is not 0), `cpu_layers`."""
+    `ring_slots` (default RING_SLOTS, or RING_SLOTS_WITH_CPU when `cpu_layers` is not 0 and some layers land in
+    pinned host RAM), `cpu_layers`."""
 
     def __init__(self, entry: ModelEntry, options: LoadOptions, reader: ExtentReader | None = None):
         self.entry = entry
@@ -244,8 +272,6 @@ class GpuTieredScheduler(TieredScheduler):
         fixed = [e for e in extents if not e.name.startswith("blk.")]
         reserved = int(options.extra.get("reserved_vram_bytes", 0))
         self.cpu_request = cpu_layers_option(options.extra.get("cpu_layers", 0))
-        slots = int(options.extra.get("ring_slots", RING_SLOTS_WITH_CPU if self.cpu_request else RING_SLOTS))
-        max_layers = options.extra.get("max_vram_layers")
         self.cpu_placed: list[str] = []  # host-tier layers the forward pass may compute on the CPU
         self.cpu_bytes = 0  # host RAM of their CPU copies (beside the pinned tier, within the host budget)
         self.copy_chunk_bytes = 0  # ring copies in pieces of this many bytes (0: whole extents)
@@ -264,26 +290,22 @@ class GpuTieredScheduler(TieredScheduler):
                 f"({fixed_bytes / 2**30:.2f} GiB) beside the KV cache and scratch ({reserved / 2**30:.2f} GiB)",
                 "raise --vram-budget or lower the context length (num_ctx)")
         layer_max = max((e.nbytes for e in layers), default=0)
-        all_fit = sum(e.nbytes for e in layers) <= room and (max_layers is None or int(max_layers) >= len(layers))
-        if not all_fit:
-            room -= slots * layer_max
-            if room < 0:
-                raise BackendUnavailableError(
-                    f"the VRAM budget of {self.vram_budget / 2**30:.2f} GiB leaves no room for {slots} streaming "
-                    f"buffers of {layer_max / 2**20:.0f} MiB", "raise --vram-budget")
+        max_layers = int(options.extra.get("max_vram_layers", len(layers)))
         self.tier: dict[str, str] = {e.name: "vram" for e in fixed}
-        used_vram, used_host = 0, 0
-        for e in layers:
-            resident = sum(1 for t in self.tier.values() if t == "vram") - len(fixed)
-            if (all_fit or (used_vram + e.nbytes <= room and (max_layers is None or resident < int(max_layers)))):
-                self.tier[e.name] = "vram"
-                used_vram += e.nbytes
-            elif used_host + e.nbytes <= self.host_budget:
-                self.tier[e.name] = "host"
-                used_host += e.nbytes
-            else:
-                self.tier[e.name] = "storage"
-        self._load(fixed + layers, slots if not all_fit else 0, layer_max)
+        if sum(e.nbytes for e in layers) <= room and max_layers >= len(layers):
+            self.tier.update({e.name: "vram" for e in layers})
+            self._load(fixed + layers, 0, layer_max)
+            return
+        depths = ([int(options.extra["ring_slots"])] if "ring_slots" in options.extra
+                  else [RING_SLOTS_WITH_CPU, RING_SLOTS] if self.cpu_request else [RING_SLOTS])
+        placed = place_streamed_layers(layers, room, self.host_budget, max_layers, depths)
+        if placed is None:
+            raise BackendUnavailableError(
+                f"the VRAM budget of {self.vram_budget / 2**30:.2f} GiB leaves no room for {depths[-1]} streaming "
+                f"buffers of {layer_max / 2**20:.0f} MiB", "raise --vram-budget")
+        slots, tiers = placed
+        self.tier.update(tiers)
+        self._load(fixed + layers, slots, layer_max)
 
     def _load(self, extents, slots: int, slot_bytes: int) -> None:
         resident = [e for e in extents if self.tier[e.name] == "vram"]
