@@ -9,7 +9,8 @@ extent resident, so this plugin drives `ExtentReader` itself.)
 
 `LoadOptions.extra`: "dtype" (activations: "float32", the default, or "bfloat16"), "dequantize_dense" (dequantize
 the resident affine matrices once at load instead of at each use: default on CUDA), "prefill_chunk" (prompt tokens
-per pass, default 512), "expert_prefetch" (default off: read ahead the next layer's likely experts; see
+per pass, default 512), "cuda_graphs" (default on: the attention half of linear-attention layers replayed as
+CUDA graphs in decode, see `decode_graphs`), "expert_prefetch" (default off: read ahead the next layer's likely experts; see
 `_predict_next`), "expert_prefetch_limit" (at most this many experts read ahead per layer, default 4 x top-k: the
 host RAM held beyond the cache budget is at most this many experts), "expert_read_threads" / "expert_read_chunk"
 (reader threads and piece size in bytes: a layer's experts are spread over all threads), "expert_vram_bytes" (the
@@ -26,6 +27,7 @@ from gdsllm_core.layout.store import ModelEntry
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
+from gdsllm_qwen_moe.decode_graphs import LinearAttentionGraphs
 from gdsllm_qwen_moe.experts import ExpertCache, moe_block, predict_experts
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
 from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows, group_weights, linear
@@ -92,6 +94,8 @@ class QwenMoeForward:
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
         self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device, self._vram_tier_bytes(options))
         self.prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
+        self.graphs = (LinearAttentionGraphs(self.config, self.weights)
+                       if self.device.type == "cuda" and options.extra.get("cuda_graphs", True) else None)
         self.tokens_processed = 0
 
     def _vram_tier_bytes(self, options: LoadOptions) -> int:
@@ -157,17 +161,24 @@ class QwenMoeForward:
         starts = [cache.length for cache in caches]
         for layer in range(c.num_hidden_layers):
             p = f"blk.{layer}."
-            h = rms_norm(x, w[p + "attn_norm.weight"], c.rms_norm_eps)
-            if c.is_linear(layer):
-                conv = torch.stack([cache.conv[layer] for cache in caches])
-                state = torch.stack([cache.recurrent[layer] for cache in caches])
-                h, conv, state = gated_deltanet(h, w, p, c, conv, state)
-                for b, cache in enumerate(caches):
-                    cache.conv[layer], cache.recurrent[layer] = conv[b], state[b]
+            graphed = None
+            if self.graphs is not None and length == 1 and c.is_linear(layer):
+                graphed = self.graphs.run(layer, x, [cache.conv[layer] for cache in caches],
+                                          [cache.recurrent[layer] for cache in caches])
+            if graphed is not None:
+                x, h = graphed
             else:
-                h = gated_attention(h, w, p, c, [cache.kv[layer] for cache in caches], starts)
-            x = x + h
-            h = rms_norm(x, w[p + "post_attention_norm.weight"], c.rms_norm_eps)
+                h = rms_norm(x, w[p + "attn_norm.weight"], c.rms_norm_eps)
+                if c.is_linear(layer):
+                    conv = torch.stack([cache.conv[layer] for cache in caches])
+                    state = torch.stack([cache.recurrent[layer] for cache in caches])
+                    h, conv, state = gated_deltanet(h, w, p, c, conv, state)
+                    for b, cache in enumerate(caches):
+                        cache.conv[layer], cache.recurrent[layer] = conv[b], state[b]
+                else:
+                    h = gated_attention(h, w, p, c, [cache.kv[layer] for cache in caches], starts)
+                x = x + h
+                h = rms_norm(x, w[p + "post_attention_norm.weight"], c.rms_norm_eps)
             ahead = self._predict_next(x, layer) if self.prefetch and layer + 1 < c.num_hidden_layers else None
             x = x + moe_block(h.reshape(batch * length, -1), w, p, layer, c, self.experts, ahead).reshape(x.shape)
         for cache in caches:
@@ -206,6 +217,7 @@ class QwenMoeForward:
                 "expert_bytes_read_per_token": experts["storage"]["bytes_read"] / tokens if tokens else 0.0}
 
     def close(self) -> None:
+        self.graphs = None
         self.weights.clear()
         self.experts.close()
         self.experts = ExpertCache(self.reader, self.entry.manifest, 0)
