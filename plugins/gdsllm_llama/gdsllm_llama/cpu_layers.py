@@ -190,20 +190,9 @@ class _SequenceKv:
         self.on_gpu = [on_gpu] * n_layers  # positions valid in the GPU cache
 
     def ensure(self, positions: int) -> None:
-        """Room for `positions` positions (doubling; the valid rows are kept)."""
-        cache = self.cache
-        capacity = cache.k.shape[2]
-        if positions <= capacity:
-            return
-        keep = min(max(self.on_cpu), capacity)
-        while capacity < positions:
-            capacity *= 2
-        capacity = min(capacity, max(cache.max_tokens, positions))
-        for name in ("k", "v"):
-            old = getattr(cache, name)
-            grown = torch.empty(old.shape[0], old.shape[1], capacity, old.shape[3], dtype=old.dtype)
-            grown[:, :, :keep] = old[:, :, :keep]
-            setattr(cache, name, grown)
+        """Room for `positions` positions (the cache grows by doubling; the valid rows are kept)."""
+        self.cache.length = min(max(self.on_cpu), self.cache.k.shape[2])
+        self.cache.reserve(positions - self.cache.length)
 
 
 class CpuLayers:

@@ -101,6 +101,22 @@ class CacheStats:
                              "wait_ns": self.prefetch_wait_ns, "sync_misses": self.misses - self.prefetch_hits}}
 
 
+@dataclass
+class _Step:
+    """One `ExpertCache.stream` call, from its requests to its admissions."""
+
+    layer: int
+    experts: list[int]  # as requested
+    names: dict[int, str]  # expert -> extent name
+    ahead: dict[str, tuple[torch.Tensor, Future]]  # read-ahead this step takes over: extent -> (buffer, read)
+    vram_hits: list[int] = field(default_factory=list)
+    host_hits: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)  # read from storage, now or by the read-ahead
+    buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # expert -> host buffer its read lands in
+    futures: dict[int, Future] = field(default_factory=dict)  # expert -> its read
+    read_bytes: int = 0  # read by this step itself
+
+
 class LfuTier:
     """Experts (weights + the buffer they live in) under a byte budget. Ranks are (frequency, last use), the
     frequency shared with the other tier (requests counted once per step); the lowest rank is evicted first."""
@@ -235,51 +251,47 @@ class ExpertCache:
         admissions and statistics of the step happen there."""
         self._recycle()
         names = {e: expert_extent(layer, e) for e in experts}
-        keep = set(names.values())
         ahead = {name: self._pending.pop(name) for name in names.values()
                  if name in self._pending and name not in self.host and name not in self.vram}
-        vram_hits, host_hits, missing = [], [], []
+        step = _Step(layer, list(experts), names, ahead)
         for expert, name in names.items():
             self.frequency[name] = self.frequency.get(name, 0) + 1
             in_vram, in_host = self.vram.use(name), self.host.use(name)  # a request refreshes both tiers' ranks
             if in_vram is not None:
-                vram_hits.append(expert)
+                step.vram_hits.append(expert)
             elif in_host is not None:
-                host_hits.append(expert)
+                step.host_hits.append(expert)
             else:
-                missing.append(expert)
-        self.stats.vram_hits += len(vram_hits)
-        self.stats.hits += len(host_hits)
-        self.stats.misses += len(missing)
-        buffers: dict[int, torch.Tensor] = {}
-        futures: dict[int, Future] = {}
-        unread = [e for e in missing if names[e] not in ahead]
-        read_bytes = sum(self.extents[names[e]].nbytes for e in unread)
+                step.missing.append(expert)
+        self.stats.vram_hits += len(step.vram_hits)
+        self.stats.hits += len(step.host_hits)
+        self.stats.misses += len(step.missing)
+        unread = [e for e in step.missing if names[e] not in ahead]
+        step.read_bytes = sum(self.extents[names[e]].nbytes for e in unread)
         if unread:
             extents = [self.extents[names[e]] for e in unread]
-            buffers.update({e: self._host_buffer(extent.nbytes) for e, extent in zip(unread, extents, strict=True)})
-            futures.update(zip(unread, self.reader.submit_each(extents, [buffers[e] for e in unread]), strict=True))
+            step.buffers.update({e: self._host_buffer(extent.nbytes) for e, extent in zip(unread, extents, strict=True)})
+            step.futures.update(zip(unread, self.reader.submit_each(extents, [step.buffers[e] for e in unread]),
+                                    strict=True))
             self.stats.reads += 1
-        for e in missing:
+        for e in step.missing:
             if names[e] in ahead:
-                buffers[e], futures[e] = ahead[names[e]]
-        return self._deliver(layer, experts, names, keep, ahead, vram_hits, host_hits, missing, buffers, futures,
-                             read_bytes)
+                step.buffers[e], step.futures[e] = ahead[names[e]]
+        return self._deliver(step)
 
-    def _deliver(self, layer: int, experts: list[int], names: dict[int, str], keep: set[str], ahead: dict,
-                 vram_hits: list[int], host_hits: list[int], missing: list[int], buffers: dict[int, torch.Tensor],
-                 futures: dict[int, Future], read_bytes: int) -> Iterator[tuple[int, dict[str, Weight]]]:
+    def _deliver(self, step: "_Step") -> Iterator[tuple[int, dict[str, Weight]]]:
         """`stream`'s hand-over, once its reads are on their way."""
+        names, ahead, buffers = step.names, step.ahead, step.buffers
         staged: dict[int, tuple[dict[str, Weight], torch.Tensor]] = {}  # expert -> (device weights, device buffer)
-        for expert in vram_hits:
+        for expert in step.vram_hits:
             yield expert, self.vram.entries[names[expert]][0]
-        for expert in host_hits:
+        for expert in step.host_hits:
             weights, buffer = self.host.entries[names[expert]]
             yield expert, self._on_device(expert, self.extents[names[expert]], weights, buffer, staged)
         by_future: dict[int, list[int]] = {}
-        for expert in missing:
-            by_future.setdefault(id(futures[expert]), []).append(expert)
-        landed = as_completed({id(f): f for f in futures.values()}.values())
+        for expert in step.missing:
+            by_future.setdefault(id(step.futures[expert]), []).append(expert)
+        landed = as_completed({id(f): f for f in step.futures.values()}.values())
         while True:
             began = time.perf_counter_ns()
             future = next(landed, None)
@@ -293,15 +305,16 @@ class ExpertCache:
                 self.stats.read_ns += waited
             for expert in by_future[id(future)]:
                 yield expert, self._on_device(expert, self.extents[names[expert]], None, buffers[expert], staged)
-        if self.staged and self.device.type == "cuda" and (host_hits or missing):
+        if self.staged and self.device.type == "cuda" and (step.host_hits or step.missing):
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(self.device))
-        self._admit_all(names, host_hits, missing, buffers, staged, keep)
+        self._admit_all(names, step.host_hits, step.missing, buffers, staged, set(names.values()))
         self._drop_pending()
         self.stats.prefetch_hits += len(ahead)
-        self.stats.bytes_read += read_bytes
-        self.stats.last_read_by_layer[layer] = {"ids": list(experts), "misses": len(missing), "bytes": read_bytes,
-                                                 "prefetch_hits": len(ahead), "vram_hits": len(vram_hits)}
+        self.stats.bytes_read += step.read_bytes
+        self.stats.last_read_by_layer[step.layer] = {"ids": step.experts, "misses": len(step.missing),
+                                                      "bytes": step.read_bytes, "prefetch_hits": len(ahead),
+                                                      "vram_hits": len(step.vram_hits)}
 
     def _on_device(self, expert: int, extent: ExtentInfo, weights: dict[str, Weight] | None, buffer: torch.Tensor,
                    staged: dict) -> dict[str, Weight]:

@@ -78,13 +78,16 @@ def dense(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """x @ weight.T in x's dtype; an affine matrix is dequantized a block of rows at a time (bounded memory)."""
+    """x @ weight.T in x's dtype; an affine matrix goes through the fused GEMV on a GPU where it applies, else is
+    dequantized a block of rows at a time (bounded memory)."""
     if not isinstance(weight, AffineWeight):
         return F.linear(x, weight.to(x.dtype))
-    rows, cols = weight.shape
     if x.is_cuda:
-        return _cuda_linear(x, weight)
-    step = max(1, DEQUANT_BLOCK_VALUES // cols)
+        out = _cuda_gemv(x, weight)
+        if out is not None:
+            return out
+    rows, cols = weight.shape
+    step = max(1, (CUDA_DEQUANT_BLOCK_VALUES if x.is_cuda else DEQUANT_BLOCK_VALUES) // cols)
     if step >= rows:
         return F.linear(x, weight.dense(x.dtype))
     return torch.cat([F.linear(x, weight.rows(slice(start, start + step), x.dtype)) for start in range(0, rows, step)],
@@ -97,18 +100,15 @@ def embedding_rows(weight: Weight, tokens: torch.Tensor, dtype: torch.dtype = to
     return weight[tokens].to(dtype)
 
 
-def _cuda_linear(x: torch.Tensor, weight: AffineWeight) -> torch.Tensor:
+def _cuda_gemv(x: torch.Tensor, weight: AffineWeight) -> torch.Tensor | None:
+    """x @ weight.T by the fused dequantize + GEMV kernel, or None where it does not apply (more rows of x than it
+    takes, a width it has no instance for)."""
     from gdsllm_core.kernels import affine_ops
 
+    if x.numel() // x.shape[-1] > affine_ops.MAX_BATCH or weight.bits not in affine_ops.GEMV_BITS:
+        return None
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    if flat.shape[0] <= affine_ops.MAX_BATCH and weight.bits in affine_ops.GEMV_BITS:
-        if flat.data_ptr() % 16:  # a view into the middle of a row: the kernel loads 16-byte vectors
-            flat = flat.clone()
-        out = affine_ops.gemv(flat, weight.packed, weight.scales, weight.biases, weight.bits,
-                              weight.group_size)
-    else:
-        rows, cols = weight.shape
-        step = max(1, CUDA_DEQUANT_BLOCK_VALUES // cols)
-        out = torch.cat([F.linear(flat, weight.rows(slice(start, start + step), x.dtype))
-                         for start in range(0, rows, step)], dim=-1) if step < rows else F.linear(flat, weight.dense(x.dtype))
+    if flat.data_ptr() % 16:  # a view into the middle of a row: the kernel loads 16-byte vectors
+        flat = flat.clone()
+    out = affine_ops.gemv(flat, weight.packed, weight.scales, weight.biases, weight.bits, weight.group_size)
     return out.reshape(*x.shape[:-1], out.shape[-1])
