@@ -294,6 +294,8 @@ def bench_forward(forward, entry: ModelEntry, pp: int, tg: int, batches: tuple[i
     result["placement"] = {"layers": after.get("layers"), "tiers_bytes": after.get("tiers"),
                            "backend": after.get("backend"), "cuda_graphs": after.get("cuda_graphs"),
                            "repacked_bytes": after.get("repacked_bytes", 0)}
+    if after.get("cpu_layers"):  # which layers the CPU may compute, its speed, and how many each step size took
+        result["cpu_layers"] = after["cpu_layers"]
     if "dequantized_bytes" in after:
         result["dequantized_bytes"] = after["dequantized_bytes"]
     if "expert_cache" in after:

@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 import torch
 
-from gdsllm_core import __version__, settings
+from gdsllm_core import __version__, cpu_threads, settings
 from gdsllm_core.storage import backends
 from gdsllm_core.storage.pinned import aligned_host_buffer
 
@@ -58,6 +58,7 @@ class DoctorReport(msgspec.Struct):
     torch: str
     torch_cuda: str | None
     cupy: str | None
+    cpu_threads: str  # torch's thread count and how idle threads wait (see gdsllm_core.cpu_threads)
     nvrtc: str
     gpus: list[GpuInfo]
     gpu_status: str
@@ -89,7 +90,8 @@ def collect(model_root: Path | None = None, speed_bytes: int = SPEED_BYTES) -> D
     return DoctorReport(
         gdsllm=__version__, python=sys.version.split()[0], platform=platform.platform(),
         torch=str(torch.__version__), torch_cuda=torch.version.cuda, cupy=_version("cupy", "cupy-cuda13x", "cupy-cuda12x"),
-        nvrtc=_nvrtc(), gpus=_gpus() if has_gpu else [], gpu_status=gpu_reason, driver=_driver(),
+        cpu_threads=cpu_threads.describe(), nvrtc=_nvrtc(), gpus=_gpus() if has_gpu else [], gpu_status=gpu_reason,
+        driver=_driver(),
         cufile=cufile_status, model_root=str(root), backend=name, backend_reason=reason, fallbacks=fallbacks,
         read_speed=speed, read_speed_note=speed_note, hints=hints)
 

@@ -37,6 +37,7 @@ def render(report) -> Table:
     table.add_row("python", "", f"{report.python} on {report.platform}")
     table.add_row("torch", "", f"{report.torch} (CUDA {report.torch_cuda or 'none'})")
     table.add_row("cupy", mark(report.cupy is not None), report.cupy or "not installed")
+    table.add_row("CPU threads", "", report.cpu_threads)
     table.add_row("NVRTC", mark(not report.nvrtc.startswith("unavailable")), report.nvrtc)
     gpus = "; ".join(f"{g.index}: {g.name}, {g.memory_bytes / 2**30:.1f} GiB, sm_{g.compute_capability.replace('.', '')}"
                      for g in report.gpus)

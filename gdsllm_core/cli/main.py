@@ -5,7 +5,7 @@ import sys
 import click
 from rich.console import Console
 
-from gdsllm_core import __version__, plugins, settings
+from gdsllm_core import __version__, cpu_threads, plugins, settings
 from gdsllm_core.errors import GdsllmError
 
 console = Console()
@@ -49,5 +49,6 @@ def _add_commands() -> None:
 
 def main() -> None:
     settings.load_env_files()
+    cpu_threads.keep_threads_spinning()  # before any plugin loads torch
     _add_commands()
     cli(prog_name="gdsllm")

@@ -305,3 +305,25 @@ def test_batched_decode_streamed_in_groups(synthetic_hd64, monkeypatch):
     assert max(calls) > 1
     per_pass = 5  # token_embd, blk.0, blk.1, output_norm, output
     assert fetches == per_pass * (len(prompts) + sum(calls))  # prefill once per prompt, decode once per group
+
+
+def test_streamed_layer_graphs_match_eager(synthetic_hd128):
+    """One layer resident, one copied from pinned RAM through the ring: each GPU layer replayed from its own graph
+    (per batch size and weight buffer) gives what eager launches give, for batches changing size and order."""
+    layer_bytes = synthetic_hd128.manifest.extent("blk.0").nbytes
+    prompts = prompts_of(1000)
+    runs, stats = {}, {}
+    for graphs in (True, False):
+        forward = gpu_forward(synthetic_hd128, host_cache=layer_bytes,
+                              extra={"max_vram_layers": 1, "cuda_graphs": graphs})
+        try:
+            assert forward.scheduler.stats()["layers"] == {"vram": 1, "host": 1, "storage": 0}
+            runs[graphs, "all"] = scheduled_decode(forward, prompts[:4], 8, all_at_once)
+            runs[graphs, "mixed"] = scheduled_decode(forward, prompts, 6, joining_and_leaving)
+            stats[graphs] = forward.stats()
+        finally:
+            forward.close()
+    assert stats[True]["cuda_graph_batches"] == [] and stats[True]["cuda_graph_layers"] >= 2
+    assert stats[False]["cuda_graph_layers"] == 0
+    for schedule in ("all", "mixed"):
+        assert_same_decode(runs[True, schedule], runs[False, schedule], schedule)

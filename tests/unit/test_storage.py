@@ -198,3 +198,25 @@ def test_doctor_command_json(tmp_path, monkeypatch):
     report = json.loads(result.output)
     assert report["backend"] == "cpu" and report["backend_reason"].startswith("GDSLLM_IO=cpu")
     assert report["read_speed"] is None and report["model_root"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("user_setting", [None, {"GOMP_SPINCOUNT": "777"}, {"OMP_WAIT_POLICY": "PASSIVE"}])
+def test_gdsllm_keeps_cpu_threads_spinning_unless_told(tmp_path, user_setting):
+    """The `gdsllm` command sets GOMP_SPINCOUNT before torch loads (CPU layers in decode: threads that sleep wake
+    slowly), keeps what the user set, and `doctor` says which is in effect."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gdsllm_core.cpu_threads import SPIN_COUNT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(user_setting or {}, GDSLLM_MODEL_ROOT=str(tmp_path), GDSLLM_IO="cpu")
+    result = subprocess.run([sys.executable, "-m", "gdsllm_core", "doctor", "--json", "--no-speed"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    threads = json.loads(result.stdout)["cpu_threads"]
+    want = {None: f"GOMP_SPINCOUNT={SPIN_COUNT} ", "GOMP_SPINCOUNT": "GOMP_SPINCOUNT=777 ",
+            "OMP_WAIT_POLICY": "OMP_WAIT_POLICY=PASSIVE"}[next(iter(user_setting or {None: 0}))]
+    assert want in threads, threads

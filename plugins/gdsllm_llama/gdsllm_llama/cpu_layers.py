@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gdsllm_core.layout.manifest import ExtentInfo
-from gdsllm_core.scheduler import COPY_CHUNK_BYTES, plan_cpu_layers, spread
+from gdsllm_core.scheduler import COPY_CHUNK_BYTES, plan_cpu_layers, simulate_step_seconds, spread
 from gdsllm_llama.config import LlamaConfig
 from gdsllm_llama.forward import LlamaCache, layer_forward, rope_tables
 
@@ -41,10 +41,15 @@ MEASURE_CONTEXT = 128  # cached positions behind each row when timing a CPU laye
 # Decode times of a 7B with 0..16 CPU layers on the H100 machine (2026-11-25) fit `simulate_step_seconds` with
 # 0-0.1 ms here once the wait for the copy operation in progress is modelled.
 LAYER_OVERHEAD_S = 0.1e-3
-# GPU decode speed through a layer's bytes, for the compute-chain estimate: eager (ungraphed) layers are launch
-# bound, a 7B Q4_0 layer (114 MB) took 0.35-0.5 ms on the H100 (2026-11-25), not the 0.08 ms its bytes need.
-GPU_LAYER_GBPS = 250.0
+# GPU decode speed through a layer's bytes, for the compute-chain estimate: a streamed 7B Q4_0 layer (114 MB) costs
+# the chain 0.25-0.35 ms on the H100 (2026-11-25), mostly its fetch issuing the ring's copies, then one graph
+# replay (eagerly, 0.35-0.5 ms of launches), not the 0.08 ms its bytes need.
+GPU_LAYER_GBPS = 400.0
 REPLAN_DRIFT = 0.15  # re-plan a step size's CPU layers when a speed it used has moved by more than this
+REPLAN_GAIN = 0.03  # and take the new plan only if it simulates this much faster than the one in use
+# Layers packed for the CPU at load are the most a step can compute there: as many as the plan would take with
+# the CPU this much faster than measured at load (one short measurement; decoding then measures it in use).
+PLACE_CPU_SPEEDUP = 1.3
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -156,7 +161,7 @@ def packed_layer_nbytes(extent: ExtentInfo) -> int:
 
 
 def measure_layer_seconds(config: LlamaConfig, layer: PackedLayer, rows: tuple[int, ...] = MEASURE_ROWS,
-                          context: int = MEASURE_CONTEXT, reps: int = 3) -> dict[int, float]:
+                          context: int = MEASURE_CONTEXT, reps: int = 5) -> dict[int, float]:
     """CPU seconds of one decode step of `layer` for each row count (rows sequences, `context` cached positions
     each): median of `reps` after a warm-up."""
     one = dataclasses.replace(config, n_layers=1)
@@ -247,7 +252,8 @@ class CpuLayers:
         gpu_s = extents[first].nbytes / (GPU_LAYER_GBPS * 1e9)
         if request == "auto":  # ring copies will go in COPY_CHUNK_BYTES pieces once layers are placed
             indices = plan_cpu_layers(scheduler.layer_tiers(), [int(name.split(".")[1]) for name in candidates],
-                                      copy_s, seconds[1] + LAYER_OVERHEAD_S, gpu_s, scheduler.ring_slots, limit,
+                                      copy_s, seconds[1] / PLACE_CPU_SPEEDUP + LAYER_OVERHEAD_S, gpu_s,
+                                      scheduler.ring_slots, limit,
                                       dma_wait_s=copy_s * min(1.0, COPY_CHUNK_BYTES / extents[first].nbytes))
             names = [f"blk.{i}" for i in indices]
         else:
@@ -281,8 +287,9 @@ class CpuLayers:
 
     def plan(self, rows: int) -> frozenset[int]:
         """The CPU-placed layers the CPU computes in a step of `rows` rows: all of a fixed count, or those making
-        the simulated step shortest (`plan_cpu_layers`, re-planned when a speed drifts by more than REPLAN_DRIFT);
-        none above MAX_CPU_ROWS."""
+        the simulated step shortest (`plan_cpu_layers`, re-planned when a speed drifts by more than REPLAN_DRIFT,
+        and changed only for a plan REPLAN_GAIN faster: each change drains the ring and moves layers to other
+        slots, whose graphs are then captured anew); none above MAX_CPU_ROWS."""
         bucket = self._bucket(rows)
         if bucket is None:
             return frozenset()
@@ -292,10 +299,17 @@ class CpuLayers:
         found = self._plans.get(rows)
         if found is not None and max(abs(cpu_s / found[1] - 1), abs(copy_s / found[2] - 1)) <= REPLAN_DRIFT:
             return found[0]
-        chosen = plan_cpu_layers(self.tiers, self.order, copy_s, cpu_s, self.gpu_s, self.slots,
-                                 dma_wait_s=self._dma_wait_s(copy_s))
-        self._plans[rows] = (frozenset(chosen), cpu_s, copy_s)
-        return self._plans[rows][0]
+        dma_wait_s = self._dma_wait_s(copy_s)
+        chosen = frozenset(plan_cpu_layers(self.tiers, self.order, copy_s, cpu_s, self.gpu_s, self.slots,
+                                           dma_wait_s=dma_wait_s))
+        if found is not None and chosen != found[0]:
+            def seconds(layers: frozenset[int]) -> float:
+                tiers = ["cpu" if i in layers else tier for i, tier in enumerate(self.tiers)]
+                return simulate_step_seconds(tiers, copy_s, cpu_s, self.gpu_s, self.slots, dma_wait_s)
+            if seconds(chosen) > seconds(found[0]) * (1 - REPLAN_GAIN):
+                chosen = found[0]
+        self._plans[rows] = (chosen, cpu_s, copy_s)
+        return chosen
 
     def begin_step(self, caches: list, n_new: int) -> frozenset[int]:
         """Before a step adding `n_new` positions to each of `caches` (GPU caches, `length` positions held): pick

@@ -4,7 +4,9 @@ Same config, tensor names, rope convention (HF half-split) and cache semantics a
 Decode (up to DECODE_BATCH sequences a step, more in groups): fused dequant + GEMV kernels straight from the GGML
 blocks (`ops.MAX_BATCH` rows of x a launch), RoPE fused with the KV-cache write and split-K decode attention, each one
 launch for all sequences; positions, lengths and cache addresses live in a device table, so when all layers are
-resident a step of B sequences is the replay of one CUDA graph per B, whichever caches they use. Prefill: each
+resident a step of B sequences is the replay of one CUDA graph per B, whichever caches they use; otherwise each
+GPU-computed layer is the replay of its own graph per B and buffer (ring slot) its weights sit in (eagerly, a
+layer's ten launches cost ~0.5 ms of host time: beside CPU-computed layers that time is on the critical path). Prefill: each
 weight is dequantized to fp16 into a reused scratch buffer and multiplied with cuBLAS; attention through torch
 SDPA. Layers come from the tiered scheduler (VRAM, pinned host RAM, storage), which streams non-resident ones while
 earlier layers compute.
@@ -72,7 +74,10 @@ class LlamaForwardGPU:
         self.use_graphs = bool(options.extra.get("cuda_graphs", True))
         self.fast_gemv = bool(options.extra.get("fast_gemv", False))
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> captured decode step
+        self._layer_graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (layer, B, weights' address)
+        self._layers_seen: set[tuple[int, int, int]] = set()  # run once eagerly: captured when met again
         self._graph_pool = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self._qtypes = {t.name: t.qtype for e in entry.manifest.extents for t in e.tensors}
         self._check_types()
         self._head_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
@@ -211,27 +216,68 @@ class LlamaForwardGPU:
         table = ops.seq_slots([c.k for c in caches], [c.v for c in caches], positions, lengths)
         self._slots[:len(caches)].copy_(table, non_blocking=True)
 
-    def _decode_layers(self, B: int) -> None:
-        c = self.config
+    def _decode_layer(self, i: int, w: dict[str, torch.Tensor], resident: bool, B: int) -> None:
+        """Layer i of a decode step for B rows, its weights `w`: `_h` updated in place."""
+        c, p = self.config, f"blk.{i}."
         h, xn, slots = self._h[:B], self._xn[:B], self._slots[:B]
         q, k, v, q16, attn, act = (self._q[:B], self._k[:B], self._v[:B], self._q16[:B], self._attn[:B],
                                    self._act[:B])
+        ops.rmsnorm(h, self._norm(w, p + "attn_norm.weight", resident), c.rms_eps, out=xn)
+        self._gemv_group(w, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], xn, [q, k, v])
+        ops.rope_store(q, k, v, slots, i, self._inv_freq, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, True, q16)
+        ops.attention_decode(q16.view(B, c.n_heads, c.head_dim), slots, i, c.n_kv_heads, self._scale,
+                             attn.view(B, c.n_heads, c.head_dim), self._attn_scratch)
+        self._gemv_group(w, [p + "attn_output.weight"], attn, [h], accumulate=True)
+        ops.rmsnorm(h, self._norm(w, p + "ffn_norm.weight", resident), c.rms_eps, out=xn)
+        self._gated_ffn(w, p + "ffn_gate.weight", p + "ffn_up.weight", xn, act)
+        self._gemv_group(w, [p + "ffn_down.weight"], act, [h], accumulate=True)
+
+    def _layer_graph(self, i: int, w: dict[str, torch.Tensor], resident: bool,
+                     B: int) -> torch.cuda.CUDAGraph | None:
+        """Layer i's decode for B rows as a graph over the buffer its weights `w` sit in (a ring slot holds other
+        layers at other times: the graph is per layer and buffer). None the first time a (layer, B, buffer) is met
+        (the caller runs it eagerly: kernels load outside the capture) and once a capture has failed."""
+        key = (i, B, w[f"blk.{i}.attn_q.weight"].data_ptr())
+        graph = self._layer_graphs.get(key)
+        if graph is not None or key not in self._layers_seen:
+            self._layers_seen.add(key)
+            return graph
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        graph = torch.cuda.CUDAGraph()
+        # Captured directly rather than under `torch.cuda.graph`, which synchronizes the device and empties the
+        # allocator's caches first: a capture per layer and slot would stall the ring's copies each time.
+        # thread_local: the ring's loader thread may allocate or copy meanwhile.
+        try:
+            with torch.cuda.stream(self._capture_stream):
+                graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+                try:
+                    self._decode_layer(i, w, resident, B)
+                finally:
+                    graph.capture_end()
+        except RuntimeError:  # a launch that cannot be captured here: eager from now on
+            self.use_graphs = False
+            self._layer_graphs.clear()
+            return None
+        self._layer_graphs[key] = graph
+        return graph
+
+    def _decode_layers(self, B: int) -> None:
+        c = self.config
+        h, xn = self._h[:B], self._xn[:B]
+        layer_graphs = self.use_graphs and not self._all_resident()  # all resident: the whole step is one graph
         for i in range(c.n_layers):
             if i in self._on_cpu:
                 self.cpu_layers.run_layer(i, h)
                 continue
             w, resident = self._layer(i)
-            p = f"blk.{i}."
-            ops.rmsnorm(h, self._norm(w, p + "attn_norm.weight", resident), c.rms_eps, out=xn)
-            self._gemv_group(w, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], xn, [q, k, v])
-            ops.rope_store(q, k, v, slots, i, self._inv_freq, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, True,
-                           q16)
-            ops.attention_decode(q16.view(B, c.n_heads, c.head_dim), slots, i, c.n_kv_heads, self._scale,
-                                 attn.view(B, c.n_heads, c.head_dim), self._attn_scratch)
-            self._gemv_group(w, [p + "attn_output.weight"], attn, [h], accumulate=True)
-            ops.rmsnorm(h, self._norm(w, p + "ffn_norm.weight", resident), c.rms_eps, out=xn)
-            self._gated_ffn(w, p + "ffn_gate.weight", p + "ffn_up.weight", xn, act)
-            self._gemv_group(w, [p + "ffn_down.weight"], act, [h], accumulate=True)
+            graph = self._layer_graph(i, w, resident, B) if layer_graphs else None
+            if graph is not None:
+                graph.replay()
+            else:
+                self._decode_layer(i, w, resident, B)
         fixed = self.scheduler.fetch("output_norm")
         ops.rmsnorm(h, self._norm(fixed, "output_norm.weight", True), c.rms_eps, out=xn)
         self._gemv_group(self.scheduler.fetch(self._head_extent), [self._head_name], xn, [self._logits[:B]],
@@ -388,7 +434,7 @@ class LlamaForwardGPU:
 
     def stats(self) -> dict:
         return {**self.scheduler.stats(), "last_step": self.last_step, "cuda_graphs": self.use_graphs,
-                "cuda_graph_batches": sorted(self._graphs),
+                "cuda_graph_batches": sorted(self._graphs), "cuda_graph_layers": len(self._layer_graphs),
                 "cpu_layers": self.cpu_layers.stats() if self.cpu_layers else None,
                 "repacked_bytes": self.repacked_bytes, "vram_allocated": torch.cuda.memory_allocated(self.device)}
 
@@ -398,6 +444,7 @@ class LlamaForwardGPU:
         self.scheduler.close()
         self._norms.clear()
         self._graphs.clear()
+        self._layer_graphs.clear()
 
 
 def make_forward(entry: ModelEntry, options: LoadOptions | None = None):

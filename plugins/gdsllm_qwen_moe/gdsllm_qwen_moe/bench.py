@@ -4,9 +4,11 @@
    by the storage layer's default reader (8 threads, 16 MiB pieces) and by the forward's own expert reader (the
    faster is the ceiling), and as many experts drawn at random (the pattern decode reads: the random-read ceiling);
 2. cold decode: page cache dropped before each step, both cache tiers off: seconds per layer against bytes read
-   per layer / ceiling (the I/O-bound lower bound; also against the random-read ceiling), the time spent waiting on reads, and the compute-only time of
-   the same step re-run with every expert resident in VRAM; `--read-configs` repeats it per reader setting
-   (threads x piece MiB);
+   per layer / ceiling (the I/O-bound lower bound; also against the random-read ceiling), the time spent waiting
+   on reads, and the compute-only time of the same step re-run with every expert resident in VRAM;
+   `--read-configs` repeats it per reader setting (threads x piece MiB). The disk's speed drifts within minutes
+   (1.3-1.9 GB/s on the H100 machine), so each step is also paired with a ceiling read just before and just after
+   it (`--paired-gb` of consecutive experts, cold, by the forward's reader): `paired_ratio_to_io_bound`;
 3. Zipf trace: routing drawn from a Zipf law per layer through the host tier alone (`--budget-gb`) and through
    the VRAM tier (`--vram-budget-gb`) in front of it: hit rates per tier and bytes read per token, against the
    cold bytes per token x (1 - hit rate).
@@ -19,6 +21,7 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,15 +70,37 @@ def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, se
             "random_ceiling_gb_s": rates["random_experts"]}
 
 
-def cold_decode(forward: QwenMoeForward, weights: Path, steps: int) -> dict:
+def paired_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float) -> Callable[[], float]:
+    """A probe of the sequential ceiling at the moment it is called: GB/s of `gigabytes` of consecutive expert
+    extents (the last layers') read cold in one batch by the forward's reader, into buffers allocated once."""
+    extents = [e for e in forward.entry.manifest.extents if ".expert." in e.name]
+    chosen, total = [], 0
+    while len(chosen) < len(extents) and total < gigabytes * 1e9:
+        chosen.append(extents[len(extents) - 1 - len(chosen)])
+        total += chosen[-1].nbytes
+    chosen.reverse()
+    buffers = [torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=forward.device.type == "cuda") for e in chosen]
+
+    def probe() -> float:
+        drop_page_cache(weights)
+        began = time.perf_counter()
+        forward.reader.read(chosen, buffers)
+        return total / (time.perf_counter() - began) / 1e9
+    return probe
+
+
+def cold_decode(forward: QwenMoeForward, weights: Path, steps: int,
+                ceiling_now: Callable[[], float] | None = None) -> dict:
     """Decode `steps` tokens, page cache dropped and both tiers emptied before each (after one untimed step that
-    fills the buffer pools, as any earlier token would have); then re-run each step with its experts in VRAM."""
+    fills the buffer pools, as any earlier token would have); then re-run each step with its experts in VRAM.
+    With `ceiling_now`, each timed step sits between two ceiling probes (its `ceiling_gb_s_around`)."""
     layers = forward.config.num_hidden_layers
     cache = forward.new_cache(steps + 2)
     forward.prefill(torch.tensor([1]), cache)
     token, rows = 2, []
     for step in range(-1, steps):
         before = copy.deepcopy(cache)
+        around = [ceiling_now()] if ceiling_now is not None and step >= 0 else []
         drop_page_cache(weights)
         read_before = forward.experts.stats.bytes_read
         wait_before = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns
@@ -85,6 +110,8 @@ def cold_decode(forward: QwenMoeForward, weights: Path, steps: int) -> dict:
         logits = forward.decode(torch.tensor([token]), [cache])
         _sync(forward.device)
         cold = time.perf_counter() - began
+        if around:
+            around.append(ceiling_now())
         read = forward.experts.stats.bytes_read - read_before
         waited = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns - wait_before
         ahead = {k: v - ahead_before[k] for k, v in forward.experts.as_dict()["prefetch"].items()}
@@ -100,7 +127,7 @@ def cold_decode(forward: QwenMoeForward, weights: Path, steps: int) -> dict:
         if step >= 0:
             rows.append({"cold_s_per_layer": cold / layers, "bytes_per_layer": read / layers,
                          "read_wait_s_per_layer": waited / 1e9 / layers, "compute_s_per_layer": warm / layers,
-                         "prefetch": ahead})
+                         "prefetch": ahead, **({"ceiling_gb_s_around": around} if around else {})})
         token = int(logits[0].argmax()) % forward.vocab_size
     return {"steps": rows}
 
@@ -185,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ceiling-gb", type=float, default=2.0)
+    parser.add_argument("--paired-gb", type=float, default=0.5,
+                        help="ceiling probe read before and after each cold step (0: no probes)")
     parser.add_argument("--zipf-tokens", type=int, default=64)
     parser.add_argument("--zipf-exponent", type=float, default=1.1)
     parser.add_argument("--budget-gb", type=float, default=4.0, help="host tier of the Zipf trace")
@@ -223,17 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
               "ceiling": storage_ceiling(forward, weights, args.ceiling_gb)}
     result["ceiling_gb_s"] = result["ceiling"]["ceiling_gb_s"]
     result["random_ceiling_gb_s"] = result["ceiling"]["random_ceiling_gb_s"]
-    runs = {"cold": cold_decode(forward, weights, args.steps)}
+    probe = paired_ceiling(forward, weights, args.paired_gb) if args.paired_gb > 0 else None
+    runs = {"cold": cold_decode(forward, weights, args.steps, probe)}
     if args.prefetch:
         ahead = load(expert_prefetch=True)
-        runs["cold_prefetch"] = cold_decode(ahead, weights, args.steps)
+        runs["cold_prefetch"] = cold_decode(ahead, weights, args.steps, probe)
         ahead.close()
         result["prefetch_speedup"] = (sum(r["cold_s_per_layer"] for r in runs["cold"]["steps"]) /
                                       sum(r["cold_s_per_layer"] for r in runs["cold_prefetch"]["steps"]))
     for setting in filter(None, args.read_configs.split(",")):
         threads, piece_mib = setting.split("x")
         other = load(expert_read_threads=int(threads), expert_read_chunk=int(float(piece_mib) * (1 << 20)))
-        runs[f"cold_{setting}"] = cold_decode(other, weights, args.steps)
+        runs[f"cold_{setting}"] = cold_decode(other, weights, args.steps, probe)
         other.close()
     for label, run in runs.items():
         for row in run["steps"]:
@@ -241,7 +271,13 @@ def main(argv: list[str] | None = None) -> dict:
             row["ratio_to_io_bound"] = row["cold_s_per_layer"] / row["io_bound_s_per_layer"]
             row["ratio_to_random_io_bound"] = row["cold_s_per_layer"] * result["random_ceiling_gb_s"] * 1e9 / row[
                 "bytes_per_layer"]
-        for key in ("ratio_to_io_bound", "ratio_to_random_io_bound"):
+            if "ceiling_gb_s_around" in row:  # against the mean of the probes either side of the step
+                around = sum(row["ceiling_gb_s_around"]) / len(row["ceiling_gb_s_around"])
+                row["paired_ratio_to_io_bound"] = row["cold_s_per_layer"] * around * 1e9 / row["bytes_per_layer"]
+        keys = ["ratio_to_io_bound", "ratio_to_random_io_bound"]
+        if all("paired_ratio_to_io_bound" in r for r in run["steps"]):
+            keys.append("paired_ratio_to_io_bound")
+        for key in keys:
             run[f"mean_{key}"] = sum(r[key] for r in run["steps"]) / len(run["steps"])
         result[label] = run
     if args.profile:

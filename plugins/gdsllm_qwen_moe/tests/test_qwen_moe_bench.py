@@ -6,7 +6,7 @@ from gdsllm_qwen_moe import bench
 
 def test_bench_accounting_on_tiny_shapes(tmp_path):
     result = bench.main(["--root", str(tmp_path), "--tiny", "--layers", "4", "--device", "cpu", "--steps", "1",
-                         "--ceiling-gb", "0.0005", "--zipf-tokens", "12", "--budget-gb", "0.0004",
+                         "--ceiling-gb", "0.0005", "--paired-gb", "0.0003", "--zipf-tokens", "12", "--budget-gb", "0.0004",
                          "--vram-budget-gb", "0.0002", "--read-configs", "2x0.25"])
     top_k, expert_bytes = 4, result["expert_bytes"]
     assert [row["bytes_per_layer"] for row in result["cold"]["steps"]] == [top_k * expert_bytes]  # host cache off
@@ -25,3 +25,8 @@ def test_bench_accounting_on_tiny_shapes(tmp_path):
     assert row["ratio_to_random_io_bound"] == pytest.approx(
         row["cold_s_per_layer"] / (row["bytes_per_layer"] / (result["random_ceiling_gb_s"] * 1e9)))
     assert row["ratio_to_io_bound"] == pytest.approx(row["cold_s_per_layer"] / row["io_bound_s_per_layer"])
+    around = row["ceiling_gb_s_around"]  # the probes either side of the step: both positive, their mean used
+    assert len(around) == 2 and min(around) > 0
+    assert row["paired_ratio_to_io_bound"] == pytest.approx(
+        row["cold_s_per_layer"] / (row["bytes_per_layer"] / (sum(around) / 2 * 1e9)))
+    assert result["cold"]["mean_paired_ratio_to_io_bound"] == row["paired_ratio_to_io_bound"]
