@@ -95,6 +95,7 @@ def cold_decode(forward: QwenMoeForward, weights: Path, steps: int,
     fills the buffer pools, as any earlier token would have); then re-run each step with its experts in VRAM.
     With `ceiling_now`, each timed step sits between two ceiling probes (its `ceiling_gb_s_around`)."""
     layers = forward.config.num_hidden_layers
+    expert_bytes = forward.entry.manifest.extent("blk.0.expert.0").nbytes
     cache = forward.new_cache(steps + 2)
     forward.prefill(torch.tensor([1]), cache)
     token, rows = 2, []
@@ -103,6 +104,7 @@ def cold_decode(forward: QwenMoeForward, weights: Path, steps: int,
         around = [ceiling_now()] if ceiling_now is not None and step >= 0 else []
         drop_page_cache(weights)
         read_before = forward.experts.stats.bytes_read
+        misses_before = forward.experts.stats.misses
         wait_before = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns
         ahead_before = forward.experts.as_dict()["prefetch"]
         _sync(forward.device)
@@ -113,6 +115,7 @@ def cold_decode(forward: QwenMoeForward, weights: Path, steps: int,
         if around:
             around.append(ceiling_now())
         read = forward.experts.stats.bytes_read - read_before
+        requested = (forward.experts.stats.misses - misses_before) * expert_bytes  # routed to; all misses when cold
         waited = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns - wait_before
         ahead = {k: v - ahead_before[k] for k, v in forward.experts.as_dict()["prefetch"].items()}
         forward.experts.vram.budget_bytes = 1 << 40  # warm re-run: same routing, every expert now in VRAM
@@ -126,6 +129,7 @@ def cold_decode(forward: QwenMoeForward, weights: Path, steps: int,
         forward.experts.vram.budget_bytes = 0
         if step >= 0:
             rows.append({"cold_s_per_layer": cold / layers, "bytes_per_layer": read / layers,
+                         "requested_bytes_per_layer": requested / layers,
                          "read_wait_s_per_layer": waited / 1e9 / layers, "compute_s_per_layer": warm / layers,
                          "prefetch": ahead, **({"ceiling_gb_s_around": around} if around else {})})
         token = int(logits[0].argmax()) % forward.vocab_size
@@ -274,9 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
             if "ceiling_gb_s_around" in row:  # against the mean of the probes either side of the step
                 around = sum(row["ceiling_gb_s_around"]) / len(row["ceiling_gb_s_around"])
                 row["paired_ratio_to_io_bound"] = row["cold_s_per_layer"] * around * 1e9 / row["bytes_per_layer"]
+                # read-ahead's waste left out of the floor: the bytes the routing asked for
+                row["paired_ratio_to_requested"] = (row["cold_s_per_layer"] * around * 1e9
+                                                    / row["requested_bytes_per_layer"])
         keys = ["ratio_to_io_bound", "ratio_to_random_io_bound"]
         if all("paired_ratio_to_io_bound" in r for r in run["steps"]):
-            keys.append("paired_ratio_to_io_bound")
+            keys += ["paired_ratio_to_io_bound", "paired_ratio_to_requested"]
         for key in keys:
             run[f"mean_{key}"] = sum(r[key] for r in run["steps"]) / len(run["steps"])
         result[label] = run

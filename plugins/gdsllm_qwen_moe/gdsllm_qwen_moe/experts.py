@@ -17,11 +17,13 @@ per tier, misses (storage reads), bytes read, evictions.
 
 Optional read-ahead (`ExpertCache.prefetch`, driven by the forward pass when `LoadOptions.extra["expert_prefetch"]`
 is on): the experts predicted for the next layer that are neither cached nor on their way are read asynchronously
-into pooled buffers held beside the cache (not counted in `cached_bytes`). The next `stream` takes those it needs
-(waiting on the read only if it has not landed) and passes them through the same admission as synchronous misses,
-in the same order, so the caches hold exactly what they would without read-ahead; the rest are waste, returned to
-the pool. Host RAM is thus at most the budget plus the read-ahead in flight (at most one layer's prediction, which
-the caller caps)."""
+into pooled buffers held beside the cache (not counted in `cached_bytes`). In decode the read-ahead is submitted
+right after the step's own reads, so the disk goes on from this layer's experts to the next one's while this layer
+computes and the next one's attention runs. The next layer's `stream` takes those it needs (waiting on the read only
+if it has not landed) and passes them through the same admission as synchronous misses, in the same order, so the
+caches hold exactly what they would without read-ahead; the rest are waste, returned to the pool once landed. Host
+RAM is thus at most the budget plus the read-ahead in flight (at most two layers' predictions, which the caller
+caps)."""
 
 import heapq
 import itertools
@@ -54,12 +56,13 @@ def route(x: torch.Tensor, router: Weight, top_k: int) -> tuple[torch.Tensor, to
 
 
 def predict_experts(x: torch.Tensor, router: Weight, top_k: int, limit: int) -> list[int]:
-    """The experts `router` picks for the rows of x (the union of their top-k, as `route` picks them), those picked
-    by the most rows first (ties: lower id), at most `limit`."""
-    _, ids = route(x, router, top_k)
-    votes = torch.bincount(ids.reshape(-1))
-    order = torch.argsort(-votes, stable=True)
-    return order[votes[order] > 0][:limit].tolist()
+    """The experts `router` picks for the rows of x (the union of their top-k, as `route` picks them), the most
+    likely first (the largest sum of routing weights over the rows; ties: lower id), at most `limit`."""
+    weights, ids = route(x, router, top_k)
+    picked, where = torch.unique(ids, return_inverse=True)  # ascending ids: a stable sort keeps ties in that order
+    score = torch.zeros(picked.numel(), dtype=torch.float32, device=x.device)
+    score.index_add_(0, where.reshape(-1), weights.reshape(-1).float())
+    return picked[torch.argsort(-score, stable=True)][:limit].tolist()
 
 
 @dataclass
@@ -217,6 +220,7 @@ class ExpertCache:
         self._device_in_use: list[torch.Tensor] = []  # the last step's staging buffers not kept by the VRAM tier
         self._copied: torch.cuda.Event | None = None  # recorded after the last step's copies to the GPU
         self._pending: dict[str, tuple[torch.Tensor, Future]] = {}  # read-ahead: expert -> (buffer, its read)
+        self._unused: list[tuple[torch.Tensor, Future]] = []  # read-ahead its layer did not request, maybe in flight
         self.stats = CacheStats()
 
     # budgets (the host tier's under the names the forward pass and bench have always used) --------------------
@@ -253,6 +257,9 @@ class ExpertCache:
         names = {e: expert_extent(layer, e) for e in experts}
         ahead = {name: self._pending.pop(name) for name in names.values()
                  if name in self._pending and name not in self.host and name not in self.vram}
+        prefix = expert_extent(layer, 0)[:-1]
+        for name in [name for name in self._pending if name.startswith(prefix)]:  # predicted, not requested
+            self._unused.append(self._pending.pop(name))
         step = _Step(layer, list(experts), names, ahead)
         for expert, name in names.items():
             self.frequency[name] = self.frequency.get(name, 0) + 1
@@ -309,7 +316,7 @@ class ExpertCache:
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(self.device))
         self._admit_all(names, step.host_hits, step.missing, buffers, staged, set(names.values()))
-        self._drop_pending()
+        self._drop_unused()
         self.stats.prefetch_hits += len(ahead)
         self.stats.bytes_read += step.read_bytes
         self.stats.last_read_by_layer[step.layer] = {"ids": step.experts, "misses": len(step.missing),
@@ -367,13 +374,14 @@ class ExpertCache:
         self.stats.bytes_read += nbytes
         self.stats.prefetch_reads += 1
 
-    def _drop_pending(self) -> None:
-        """Read-ahead nobody asked for: wait for it to land (its buffers are about to be reused), count it as waste."""
-        for buffer, future in self._pending.values():
+    def _drop_unused(self) -> None:
+        """Read-ahead its layer did not ask for: wait for it to land (its buffers are about to be reused), count it
+        as waste."""
+        for buffer, future in self._unused:
             future.result()
             self._host_free.setdefault(buffer.numel(), []).append(buffer)  # never copied to the GPU: no sync needed
-        self.stats.prefetch_waste += len(self._pending)
-        self._pending.clear()
+        self.stats.prefetch_waste += len(self._unused)
+        self._unused.clear()
 
     @property
     def pending_bytes(self) -> int:
@@ -422,7 +430,9 @@ class ExpertCache:
 
     def clear(self) -> None:
         """Back to cold: no expert held, no request counted (statistics and buffer pools are kept)."""
-        self._drop_pending()
+        self._unused += self._pending.values()
+        self._pending.clear()
+        self._drop_unused()
         self._wait_copies()
         self._host_in_use += self.host.clear()
         self._device_in_use += self.vram.clear()
@@ -442,12 +452,15 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
     """x [N, hidden] -> routed experts (weighted) + sigmoid-gated shared expert. Each expert is computed as soon
     as `cache.stream` hands it over (up to DENSE_TOKENS rows: on every row, weighted 0 where not routed, so no
     host sync; its output in its own slot, the slots summed in expert order: the result does not depend on the
-    order reads land). `read_ahead` (layer, experts): a prefetch started once this layer's experts are computed (on a
-    GPU: queued, so it starts as the last read lands)."""
+    order reads land). `read_ahead` (layer, experts): a prefetch submitted behind this layer's own reads (up to
+    DENSE_TOKENS rows), or once this layer's experts are in (a prompt chunk: its reads come first)."""
     weights, ids = route(x, w[prefix + "ffn_gate_inp.weight"], config.num_experts_per_tok)
     chosen = torch.unique(ids)
     selected = chosen.tolist()
     arriving = cache.stream(layer, selected) if x.shape[0] <= DENSE_TOKENS else None  # reads start now
+    if arriving is not None and read_ahead is not None:
+        cache.prefetch(*read_ahead)
+        read_ahead = None
     shared = linear(F.silu(linear(x, w[prefix + "ffn_gate_shexp.weight"])) * linear(x, w[prefix + "ffn_up_shexp.weight"]),
                     w[prefix + "ffn_down_shexp.weight"])
     shared = torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * shared

@@ -30,3 +30,5 @@ def test_bench_accounting_on_tiny_shapes(tmp_path):
     assert row["paired_ratio_to_io_bound"] == pytest.approx(
         row["cold_s_per_layer"] / (row["bytes_per_layer"] / (sum(around) / 2 * 1e9)))
     assert result["cold"]["mean_paired_ratio_to_io_bound"] == row["paired_ratio_to_io_bound"]
+    assert row["requested_bytes_per_layer"] == row["bytes_per_layer"]  # no read-ahead: every byte was routed to
+    assert row["paired_ratio_to_requested"] == pytest.approx(row["paired_ratio_to_io_bound"])

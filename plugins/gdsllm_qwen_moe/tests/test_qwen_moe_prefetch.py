@@ -156,6 +156,65 @@ def test_prefetched_experts_are_the_next_routers_top_k(hf_model, converted):
     forward.close()
 
 
+def test_predictions_come_most_likely_first():
+    """The read-ahead list is ordered by the routing weight the rows give each expert (summed), computed here from
+    softmax, top-k and renormalisation directly, so a limit keeps the likeliest experts."""
+    from gdsllm_qwen_moe.experts import predict_experts
+
+    generator = torch.Generator().manual_seed(3)
+    router, x = torch.randn(64, 16, generator=generator), torch.randn(3, 16, generator=generator)
+    top = torch.softmax(x @ router.T, dim=-1).topk(4, dim=-1)
+    weights = top.values / top.values.sum(dim=-1, keepdim=True)
+    score: dict[int, float] = {}
+    for ids, row in zip(top.indices.tolist(), weights.tolist(), strict=True):
+        for expert, weight in zip(ids, row, strict=True):
+            score[expert] = score.get(expert, 0.0) + weight
+    want = sorted(score, key=lambda e: (-score[e], e))
+    assert predict_experts(x, router, 4, 100) == want
+    assert predict_experts(x, router, 4, 5) == want[:5]
+
+
+def test_decode_reads_ahead_before_computing_its_own_experts(converted, monkeypatch):
+    """In decode (up to DENSE_TOKENS rows) the next layer's read-ahead is submitted right behind the layer's own
+    reads, before any of its experts is computed (the disk goes straight on to the next layer); for a longer prompt
+    chunk, after them."""
+    from gdsllm_qwen_moe import experts
+
+    log: list[tuple[str, int]] = []
+    original_ffn = experts.expert_ffn
+
+    def ffn(x, ew, p):
+        log.append(("compute", int(p.split(".")[1])))
+        return original_ffn(x, ew, p)
+
+    monkeypatch.setattr(experts, "expert_ffn", ffn)
+    forward = QwenMoeForward(converted["per_expert"], LoadOptions(host_cache=0, extra={"expert_prefetch": True}))
+    reads = CountingReader(forward.reader)
+    forward.experts.reader = reads
+    original_submit = reads.submit
+
+    def submit(extents, destinations):
+        log.append(("ahead", int(extents[0].name.split(".")[1])))
+        return original_submit(extents, destinations)
+
+    reads.submit = submit
+    cache = forward.new_cache(32)
+    prompt = torch.arange(3, 3 + 2 * experts.DENSE_TOKENS)  # more rows than DENSE_TOKENS
+    token = forward.prefill(prompt, cache).argmax().reshape(1)
+    layers = forward.config.num_hidden_layers
+    for mode in ("prefill", "decode"):
+        computes = {layer: log.index(("compute", layer)) for layer in range(layers - 1)}
+        for layer in range(layers - 1):
+            if ("ahead", layer + 1) not in log:
+                continue  # every expert predicted was cached or on its way
+            ahead = log.index(("ahead", layer + 1))
+            assert (ahead < computes[layer]) == (mode == "decode"), (mode, layer, log)
+        log.clear()
+        if mode == "prefill":
+            forward.decode(token, [cache])
+    forward.close()
+
+
 def test_read_ahead_limit_and_budget(converted):
     """With a budget of 3 experts and at most 1 expert read ahead per layer: logits unchanged, each read-ahead is
     one expert started with the cache within budget and nothing else in flight."""
@@ -189,6 +248,7 @@ def test_streaming_bench_compares_prefetch_on_and_off(tmp_path):
         assert 0 < ahead["prefetched"] <= (layers - 1) * 4 * top_k  # layers 1..3, default limit 4 x top-k
         assert ahead["hits"] + ahead["sync_misses"] == layers * top_k
         assert row["bytes_per_layer"] * layers == (layers * top_k + ahead["waste"]) * expert_bytes
+        assert row["requested_bytes_per_layer"] * layers == layers * top_k * expert_bytes  # waste left out
     assert result["prefetch_speedup"] > 0
 
 
