@@ -307,9 +307,13 @@ def test_batched_decode_streamed_in_groups(synthetic_hd64, monkeypatch):
     assert fetches == per_pass * (len(prompts) + sum(calls))  # prefill once per prompt, decode once per group
 
 
-def test_streamed_layer_graphs_match_eager(synthetic_hd128):
+def test_streamed_layer_graphs_match_eager(synthetic_hd128, monkeypatch):
     """One layer resident, one copied from pinned RAM through the ring: each GPU layer replayed from its own graph
-    (per batch size and weight buffer) gives what eager launches give, for batches changing size and order."""
+    (per batch size and weight buffer, at most MAX_LAYER_GRAPHS kept: 3 here, so some are dropped and captured
+    again) gives what eager launches give, for batches changing size and order."""
+    from gdsllm_llama import forward_gpu
+
+    monkeypatch.setattr(forward_gpu, "MAX_LAYER_GRAPHS", 3)
     layer_bytes = synthetic_hd128.manifest.extent("blk.0").nbytes
     prompts = prompts_of(1000)
     runs, stats = {}, {}
@@ -323,7 +327,7 @@ def test_streamed_layer_graphs_match_eager(synthetic_hd128):
             stats[graphs] = forward.stats()
         finally:
             forward.close()
-    assert stats[True]["cuda_graph_batches"] == [] and stats[True]["cuda_graph_layers"] >= 2
+    assert stats[True]["cuda_graph_batches"] == [] and 2 <= stats[True]["cuda_graph_layers"] <= 3
     assert stats[False]["cuda_graph_layers"] == 0
     for schedule in ("all", "mixed"):
         assert_same_decode(runs[True, schedule], runs[False, schedule], schedule)

@@ -16,6 +16,7 @@ The residual stream is fp32; activations fed to matrix products and the KV cache
 
 import math
 import time
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 PREFILL_CHUNK = 512  # prompt tokens per pass through the layers (each streamed layer moves once per chunk)
 DECODE_BATCH = 32  # sequences one decode step takes (the workspace's size); more are decoded in groups
 ACTIVATION_MARGIN = 256 << 20  # cuBLAS workspace and allocator slack, reserved beside the KV cache
+MAX_LAYER_GRAPHS = 1024  # per-layer decode graphs kept (least recently replayed dropped first)
 
 
 class LlamaGpuCache:
@@ -74,7 +76,8 @@ class LlamaForwardGPU:
         self.use_graphs = bool(options.extra.get("cuda_graphs", True))
         self.fast_gemv = bool(options.extra.get("fast_gemv", False))
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> captured decode step
-        self._layer_graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (layer, B, weights' address)
+        self._layer_graphs: OrderedDict[tuple[int, int, int], torch.cuda.CUDAGraph] = OrderedDict()  # (layer, B,
+        # weights' address), least recently replayed first
         self._layers_seen: set[tuple[int, int, int]] = set()  # run once eagerly: captured when met again
         self._graph_pool = None
         self._capture_stream: torch.cuda.Stream | None = None
@@ -239,9 +242,12 @@ class LlamaForwardGPU:
         (the caller runs it eagerly: kernels load outside the capture) and once a capture has failed."""
         key = (i, B, w[f"blk.{i}.attn_q.weight"].data_ptr())
         graph = self._layer_graphs.get(key)
-        if graph is not None or key not in self._layers_seen:
-            self._layers_seen.add(key)
+        if graph is not None:
+            self._layer_graphs.move_to_end(key)
             return graph
+        if key not in self._layers_seen:
+            self._layers_seen.add(key)
+            return None
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         if self._capture_stream is None:
@@ -262,6 +268,8 @@ class LlamaForwardGPU:
             self._layer_graphs.clear()
             return None
         self._layer_graphs[key] = graph
+        if len(self._layer_graphs) > MAX_LAYER_GRAPHS:  # batch sizes and slots come and go: bound what is kept
+            self._layer_graphs.popitem(last=False)
         return graph
 
     def _decode_layers(self, B: int) -> None:
