@@ -14,13 +14,11 @@ import sys
 SPIN_COUNT = "10000000"
 
 
-def keep_threads_spinning() -> bool:
+def keep_threads_spinning() -> None:
     """Set GOMP_SPINCOUNT to SPIN_COUNT if the user set neither it nor OMP_WAIT_POLICY and torch is not loaded yet
-    (afterwards it would have no effect). Returns whether it was set."""
-    if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
-        return False
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-    return True
+    (afterwards it would have no effect)."""
+    if "torch" not in sys.modules and "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
 def describe() -> str:

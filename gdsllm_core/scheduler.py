@@ -161,6 +161,14 @@ def simulate_step_seconds(tiers: list[str], copy_s: float, cpu_s: float, gpu_s: 
     return step
 
 
+def simulate_cpu_plan(tiers: list[str], on_cpu, copy_s: float, cpu_s: float, gpu_s: float, slots: int,
+                      dma_wait_s: float = 0.0) -> float:
+    """`simulate_step_seconds` with the layers whose indices are in `on_cpu` computed on the CPU."""
+    marked = set(on_cpu)
+    return simulate_step_seconds(["cpu" if i in marked else tier for i, tier in enumerate(tiers)], copy_s, cpu_s,
+                                 gpu_s, slots, dma_wait_s)
+
+
 def spread(names: list, n: int) -> list:
     """`n` of `names`, evenly spaced (the middle of n equal runs: every other one for half), so that streamed
     layers sit between CPU layers and the copy stream has work while the CPU computes."""
@@ -172,12 +180,10 @@ def plan_cpu_layers(tiers: list[str], candidates: list[int], copy_s: float, cpu_
                     slots: int = RING_SLOTS, limit: int | None = None, margin: float = 0.03,
                     dma_wait_s: float = 0.0) -> list[int]:
     """Which of `candidates` (indices of "ring" layers in `tiers`) the CPU should compute: for each count up to
-    `limit`, that many candidates evenly spread; the set whose simulated step (`simulate_step_seconds`) is
+    `limit`, that many candidates evenly spread; the set whose simulated step (`simulate_cpu_plan`) is
     shortest, if it beats streaming them all by more than `margin` (else none)."""
     def seconds(chosen: list[int]) -> float:
-        marked = set(chosen)
-        return simulate_step_seconds(["cpu" if i in marked else tier for i, tier in enumerate(tiers)], copy_s,
-                                     cpu_s, gpu_s, slots, dma_wait_s)
+        return simulate_cpu_plan(tiers, chosen, copy_s, cpu_s, gpu_s, slots, dma_wait_s)
 
     streamed = seconds([])
     best, best_s = [], streamed

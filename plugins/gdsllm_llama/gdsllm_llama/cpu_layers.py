@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gdsllm_core.layout.manifest import ExtentInfo
-from gdsllm_core.scheduler import COPY_CHUNK_BYTES, plan_cpu_layers, simulate_step_seconds, spread
+from gdsllm_core.scheduler import COPY_CHUNK_BYTES, plan_cpu_layers, simulate_cpu_plan, spread
 from gdsllm_llama.config import LlamaConfig
 from gdsllm_llama.forward import LlamaCache, layer_forward, rope_tables
 
@@ -304,8 +304,7 @@ class CpuLayers:
                                            dma_wait_s=dma_wait_s))
         if found is not None and chosen != found[0]:
             def seconds(layers: frozenset[int]) -> float:
-                tiers = ["cpu" if i in layers else tier for i, tier in enumerate(self.tiers)]
-                return simulate_step_seconds(tiers, copy_s, cpu_s, self.gpu_s, self.slots, dma_wait_s)
+                return simulate_cpu_plan(self.tiers, layers, copy_s, cpu_s, self.gpu_s, self.slots, dma_wait_s)
             if seconds(chosen) > seconds(found[0]) * (1 - REPLAN_GAIN):
                 chosen = found[0]
         self._plans[rows] = (chosen, cpu_s, copy_s)

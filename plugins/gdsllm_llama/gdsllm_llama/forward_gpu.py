@@ -6,10 +6,10 @@ blocks (`ops.MAX_BATCH` rows of x a launch), RoPE fused with the KV-cache write 
 launch for all sequences; positions, lengths and cache addresses live in a device table, so when all layers are
 resident a step of B sequences is the replay of one CUDA graph per B, whichever caches they use; otherwise each
 GPU-computed layer is the replay of its own graph per B and buffer (ring slot) its weights sit in (eagerly, a
-layer's ten launches cost ~0.5 ms of host time: beside CPU-computed layers that time is on the critical path). Prefill: each
-weight is dequantized to fp16 into a reused scratch buffer and multiplied with cuBLAS; attention through torch
-SDPA. Layers come from the tiered scheduler (VRAM, pinned host RAM, storage), which streams non-resident ones while
-earlier layers compute.
+layer's ten launches cost ~0.5 ms of host time: beside CPU-computed layers that time is on the critical path).
+Prefill: each weight is dequantized to fp16 into a reused scratch buffer and multiplied with cuBLAS; attention
+through torch SDPA. Layers come from the tiered scheduler (VRAM, pinned host RAM, storage), which streams
+non-resident ones while earlier layers compute.
 
 The residual stream is fp32; activations fed to matrix products and the KV cache are fp16; logits are fp32.
 """

@@ -46,11 +46,8 @@ def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, se
     drawn at random over all layers (the pattern decode reads), sorted by offset, by the forward's reader, in one
     batch (the queue full throughout): what the disk gives that pattern with no compute between reads."""
     extents = [e for e in forward.entry.manifest.extents if ".expert." in e.name]
-    count, total = 0, 0
-    while count < len(extents) and total < gigabytes * 1e9:
-        count += 1
-        total += extents[-count].nbytes
-    consecutive = extents[len(extents) - count:]  # the last layers: far from anything read at load time
+    consecutive = last_experts(forward, gigabytes)
+    count = len(consecutive)
     generator = torch.Generator().manual_seed(seed)
     scattered = [extents[i] for i in sorted(torch.randperm(len(extents), generator=generator)[:count].tolist())]
     pin = forward.device.type == "cuda"
@@ -70,15 +67,22 @@ def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, se
             "random_ceiling_gb_s": rates["random_experts"]}
 
 
+def last_experts(forward: QwenMoeForward, gigabytes: float) -> list:
+    """The last expert extents of the file, in order, at least `gigabytes` of them (or all): far from anything
+    read at load time."""
+    extents = [e for e in forward.entry.manifest.extents if ".expert." in e.name]
+    count, total = 0, 0
+    while count < len(extents) and total < gigabytes * 1e9:
+        count += 1
+        total += extents[-count].nbytes
+    return extents[len(extents) - count:]
+
+
 def paired_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float) -> Callable[[], float]:
     """A probe of the sequential ceiling at the moment it is called: GB/s of `gigabytes` of consecutive expert
     extents (the last layers') read cold in one batch by the forward's reader, into buffers allocated once."""
-    extents = [e for e in forward.entry.manifest.extents if ".expert." in e.name]
-    chosen, total = [], 0
-    while len(chosen) < len(extents) and total < gigabytes * 1e9:
-        chosen.append(extents[len(extents) - 1 - len(chosen)])
-        total += chosen[-1].nbytes
-    chosen.reverse()
+    chosen = last_experts(forward, gigabytes)
+    total = sum(e.nbytes for e in chosen)
     buffers = [torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=forward.device.type == "cuda") for e in chosen]
 
     def probe() -> float:
