@@ -9,6 +9,8 @@
 // affine_gemv: fused dequantize + matrix-vector product for decode (batch B = 1..8). Each warp owns R rows; its
 // lanes walk the rows' chunks (lane, lane + 32, ...), loading a chunk's BITS words as 16-byte vectors where BITS
 // is 4 or 8. Per chunk and vector b: dot(q, x) and sum(x) in fp32, then acc += scale * dot + bias * sum(x).
+// Optionally each output is scaled by a per-vector coefficient (an MoE expert's routing weight).
+// affine_swiglu: the same walk over two matrices (an MLP's gate and up), giving silu(gate) * up.
 //
 // Type codes (ST scales/biases, OT output, XT activations): 0 f32, 1 f16, 2 bf16 (as QT_F32/QT_F16/QT_BF16).
 #include "ggml_blocks.cuh"
@@ -108,15 +110,13 @@ template <int XT> __device__ __forceinline__ void load_x(const void* __restrict_
     }
 }
 
+// The dot products of rows first..first+R-1 (a missing last row re-reads a real one) with the B vectors of x, in fp32,
+// summed over the warp: every lane gets acc[r][b].
 template <int BITS, int ST, int XT, int B, int R>
-__global__ void __launch_bounds__(32 * AFFINE_WARPS)
-affine_gemv(const u32* __restrict__ packed, const void* __restrict__ scales, const void* __restrict__ biases,
-            const void* __restrict__ x, void* __restrict__ y, int rows, int cols, int group_size) {
-    const int lane = threadIdx.x & 31;
-    const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
-    if (first >= rows) return;
+__device__ __forceinline__ void affine_rows(const u32* __restrict__ packed, const void* __restrict__ scales,
+                                            const void* __restrict__ biases, const void* __restrict__ x, int first,
+                                            int rows, int cols, int group_size, int lane, float (&acc)[R][B]) {
     const int per_row = cols / 32, groups = cols / group_size;
-    float acc[R][B];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -126,7 +126,7 @@ affine_gemv(const u32* __restrict__ packed, const void* __restrict__ scales, con
         float scale[R], bias[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const int row = min(first + r, rows - 1);  // a missing last row re-reads a real one; never written
+            const int row = min(first + r, rows - 1);
             load_chunk<BITS>(packed + ((size_t)row * per_row + c) * BITS, w[r]);
             const size_t group = (size_t)row * groups + (size_t)c * 32 / group_size;
             scale[r] = load_value<ST>(scales, group);
@@ -151,10 +151,56 @@ affine_gemv(const u32* __restrict__ packed, const void* __restrict__ scales, con
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int b = 0; b < B; ++b) {
-            float s = acc[r][b];
+        for (int b = 0; b < B; ++b)
 #pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, offset);
-            if (lane == 0 && first + r < rows) store_value<XT>(y, (size_t)b * rows + first + r, s);
+            for (int offset = 16; offset > 0; offset >>= 1) acc[r][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][b], offset);
+}
+
+// y = x @ W.T; with `coeff` (B values of type XT, `coeff_stride` apart), each y[b] rounded to XT and then scaled by
+// coeff[b] (as a separate multiply would do it).
+template <int BITS, int ST, int XT, int B, int R>
+__global__ void __launch_bounds__(32 * AFFINE_WARPS)
+affine_gemv(const u32* __restrict__ packed, const void* __restrict__ scales, const void* __restrict__ biases,
+            const void* __restrict__ x, void* __restrict__ y, int rows, int cols, int group_size,
+            const void* __restrict__ coeff, int coeff_stride) {
+    const int lane = threadIdx.x & 31;
+    const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
+    if (first >= rows) return;
+    float acc[R][B];
+    affine_rows<BITS, ST, XT, B, R>(packed, scales, biases, x, first, rows, cols, group_size, lane, acc);
+    if (lane != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            if (first + r >= rows) continue;
+            float s = acc[r][b];
+            if (coeff != nullptr) s = round_to<XT>(s) * load_value<XT>(coeff, (size_t)b * coeff_stride);
+            store_value<XT>(y, (size_t)b * rows + first + r, s);
+        }
+}
+
+// The gated activation of an MLP, y = silu(x @ G.T) * (x @ U.T), for two matrices of one shape and format, each
+// product rounded to XT and silu rounded to XT before the multiply (as the three separate ops round).
+template <int BITS, int ST, int XT, int B, int R>
+__global__ void __launch_bounds__(32 * AFFINE_WARPS)
+affine_swiglu(const u32* __restrict__ gate, const void* __restrict__ gate_scales, const void* __restrict__ gate_biases,
+              const u32* __restrict__ up, const void* __restrict__ up_scales, const void* __restrict__ up_biases,
+              const void* __restrict__ x, void* __restrict__ y, int rows, int cols, int group_size) {
+    const int lane = threadIdx.x & 31;
+    const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
+    if (first >= rows) return;
+    float g[R][B], u[R][B];
+    affine_rows<BITS, ST, XT, B, R>(gate, gate_scales, gate_biases, x, first, rows, cols, group_size, lane, g);
+    affine_rows<BITS, ST, XT, B, R>(up, up_scales, up_biases, x, first, rows, cols, group_size, lane, u);
+    if (lane != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            if (first + r >= rows) continue;
+            const float gv = round_to<XT>(g[r][b]);
+            const float silu = round_to<XT>(gv / (1.f + expf(-gv)));
+            store_value<XT>(y, (size_t)b * rows + first + r, silu * round_to<XT>(u[r][b]));
         }
 }

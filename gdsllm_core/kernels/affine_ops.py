@@ -1,7 +1,8 @@
-"""Launchers for `affine.cu` (MLX affine weights): `dequantize` to a float matrix (every width MLX writes) and the
-fused decode `gemv` (batch 1..8). Weights are `packed` uint32 words [rows, cols*bits/32] (int32 or uint32 tensors)
-with `scales`/`biases` [rows, cols/group_size] in f32, f16 or bf16, as the MLX format stores them. Shapes, dtypes
-and alignment are checked (ValueError) before launching on torch's current stream."""
+"""Launchers for `affine.cu` (MLX affine weights): `dequantize` to a float matrix (every width MLX writes), the
+fused decode `gemv` (batch 1..8, optionally scaling each row of the result) and `swiglu_gemv` (an MLP's gated
+activation from its gate and up matrices in one launch). Weights are `packed` uint32 words [rows, cols*bits/32]
+(int32 or uint32 tensors) with `scales`/`biases` [rows, cols/group_size] in f32, f16 or bf16, as the MLX format
+stores them. Shapes, dtypes and alignment are checked (ValueError) before launching on torch's current stream."""
 
 import numpy as np
 import torch
@@ -69,24 +70,68 @@ def rows_per_warp(rows: int) -> int:
     return 2 if rows >= 2048 else 1
 
 
-def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
-         group_size: int) -> torch.Tensor:
-    """x [B, cols] (B <= 8; f32, f16 or bf16) @ W.T -> [B, rows] in x's dtype, W dequantized on the fly."""
-    rows, cols = _check(packed, scales, biases, bits, group_size)
-    if bits not in GEMV_BITS:
-        raise ValueError(f"affine {bits}-bit has no GEMV kernel (supported: {GEMV_BITS}); dequantize instead")
+def _check_x(x: torch.Tensor, packed: torch.Tensor, cols: int) -> None:
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH or x.shape[1] != cols:
         raise ValueError(f"x must be [B <= {MAX_BATCH}, {cols}], got {tuple(x.shape)}")
     if x.dtype not in FLOAT_CODES or not x.is_contiguous() or x.device != packed.device or x.data_ptr() % 16:
         raise ValueError(f"x must be a contiguous 16-byte aligned f32/f16/bf16 tensor on {packed.device}")
+
+
+def _check_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
+                group_size: int) -> tuple[int, int]:
+    rows, cols = _check(packed, scales, biases, bits, group_size)
+    if bits not in GEMV_BITS:
+        raise ValueError(f"affine {bits}-bit has no GEMV kernel (supported: {GEMV_BITS}); dequantize instead")
+    _check_x(x, packed, cols)
     if bits % 4 == 0 and packed.data_ptr() % 16:
         raise ValueError("packed words must start on a 16-byte boundary")
+    return rows, cols
+
+
+def _output(out: torch.Tensor | None, batch: int, rows: int, x: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(batch, rows, dtype=x.dtype, device=x.device)
+    if out.dtype != x.dtype or tuple(out.shape) != (batch, rows) or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(batch, rows)} on {x.device}")
+    return out
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
+         group_size: int, coefficients: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, cols] (B <= 8; f32, f16 or bf16) @ W.T -> [B, rows] in x's dtype, W dequantized on the fly; with
+    `coefficients` ([B] in x's dtype, any stride) row b of the result scaled by coefficients[b]; into `out` when
+    given."""
+    rows, cols = _check_gemv(x, packed, scales, biases, bits, group_size)
     batch = x.shape[0]
-    y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
+    if coefficients is not None and (coefficients.dim() != 1 or coefficients.shape[0] != batch
+                                     or coefficients.dtype != x.dtype or coefficients.device != x.device):
+        raise ValueError(f"coefficients must be [{batch}] {x.dtype} on {x.device}, got {coefficients.dtype} "
+                         f"{tuple(coefficients.shape)}")
+    y = _output(out, batch, rows, x)
     r = rows_per_warp(rows)
     blocks = (rows + WARPS * r - 1) // (WARPS * r)
     launch("affine.cu", f"affine_gemv<{bits},{FLOAT_CODES[scales.dtype]},{FLOAT_CODES[x.dtype]},{batch},{r}>",
            (blocks,), (32 * WARPS,),
            (ptr(packed), ptr(scales), ptr(biases), ptr(x), ptr(y), np.int32(rows), np.int32(cols),
+            np.int32(group_size), ptr(coefficients),
+            np.int32(0 if coefficients is None else coefficients.stride(0))))
+    return y
+
+
+def swiglu_gemv(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                up: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
+    """silu(x @ G.T) * (x @ U.T) -> [B, rows] in x's dtype, for two affine matrices (packed, scales, biases) of one
+    shape, width, group size and scale dtype: one launch where three products and two elementwise ops were."""
+    rows, cols = _check_gemv(x, *gate, bits, group_size)
+    if _check_gemv(x, *up, bits, group_size) != (rows, cols) or up[1].dtype != gate[1].dtype:
+        raise ValueError(f"gate and up must share a shape and scale dtype, got {tuple(gate[0].shape)} "
+                         f"{gate[1].dtype} and {tuple(up[0].shape)} {up[1].dtype}")
+    batch = x.shape[0]
+    y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
+    r = rows_per_warp(rows)
+    blocks = (rows + WARPS * r - 1) // (WARPS * r)
+    launch("affine.cu", f"affine_swiglu<{bits},{FLOAT_CODES[gate[1].dtype]},{FLOAT_CODES[x.dtype]},{batch},{r}>",
+           (blocks,), (32 * WARPS,),
+           (*(ptr(t) for t in gate), *(ptr(t) for t in up), ptr(x), ptr(y), np.int32(rows), np.int32(cols),
             np.int32(group_size)))
     return y

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from gdsllm_core.layout.manifest import ExtentInfo, Manifest
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.config import QwenMoeConfig
-from gdsllm_qwen_moe.weights import Weight, group_weights, linear
+from gdsllm_qwen_moe.weights import Weight, group_weights, linear, swiglu_mlp
 
 DENSE_TOKENS = 8  # up to this many rows, every selected expert runs on all rows (weights 0 where not routed)
 
@@ -53,6 +53,20 @@ def route(x: torch.Tensor, router: Weight, top_k: int) -> tuple[torch.Tensor, to
     top_weights, top_ids = torch.topk(probs, top_k, dim=-1)
     top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
     return top_weights.to(x.dtype), top_ids
+
+
+def route_table(x: torch.Tensor, router: Weight, top_k: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` as (expert ids [N, k], routing table [N, num_experts] in x's dtype: each expert's weight per row, 0
+    where not routed)."""
+    weights, ids = route(x, router, top_k)
+    return ids, torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device).scatter_(1, ids, weights)
+
+
+def shared_expert(x: torch.Tensor, w: dict[str, Weight], prefix: str) -> torch.Tensor:
+    """The shared expert's output for x [N, hidden], scaled by its sigmoid gate."""
+    out = linear(F.silu(linear(x, w[prefix + "ffn_gate_shexp.weight"])) * linear(x, w[prefix + "ffn_up_shexp.weight"]),
+                 w[prefix + "ffn_down_shexp.weight"])
+    return torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * out
 
 
 def predict_experts(x: torch.Tensor, router: Weight, top_k: int, limit: int) -> list[int]:
@@ -448,42 +462,47 @@ class ExpertCache:
 
 
 def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, config: QwenMoeConfig,
-              cache: ExpertCache, read_ahead: tuple[int, list[int]] | None = None) -> torch.Tensor:
-    """x [N, hidden] -> routed experts (weighted) + sigmoid-gated shared expert. Each expert is computed as soon
-    as `cache.stream` hands it over (up to DENSE_TOKENS rows: on every row, weighted 0 where not routed, so no
-    host sync; its output in its own slot, the slots summed in expert order: the result does not depend on the
-    order reads land). `read_ahead` (layer, experts): a prefetch submitted behind this layer's own reads (up to
-    DENSE_TOKENS rows), or once this layer's experts are in (a prompt chunk: its reads come first)."""
-    weights, ids = route(x, w[prefix + "ffn_gate_inp.weight"], config.num_experts_per_tok)
-    chosen = torch.unique(ids)
-    selected = chosen.tolist()
+              cache: ExpertCache, read_ahead: tuple[int, list[int]] | None = None,
+              dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [N, hidden] -> routed experts (weighted) + sigmoid-gated shared expert. `dense`: (expert ids, routing
+    table, shared expert output) already computed for x (by a decode graph), else computed here: the routing
+    first, the shared expert once the reads are on their way. Each expert is computed as soon as `cache.stream`
+    hands it over (up to DENSE_TOKENS rows: on every row, weighted 0 where not routed, so no host sync; its output in
+    its own slot, the slots summed in expert order: the result does not depend on the order reads land).
+    `read_ahead` (layer, experts): a prefetch submitted behind this layer's own reads (up to DENSE_TOKENS rows), or
+    once this layer's experts are in (a prompt chunk: its reads come first)."""
+    if dense is None:
+        ids, table = route_table(x, w[prefix + "ffn_gate_inp.weight"], config.num_experts_per_tok, config.num_experts)
+        shared = None
+    else:
+        ids, table, shared = dense
+    selected = sorted(set(ids.reshape(-1).tolist()))
     arriving = cache.stream(layer, selected) if x.shape[0] <= DENSE_TOKENS else None  # reads start now
     if arriving is not None and read_ahead is not None:
         cache.prefetch(*read_ahead)
         read_ahead = None
-    shared = linear(F.silu(linear(x, w[prefix + "ffn_gate_shexp.weight"])) * linear(x, w[prefix + "ffn_up_shexp.weight"]),
-                    w[prefix + "ffn_down_shexp.weight"])
-    shared = torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * shared
-    if x.shape[0] <= DENSE_TOKENS:
-        coefficients = (weights.unsqueeze(-1) * (ids.unsqueeze(-1) == chosen)).sum(dim=1)  # [N, selected]
+    if shared is None:
+        shared = shared_expert(x, w, prefix)
+    if arriving is not None:
         slots = x.new_empty(len(selected), *x.shape)
         position = {expert: j for j, expert in enumerate(selected)}
         for expert, ew in arriving:
-            j = position[expert]
-            torch.mul(expert_ffn(x, ew, f"blk.{layer}.expert.{expert}."), coefficients[:, j, None], out=slots[j])
+            expert_ffn(x, ew, f"blk.{layer}.expert.{expert}.", table[:, expert, None], slots[position[expert]])
         routed = slots.sum(dim=0)
     else:
         experts = cache.get(layer, selected)
         routed = torch.zeros_like(x)
         for expert in selected:
-            tokens, slot = torch.where(ids == expert)
-            out = expert_ffn(x[tokens], experts[expert], f"blk.{layer}.expert.{expert}.")
-            routed.index_add_(0, tokens, out * weights[tokens, slot, None])
+            tokens = torch.where((ids == expert).any(dim=-1))[0]
+            routed.index_add_(0, tokens, expert_ffn(x[tokens], experts[expert], f"blk.{layer}.expert.{expert}.",
+                                                    table[tokens, expert, None]))
     if read_ahead is not None:
         cache.prefetch(*read_ahead)
     return routed + shared
 
 
-def expert_ffn(x: torch.Tensor, ew: dict[str, Weight], p: str) -> torch.Tensor:
-    act = F.silu(linear(x, ew[p + "ffn_gate.weight"])) * linear(x, ew[p + "ffn_up.weight"])
-    return linear(act, ew[p + "ffn_down.weight"])
+def expert_ffn(x: torch.Tensor, ew: dict[str, Weight], p: str, coefficients: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert's MLP on x [N, hidden], row n scaled by coefficients[n] ([N, 1]) when given, into `out` when given."""
+    return swiglu_mlp(x, ew[p + "ffn_gate.weight"], ew[p + "ffn_up.weight"], ew[p + "ffn_down.weight"], coefficients,
+                      out)

@@ -9,8 +9,8 @@ extent resident, so this plugin drives `ExtentReader` itself.)
 
 `LoadOptions.extra`: "dtype" (activations: "float32", the default, or "bfloat16"), "dequantize_dense" (dequantize
 the resident affine matrices once at load instead of at each use: default on CUDA), "prefill_chunk" (prompt tokens
-per pass, default 512), "cuda_graphs" (default on: the attention half of linear-attention layers replayed as
-CUDA graphs in decode, see `decode_graphs`), "expert_prefetch" (default off: read ahead the next layer's likely experts; see
+per pass, default 512), "cuda_graphs" (default on: each layer's dense part replayed as a CUDA graph in
+decode, see `decode_graphs`), "expert_prefetch" (default off: read ahead the next layer's likely experts; see
 `_predict_next`), "expert_prefetch_limit" (at most this many experts read ahead per layer, default 4 x top-k: the
 host RAM held beyond the cache budget is at most this many experts), "expert_read_threads" / "expert_read_chunk"
 (reader threads and piece size in bytes: a layer's experts are spread over all threads), "expert_vram_bytes" (the
@@ -27,7 +27,7 @@ from gdsllm_core.layout.store import ModelEntry
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
-from gdsllm_qwen_moe.decode_graphs import LinearAttentionGraphs
+from gdsllm_qwen_moe.decode_graphs import DecodeGraphs, DenseStep
 from gdsllm_qwen_moe.experts import ExpertCache, moe_block, predict_experts
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
 from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows, group_weights, linear
@@ -35,11 +35,13 @@ from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows,
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # LoadOptions.extra["dtype"]
 PREFILL_CHUNK = 512  # prompt tokens per pass: experts are read once per chunk (the union of its routes)
-# A layer's ~10 experts in 1 MiB pieces over 16 threads: the disk stays busy to the last piece (with the storage
-# layer's 8 x 16 MiB, 10 whole-expert reads left 2 reading alone at the end). H100 machine, 2026-11-25, cold
-# decode over the I/O floor (`bench --read-configs`): 8x16 1.52, 8x2 1.13, 16x2 1.29, 16x1 0.99, 32x1 1.18.
+# A layer's ~10 experts in 512 KiB pieces over 16 threads: the disk stays busy to the last piece (with the storage
+# layer's 8 x 16 MiB, 10 whole-expert reads left 2 reading alone at the end), and the queue drains quickly at the
+# layer's end. H100 machine, cold decode over the I/O floor (`bench --read-configs`), one run: 8x16 1.52, 8x2 1.13,
+# 16x2 1.29, 16x1 0.99, 32x1 1.18; three runs, paired probes: 16x1 1.21/1.13/1.18, 16x0.5 1.15/1.12/1.11,
+# 16x0.25 1.48/1.43/1.43, 32x0.5 1.20/1.22/1.25.
 EXPERT_READ_THREADS = 16
-EXPERT_READ_CHUNK = 1 << 20
+EXPERT_READ_CHUNK = 512 << 10
 VRAM_RESERVE = 4 << 30  # VRAM left beside the expert tier for caches, activations and the allocator
 
 
@@ -94,7 +96,7 @@ class QwenMoeForward:
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
         self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device, self._vram_tier_bytes(options))
         self.prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
-        self.graphs = (LinearAttentionGraphs(self.config, self.weights)
+        self.graphs = (DecodeGraphs(self.config, self.weights)
                        if self.device.type == "cuda" and options.extra.get("cuda_graphs", True) else None)
         self.tokens_processed = 0
 
@@ -161,12 +163,9 @@ class QwenMoeForward:
         starts = [cache.length for cache in caches]
         for layer in range(c.num_hidden_layers):
             p = f"blk.{layer}."
-            graphed = None
-            if self.graphs is not None and length == 1 and c.is_linear(layer):
-                graphed = self.graphs.run(layer, x, [cache.conv[layer] for cache in caches],
-                                          [cache.recurrent[layer] for cache in caches])
-            if graphed is not None:
-                x, h = graphed
+            step = self._graphed(layer, x, caches, starts) if self.graphs is not None and length == 1 else None
+            if step is not None:
+                x, h, dense = step.residual, step.normed, (step.ids, step.table, step.shared)
             else:
                 h = rms_norm(x, w[p + "attn_norm.weight"], c.rms_norm_eps)
                 if c.is_linear(layer):
@@ -178,13 +177,21 @@ class QwenMoeForward:
                 else:
                     h = gated_attention(h, w, p, c, [cache.kv[layer] for cache in caches], starts)
                 x = x + h
-                h = rms_norm(x, w[p + "post_attention_norm.weight"], c.rms_norm_eps)
+                h, dense = rms_norm(x, w[p + "post_attention_norm.weight"], c.rms_norm_eps), None
             ahead = self._predict_next(x, layer) if self.prefetch and layer + 1 < c.num_hidden_layers else None
-            x = x + moe_block(h.reshape(batch * length, -1), w, p, layer, c, self.experts, ahead).reshape(x.shape)
+            x = x + moe_block(h.reshape(batch * length, -1), w, p, layer, c, self.experts, ahead,
+                              dense).reshape(x.shape)
         for cache in caches:
             cache.length += length
         self.tokens_processed += batch * length
         return rms_norm(x, w["output_norm.weight"], c.rms_norm_eps)
+
+    def _graphed(self, layer: int, x: torch.Tensor, caches: list[QwenMoeCache], starts: list[int]) -> DenseStep | None:
+        """The layer's dense part replayed from a decode graph, or None (run it eagerly)."""
+        if self.config.is_linear(layer):
+            return self.graphs.linear(layer, x, [cache.conv[layer] for cache in caches],
+                                      [cache.recurrent[layer] for cache in caches])
+        return self.graphs.full(layer, x, [cache.kv[layer] for cache in caches], starts)
 
     def _predict_next(self, x: torch.Tensor, layer: int) -> tuple[int, list[int]]:
         """(layer + 1, the experts it will likely route to): its router applied to the residual stream entering

@@ -100,6 +100,36 @@ def embedding_rows(weight: Weight, tokens: torch.Tensor, dtype: torch.dtype = to
     return weight[tokens].to(dtype)
 
 
+def swiglu_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, coefficients: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) @ down.T for x [N, cols], row n scaled by coefficients[n] ([N, 1] in x's dtype)
+    when given, written into `out` when given. On a GPU, affine matrices the GEMV takes go through two launches
+    (`affine_ops.swiglu_gemv`, then the GEMV scaling as it writes) where the plain ops take six."""
+    if x.is_cuda and _fusable(x, gate, up, down):
+        from gdsllm_core.kernels import affine_ops
+
+        flat = x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.contiguous().clone()
+        act = affine_ops.swiglu_gemv(flat, (gate.packed, gate.scales, gate.biases), (up.packed, up.scales, up.biases),
+                                     gate.bits, gate.group_size)
+        return affine_ops.gemv(act, down.packed, down.scales, down.biases, down.bits, down.group_size,
+                               None if coefficients is None else coefficients[:, 0], out)
+    y = linear(F.silu(linear(x, gate)) * linear(x, up), down)
+    if coefficients is not None:
+        y = y * coefficients
+    return y if out is None else out.copy_(y)
+
+
+def _fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
+    from gdsllm_core.kernels import affine_ops
+
+    if x.dim() != 2 or x.shape[0] > affine_ops.MAX_BATCH:
+        return False
+    if not all(isinstance(w, AffineWeight) and w.bits in affine_ops.GEMV_BITS for w in (gate, up, down)):
+        return False
+    return (gate.bits, gate.group_size, gate.scales.dtype, gate.shape) == (up.bits, up.group_size, up.scales.dtype,
+                                                                           up.shape)
+
+
 def _cuda_gemv(x: torch.Tensor, weight: AffineWeight) -> torch.Tensor | None:
     """x @ weight.T by the fused dequantize + GEMV kernel, or None where it does not apply (more rows of x than it
     takes, a width it has no instance for)."""

@@ -183,9 +183,9 @@ def test_decode_reads_ahead_before_computing_its_own_experts(converted, monkeypa
     log: list[tuple[str, int]] = []
     original_ffn = experts.expert_ffn
 
-    def ffn(x, ew, p):
+    def ffn(x, ew, p, *args):
         log.append(("compute", int(p.split(".")[1])))
-        return original_ffn(x, ew, p)
+        return original_ffn(x, ew, p, *args)
 
     monkeypatch.setattr(experts, "expert_ffn", ffn)
     forward = QwenMoeForward(converted["per_expert"], LoadOptions(host_cache=0, extra={"expert_prefetch": True}))
