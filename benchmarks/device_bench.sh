@@ -36,13 +36,13 @@ case "$TYPES" in *Q8_0*) bench q8_resident 7b-Q8_0 $NOREPACK;; esac
 bench q4_resident_batch 7b-Q4_0 --pp 64 --tg 32 --batch 1,8,16 --no-ceilings $NOREPACK
 bench q4_8vram_storage 7b-Q4_0 --vram-layers 8 --host-cache 0 --cpu-layers 0 --tg 8 $NOREPACK
 if [ -n "$QWEN_LAYERS" ]; then  # while llama.cpp builds: the Qwen3.5-MoE expert streaming bench (issue 8), 397B shapes
-  run timeout 200 python3 -m gdsllm_qwen_moe.bench --root /root/qstore --layers $QWEN_LAYERS ${QWEN_ARGS:---prefetch \
+  run timeout 200 python3 -m gdsllm_qwen_moe.bench --root /root/qstore --layers $QWEN_LAYERS ${QWEN_ARGS:---prefetch-limits 0 \
     --vram-budget-gb 2 --zipf-tokens 32} > $OUT/qwen.json 2> $OUT/qwen.err; echo "qwen bench rc $?"; tail -2 $OUT/qwen.err
   python3 - $OUT/qwen.json <<'PY' | tee -a $OUT/summary.txt
 import json, sys
 text = open(sys.argv[1]).read()
 r = json.loads(text[text.index("{"):])
-print("qwen: ceiling", r["ceiling"], "| prefetch speed-up", r.get("prefetch_speedup"))
+print("qwen: ceiling", r["ceiling"], "| read-ahead", r["prefetch"], "| without it, speed", r.get("prefetch_0_speedup"))
 for key, v in r.items():
     if not key.startswith("cold"):
         continue

@@ -18,8 +18,9 @@ for k, v in r.items():
         print(k, "mean ratio %.3f" % v["mean_ratio_to_io_bound"],
               [(round(s["cold_s_per_layer"] * 1e3, 1), round(s["io_bound_s_per_layer"] * 1e3, 1),
                 round(s["read_wait_s_per_layer"] * 1e3, 1), round(s["compute_s_per_layer"] * 1e3, 2)) for s in v["steps"]])
-for k in ("zipf", "zipf_two_tiers", "prefetch_speedup"):
+for k in ("prefetch", "zipf", "zipf_two_tiers"):
     print(k, r.get(k))
+print({k: v for k, v in r.items() if k.endswith("_speedup")})
 for label, p in r.get("profile", {}).items():
     print("profile", label, p if isinstance(p, str) else
           {k: (v if not isinstance(v, list) else v[:8]) for k, v in p.items()})

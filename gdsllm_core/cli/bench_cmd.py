@@ -32,7 +32,8 @@ from gdsllm_core.cli.output import CPU_LAYERS_HELP, parse_size
 @click.option("--no-graphs", is_flag=True, help="Decode without CUDA graphs.")
 @click.option("--no-repack", is_flag=True, help="Keep resident Q4_0/Q8_0 weights in the GGUF layout.")
 @click.option("--fast-gemv", is_flag=True, help="Q4_0 decode sums products in fp16 first (overflows past ~1000).")
-@click.option("--prefetch", is_flag=True, help="MoE: read the next layer's likely experts ahead (expert_prefetch).")
+@click.option("--prefetch/--no-prefetch", default=None,
+              help="MoE: read the next layer's likeliest expert ahead (expert_prefetch; default: on with a GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram_layers, cpu_layers, no_ceilings, warm,
           no_graphs, no_repack, fast_gemv, prefetch, as_json):
@@ -51,8 +52,8 @@ def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram
              "cpu_layers": cpu_layers_option(cpu_layers)}
     if vram_layers is not None:
         extra["max_vram_layers"] = vram_layers
-    if prefetch:
-        extra["expert_prefetch"] = True
+    if prefetch is not None:
+        extra["expert_prefetch"] = prefetch
     options = LoadOptions(device=device, vram_budget=parse_size(vram_budget) if vram_budget else None,
                           host_cache=parse_size(host_cache) if host_cache is not None else None,
                           max_context=pp + tg + 16, extra=extra)

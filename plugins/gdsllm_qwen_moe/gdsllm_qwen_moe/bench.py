@@ -13,9 +13,11 @@
 3. Zipf trace: routing drawn from a Zipf law per layer through the host tier alone (`--budget-gb`) and through
    the VRAM tier (`--vram-budget-gb`) in front of it: hit rates per tier and bytes read per token, against the
    cold bytes per token x (1 - hit rate).
-With `--prefetch`, step 2 is run again with next-layer expert read-ahead on (`cold_prefetch`: per step, the
-read-ahead's experts, hits, waste and bytes; `prefetch_speedup`: cold seconds off / on). On this synthetic model the
-routers are random, so its hit rate says little about a real checkpoint: the timings show what overlap buys."""
+Step 2 runs with the forward's defaults (`prefetch`: next-layer read-ahead on or off, and its limit; each step's
+`prefetch` counts its experts read ahead, hits, waste and bytes). `--prefetch-limits` repeats it per read-ahead
+limit (`cold_prefetch_N`, 0: off; `prefetch_N_speedup`: the default run's seconds / this run's). On this synthetic
+model the routers are random, so its hit rate says little about a real checkpoint: the timings show what overlap
+buys."""
 
 import argparse
 import copy
@@ -237,10 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="extra reader settings for the cold decode, e.g. '8x16,32x1' (threads x piece MiB)")
     parser.add_argument("--profile", action="store_true", help="also profile one cold and one warm decode step")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a self-test of this script)")
-    parser.add_argument("--prefetch", action="store_true",
-                        help="also run the cold decode with next-layer expert read-ahead, to compare on/off")
     parser.add_argument("--prefetch-limits", default="",
-                        help="with --prefetch: read-ahead runs at these limits (experts per layer), e.g. '1,2'")
+                        help="also run the cold decode with read-ahead of at most N experts per layer, for each N "
+                             "of e.g. '0,2' (0: read-ahead off)")
     args = parser.parse_args(argv)
 
     store, name = ModelStore(args.root), f"synthetic-397b-{args.layers}l" + ("-tiny" if args.tiny else "")
@@ -272,15 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
     probe = (paired_ceiling(forward, weights, args.paired_gb, [default_reader, forward.reader])
              if args.paired_gb > 0 else None)
     runs = {"cold": cold_decode(forward, weights, args.steps, probe)}
-    limits = [int(n) for n in args.prefetch_limits.split(",") if n] or [None]
-    for limit in limits if args.prefetch else []:
-        label = "cold_prefetch" + (f"_{limit}" if limit else "")
-        ahead = load(expert_prefetch=True, **({"expert_prefetch_limit": limit} if limit else {}))
-        runs[label] = cold_decode(ahead, weights, args.steps, probe)
-        ahead.close()
-        result[label.replace("cold_", "") + "_speedup"] = (
-            sum(r["cold_s_per_layer"] for r in runs["cold"]["steps"]) /
-            sum(r["cold_s_per_layer"] for r in runs[label]["steps"]))
+    result["prefetch"] = {"enabled": forward.prefetch, "limit": forward.prefetch_limit}
+    for limit in (int(n) for n in args.prefetch_limits.split(",") if n):
+        other = load(expert_prefetch=limit > 0, **({"expert_prefetch_limit": limit} if limit else {}))
+        runs[f"cold_prefetch_{limit}"] = cold_decode(other, weights, args.steps, probe)
+        other.close()
+        result[f"prefetch_{limit}_speedup"] = (sum(r["cold_s_per_layer"] for r in runs["cold"]["steps"]) /
+                                               sum(r["cold_s_per_layer"] for r in runs[f"cold_prefetch_{limit}"]["steps"]))
     for setting in filter(None, args.read_configs.split(",")):
         threads, piece_mib = setting.split("x")
         other = load(expert_read_threads=int(threads), expert_read_chunk=int(float(piece_mib) * (1 << 20)))

@@ -462,15 +462,16 @@ class ExpertCache:
 
 
 def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, config: QwenMoeConfig,
-              cache: ExpertCache, read_ahead: tuple[int, list[int]] | None = None,
+              cache: ExpertCache, read_ahead: Callable[[], tuple[int, list[int]]] | None = None,
               dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [N, hidden] -> routed experts (weighted) + sigmoid-gated shared expert. `dense`: (expert ids, routing
     table, shared expert output) already computed for x (by a decode graph), else computed here: the routing
     first, the shared expert once the reads are on their way. Each expert is computed as soon as `cache.stream`
     hands it over (up to DENSE_TOKENS rows: on every row, weighted 0 where not routed, so no host sync; its output in
     its own slot, the slots summed in expert order: the result does not depend on the order reads land).
-    `read_ahead` (layer, experts): a prefetch submitted behind this layer's own reads (up to DENSE_TOKENS rows), or
-    once this layer's experts are in (a prompt chunk: its reads come first)."""
+    `read_ahead` gives (layer, experts) to prefetch; it is called (and its prefetch submitted) behind this layer's
+    own reads (up to DENSE_TOKENS rows), or once this layer's experts are in (a prompt chunk: its reads come
+    first)."""
     if dense is None:
         ids, table = route_table(x, w[prefix + "ffn_gate_inp.weight"], config.num_experts_per_tok, config.num_experts)
         shared = None
@@ -479,7 +480,7 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
     selected = sorted(set(ids.reshape(-1).tolist()))
     arriving = cache.stream(layer, selected) if x.shape[0] <= DENSE_TOKENS else None  # reads start now
     if arriving is not None and read_ahead is not None:
-        cache.prefetch(*read_ahead)
+        cache.prefetch(*read_ahead())
         read_ahead = None
     if shared is None:
         shared = shared_expert(x, w, prefix)
@@ -497,7 +498,7 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
             routed.index_add_(0, tokens, expert_ffn(x[tokens], experts[expert], f"blk.{layer}.expert.{expert}.",
                                                     table[tokens, expert, None]))
     if read_ahead is not None:
-        cache.prefetch(*read_ahead)
+        cache.prefetch(*read_ahead())
     return routed + shared
 
 

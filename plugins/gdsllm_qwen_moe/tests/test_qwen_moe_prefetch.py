@@ -12,6 +12,7 @@ from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import BadRequestError
 
 pytestmark = pytest.mark.reference
+EVERY_PREDICTION = 64  # a read-ahead limit above any union of top-k here: every predicted expert is read ahead
 
 
 class CountingReader:
@@ -36,12 +37,10 @@ class CountingReader:
         return self.reader.submit(extents, destinations)
 
 
-def run(entry, prefetch: bool, host_cache: int, limit: int | None = None):
+def run(entry, prefetch: bool, host_cache: int, limit: int = 0):
     """A prompt (two prefill chunks), 5 decode steps, then 2 sequences decoded together for 3 steps: the logits,
     the forward (still open) and its counting reader."""
-    extra = {"prefill_chunk": 8, "expert_prefetch": prefetch}
-    if limit is not None:
-        extra["expert_prefetch_limit"] = limit
+    extra = {"prefill_chunk": 8, "expert_prefetch": prefetch, "expert_prefetch_limit": limit or EVERY_PREDICTION}
     forward = QwenMoeForward(entry, LoadOptions(host_cache=host_cache, extra=extra))
     counting = CountingReader(forward.reader, forward.experts, host_cache)
     forward.experts.reader = counting
@@ -127,7 +126,8 @@ def hf_next_router_choices(hf_model, sequences: list[torch.Tensor], last_only: b
 def test_prefetched_experts_are_the_next_routers_top_k(hf_model, converted):
     """With no cache, each layer i+1 reads ahead exactly what transformers' layer-(i+1) router and norm pick from
     the residual stream entering layer i's MoE block; for a prompt, decode steps and a batched decode step."""
-    forward = QwenMoeForward(converted["per_expert"], LoadOptions(host_cache=0, extra={"expert_prefetch": True}))
+    forward = QwenMoeForward(converted["per_expert"], LoadOptions(host_cache=0, extra={
+        "expert_prefetch": True, "expert_prefetch_limit": EVERY_PREDICTION}))
     reads = CountingReader(forward.reader)
     forward.experts.reader = reads
     layers = forward.config.num_hidden_layers
@@ -234,22 +234,25 @@ def test_read_ahead_limit_and_budget(converted):
 
 
 def test_streaming_bench_compares_prefetch_on_and_off(tmp_path):
-    """`python -m gdsllm_qwen_moe.bench --prefetch` (tiny shapes, host cache off): per cold step, the bytes read are
-    the routed experts plus the wasted read-ahead, and the routed experts are read ahead or synchronously."""
+    """`python -m gdsllm_qwen_moe.bench --prefetch-limits 6` (tiny shapes, host cache off, on the CPU where
+    read-ahead is off by default): per cold step, the bytes read are the routed experts plus the wasted read-ahead,
+    and the routed experts are read ahead or synchronously."""
     from gdsllm_qwen_moe import bench
 
     result = bench.main(["--root", str(tmp_path), "--tiny", "--layers", "4", "--device", "cpu", "--steps", "2",
-                         "--ceiling-gb", "0.0005", "--zipf-tokens", "2", "--budget-gb", "0.0004", "--prefetch"])
+                         "--ceiling-gb", "0.0005", "--zipf-tokens", "2", "--budget-gb", "0.0004",
+                         "--prefetch-limits", "6"])
     layers, top_k, expert_bytes = 4, 4, result["expert_bytes"]
+    assert result["prefetch"]["enabled"] is False
     for row in result["cold"]["steps"]:
         assert row["prefetch"]["prefetched"] == 0 and row["bytes_per_layer"] * layers == layers * top_k * expert_bytes
-    for row in result["cold_prefetch"]["steps"]:
+    for row in result["cold_prefetch_6"]["steps"]:
         ahead = row["prefetch"]
-        assert 0 < ahead["prefetched"] <= (layers - 1) * 4 * top_k  # layers 1..3, default limit 4 x top-k
+        assert 0 < ahead["prefetched"] <= (layers - 1) * 6  # layers 1..3, at most 6 each
         assert ahead["hits"] + ahead["sync_misses"] == layers * top_k
         assert row["bytes_per_layer"] * layers == (layers * top_k + ahead["waste"]) * expert_bytes
         assert row["requested_bytes_per_layer"] * layers == layers * top_k * expert_bytes  # waste left out
-    assert result["prefetch_speedup"] > 0
+    assert result["prefetch_6_speedup"] > 0
 
 
 def test_gdsllm_bench_reports_prefetch_figures(converted):

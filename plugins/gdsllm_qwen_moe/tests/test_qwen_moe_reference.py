@@ -244,7 +244,8 @@ def test_cuda_device_matches_cpu(converted):
     prompt = torch.randint(0, 512, (PROMPT_LENGTH,), generator=torch.Generator().manual_seed(8))
     results = []
     for device in ("cpu", "cuda"):
-        forward = QwenMoeForward(entry, LoadOptions(device=device, host_cache=0, extra={"expert_vram_bytes": 0}))
+        forward = QwenMoeForward(entry, LoadOptions(device=device, host_cache=0, extra={  # the same reads on both
+            "expert_vram_bytes": 0, "expert_prefetch": False}))
         cache = forward.new_cache(PROMPT_LENGTH + 4)
         logits = [forward.prefill(prompt, cache, all_logits=True).cpu()]
         for token in (5, 6, 7, 8):
