@@ -27,7 +27,8 @@ CHECK_INSTANCES = {
     + ("affine_dequant<4,0,0>", "affine_dequant<3,1,0>", "affine_dequant<8,2,1>")
     + tuple(f"affine_gemv<{bits},2,2,1,1>" for bits in (2, 3, 4, 5, 6, 8))
     + ("affine_gemv<4,2,2,8,2>", "affine_gemv<8,1,0,3,2>", "affine_gemv<6,0,1,2,1>")
-    + ("affine_swiglu<4,2,2,1,1>", "affine_swiglu<3,1,0,4,2>", "affine_swiglu<8,0,1,8,1>"),
+    + ("affine_swiglu<4,2,2,1,1>", "affine_swiglu<3,1,0,4,2>", "affine_swiglu<8,0,1,8,1>")
+    + ("affine_swiglu_grouped<4,2,2,1,1>", "affine_gemv_grouped<4,2,2,1,2>", "affine_gemv_grouped<6,0,1,3,1>"),
 }
 
 

@@ -11,6 +11,7 @@
 // is 4 or 8. Per chunk and vector b: dot(q, x) and sum(x) in fp32, then acc += scale * dot + bias * sum(x).
 // Optionally each output is scaled by a per-vector coefficient (an MoE expert's routing weight).
 // affine_swiglu: the same walk over two matrices (an MLP's gate and up), giving silu(gate) * up.
+// *_grouped: the same over several experts in one launch, their pointers in a device table.
 //
 // Type codes (ST scales/biases, OT output, XT activations): 0 f32, 1 f16, 2 bf16 (as QT_F32/QT_F16/QT_BF16).
 #include "ggml_blocks.cuh"
@@ -202,5 +203,61 @@ affine_swiglu(const u32* __restrict__ gate, const void* __restrict__ gate_scales
             const float gv = round_to<XT>(g[r][b]);
             const float silu = round_to<XT>(gv / (1.f + expf(-gv)));
             store_value<XT>(y, (size_t)b * rows + first + r, silu * round_to<XT>(u[r][b]));
+        }
+}
+
+// Grouped forms for several experts of one format at once (blockIdx.y: the expert), their pointers in a table of
+// u64 per expert. affine_swiglu_grouped: {gate packed, scales, biases, up packed, scales, biases, x, y}.
+// affine_gemv_grouped: {packed, scales, biases, x, y, coeff} (coeff 0: unscaled). Each expert's computation is the
+// single-expert kernel's, value for value.
+template <int BITS, int ST, int XT, int B, int R>
+__global__ void __launch_bounds__(32 * AFFINE_WARPS)
+affine_swiglu_grouped(const unsigned long long* __restrict__ table, int rows, int cols, int group_size) {
+    const unsigned long long* t = table + (size_t)blockIdx.y * 8;
+    const int lane = threadIdx.x & 31;
+    const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
+    if (first >= rows) return;
+    const void* x = reinterpret_cast<const void*>(t[6]);
+    float g[R][B], u[R][B];
+    affine_rows<BITS, ST, XT, B, R>(reinterpret_cast<const u32*>(t[0]), reinterpret_cast<const void*>(t[1]),
+                                    reinterpret_cast<const void*>(t[2]), x, first, rows, cols, group_size, lane, g);
+    affine_rows<BITS, ST, XT, B, R>(reinterpret_cast<const u32*>(t[3]), reinterpret_cast<const void*>(t[4]),
+                                    reinterpret_cast<const void*>(t[5]), x, first, rows, cols, group_size, lane, u);
+    if (lane != 0) return;
+    void* y = reinterpret_cast<void*>(t[7]);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            if (first + r >= rows) continue;
+            const float gv = round_to<XT>(g[r][b]);
+            const float silu = round_to<XT>(gv / (1.f + expf(-gv)));
+            store_value<XT>(y, (size_t)b * rows + first + r, silu * round_to<XT>(u[r][b]));
+        }
+}
+
+template <int BITS, int ST, int XT, int B, int R>
+__global__ void __launch_bounds__(32 * AFFINE_WARPS)
+affine_gemv_grouped(const unsigned long long* __restrict__ table, int rows, int cols, int group_size,
+                    int coeff_stride) {
+    const unsigned long long* t = table + (size_t)blockIdx.y * 6;
+    const int lane = threadIdx.x & 31;
+    const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
+    if (first >= rows) return;
+    float acc[R][B];
+    affine_rows<BITS, ST, XT, B, R>(reinterpret_cast<const u32*>(t[0]), reinterpret_cast<const void*>(t[1]),
+                                    reinterpret_cast<const void*>(t[2]), reinterpret_cast<const void*>(t[3]), first,
+                                    rows, cols, group_size, lane, acc);
+    if (lane != 0) return;
+    void* y = reinterpret_cast<void*>(t[4]);
+    const void* coeff = reinterpret_cast<const void*>(t[5]);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            if (first + r >= rows) continue;
+            float s = acc[r][b];
+            if (coeff != nullptr) s = round_to<XT>(s) * load_value<XT>(coeff, (size_t)b * coeff_stride);
+            store_value<XT>(y, (size_t)b * rows + first + r, s);
         }
 }

@@ -135,3 +135,77 @@ def swiglu_gemv(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor, torch.T
            (*(ptr(t) for t in gate), *(ptr(t) for t in up), ptr(x), ptr(y), np.int32(rows), np.int32(cols),
             np.int32(group_size)))
     return y
+
+
+Affine = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # packed, scales, biases
+
+
+def _signature(matrix: Affine) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device, t.is_contiguous(), t.data_ptr() % 16 == 0) for t in matrix)
+
+
+def _check_group(matrices: list[Affine], bits: int, group_size: int, x: torch.Tensor) -> tuple[int, int]:
+    """(rows, cols) shared by every matrix, the first checked in full, the others against it."""
+    if not matrices:
+        raise ValueError("a grouped launch needs at least one matrix")
+    rows, cols = _check_gemv(x, *matrices[0], bits, group_size)
+    first = _signature(matrices[0])
+    for matrix in matrices[1:]:
+        if _signature(matrix) != first:
+            raise ValueError("grouped matrices must share shapes, dtypes, device and alignment: "
+                             f"{_signature(matrix)} differs from {first}")
+    return rows, cols
+
+
+def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def swiglu_gemv_grouped(x: torch.Tensor, gates: list[Affine], ups: list[Affine], bits: int,
+                        group_size: int) -> torch.Tensor:
+    """`swiglu_gemv` of x [B, cols] for each pair (gates[e], ups[e]) in one launch -> [E, B, rows]; every matrix of
+    one shape, width, group size and scale dtype."""
+    rows, cols = _check_group(gates + ups, bits, group_size, x)
+    if len(gates) != len(ups):
+        raise ValueError(f"{len(gates)} gate matrices for {len(ups)} up matrices")
+    batch, experts = x.shape[0], len(gates)
+    y = torch.empty(experts, batch, rows, dtype=x.dtype, device=x.device)
+    y_step = batch * rows * y.element_size()
+    table = _table([[t.data_ptr() for t in (*gate, *up)] + [x.data_ptr(), y.data_ptr() + e * y_step]
+                    for e, (gate, up) in enumerate(zip(gates, ups, strict=True))], x.device)
+    r = rows_per_warp(rows)
+    launch("affine.cu", f"affine_swiglu_grouped<{bits},{FLOAT_CODES[gates[0][1].dtype]},{FLOAT_CODES[x.dtype]},"
+           f"{batch},{r}>", ((rows + WARPS * r - 1) // (WARPS * r), experts), (32 * WARPS,),
+           (ptr(table), np.int32(rows), np.int32(cols), np.int32(group_size)))
+    return y
+
+
+def gemv_grouped(xs: torch.Tensor, matrices: list[Affine], bits: int, group_size: int,
+                 coefficients: list[torch.Tensor] | None, outs: list[torch.Tensor]) -> None:
+    """`gemv` of xs[e] [B, cols] by matrices[e] into outs[e] [B, rows] for every e in one launch, row b of each
+    scaled by coefficients[e][b] when given (each [B], one stride for all)."""
+    experts = len(matrices)
+    if xs.dim() != 3 or xs.shape[0] != experts or not xs.is_contiguous():
+        raise ValueError(f"xs must be a contiguous [{experts}, B, cols] tensor, got {tuple(xs.shape)}")
+    rows, cols = _check_group(matrices, bits, group_size, xs[0])
+    if len(outs) != experts:
+        raise ValueError(f"{len(outs)} outputs for {experts} matrices")
+    batch = xs.shape[1]
+    for out in outs:
+        _output(out, batch, rows, xs)
+    stride = 0
+    if coefficients is not None:
+        strides = {c.stride(0) for c in coefficients}
+        if len(coefficients) != experts or len(strides) != 1 or any(
+                c.dim() != 1 or c.shape[0] != batch or c.dtype != xs.dtype or c.device != xs.device
+                for c in coefficients):
+            raise ValueError(f"coefficients must be {experts} tensors of [{batch}] {xs.dtype} with one stride")
+        stride = strides.pop()
+    x_step = batch * cols * xs.element_size()
+    table = _table([[t.data_ptr() for t in matrix] + [xs.data_ptr() + e * x_step, outs[e].data_ptr(),
+                                                       0 if coefficients is None else coefficients[e].data_ptr()]
+                    for e, matrix in enumerate(matrices)], xs.device)
+    r = rows_per_warp(rows)
+    launch("affine.cu", f"affine_gemv_grouped<{bits},{FLOAT_CODES[matrices[0][1].dtype]},{FLOAT_CODES[xs.dtype]},"
+           f"{batch},{r}>", ((rows + WARPS * r - 1) // (WARPS * r), experts), (32 * WARPS,),
+           (ptr(table), np.int32(rows), np.int32(cols), np.int32(group_size), np.int32(stride)))

@@ -107,6 +107,64 @@ def test_fused_expert_kernels_match_float64(bits, batch, x_dtype):
     assert ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item() < tolerance
 
 
+
+def test_grouped_expert_kernels_equal_the_single_ones():
+    """Three experts in one `swiglu_gemv_grouped` and one `gemv_grouped` launch give, value for value, what the
+    single-expert kernels give one by one (scaled by a routing-table column, written into slots); matrices of
+    different shapes are refused."""
+    cols, hidden, group_size, batch = 512, 256, 64, 2
+    g = torch.Generator().manual_seed(7)
+    experts = [[tuple(t.to(CUDA) for t in random_affine(rows, width, 4, group_size, torch.bfloat16, seed=10 * e + k))
+                for k, (rows, width) in enumerate([(cols, hidden), (cols, hidden), (hidden, cols)])]
+               for e in range(3)]
+    x = torch.randn(batch, hidden, generator=g).to(torch.bfloat16).to(CUDA)
+    table = torch.rand(batch, 5, generator=g).to(torch.bfloat16).to(CUDA)
+    single = torch.zeros(3, batch, hidden, dtype=torch.bfloat16, device=CUDA)
+    acts_single = []
+    for e, (gate, up, down) in enumerate(experts):
+        acts_single.append(affine_ops.swiglu_gemv(x, gate, up, 4, group_size))
+        affine_ops.gemv(acts_single[-1], *down, 4, group_size, coefficients=table[:, e + 1], out=single[e])
+    acts = affine_ops.swiglu_gemv_grouped(x, [gate for gate, _, _ in experts], [up for _, up, _ in experts], 4,
+                                          group_size)
+    grouped = torch.zeros_like(single)
+    affine_ops.gemv_grouped(acts, [down for _, _, down in experts], 4, group_size,
+                            [table[:, e + 1] for e in range(3)], [grouped[e] for e in range(3)])
+    assert torch.equal(acts, torch.stack(acts_single)) and torch.equal(grouped, single) and single.abs().sum() > 0
+    with pytest.raises(ValueError, match="share shapes"):
+        affine_ops.swiglu_gemv_grouped(x, [experts[0][0], experts[1][0]], [experts[0][1], experts[1][2]], 4,
+                                       group_size)
+
+
+def test_vram_hits_in_grouped_launches_match_the_streamed_step(tmp_path, monkeypatch):
+    """A decode step whose experts all come from the VRAM tier (each layer's experts in grouped launches) gives
+    exactly the logits of the same step with every expert streamed from storage (one fused launch pair each)."""
+    import copy
+
+    grouped_calls = []
+    original = affine_ops.swiglu_gemv_grouped
+
+    def counting(*args, **kwargs):
+        grouped_calls.append(len(args[1]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(affine_ops, "swiglu_gemv_grouped", counting)
+    entry = write_synthetic(tmp_path, "tiny-grouped", tiny_shapes(4), bits=4, group_size=64)
+    for dtype in ("float32", "bfloat16"):
+        forward = QwenMoeForward(entry, LoadOptions(device="cuda", host_cache=0, extra={
+            "dtype": dtype, "expert_vram_bytes": 1 << 30, "expert_prefetch": False}))
+        cache = forward.new_cache(16)
+        forward.prefill(torch.tensor([5, 17, 200, 3]), cache)
+        before = copy.deepcopy(cache)
+        forward.experts.clear()
+        grouped_calls.clear()
+        streamed = forward.decode(torch.tensor([42]), [cache])
+        assert grouped_calls == []  # every expert read from storage: one at a time
+        warm = forward.decode(torch.tensor([42]), [before])
+        assert grouped_calls == [4] * 4  # four layers, top-4 each, all VRAM hits
+        assert torch.equal(warm, streamed)
+        forward.close()
+
+
 def test_launchers_refuse_bad_input():
     packed, scales, biases = (t.to(CUDA) for t in random_affine(8, 128, 4, 64, torch.bfloat16, seed=0))
     with pytest.raises(ValueError, match="group size 16"):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from gdsllm_core.layout.manifest import ExtentInfo, Manifest
 from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.config import QwenMoeConfig
-from gdsllm_qwen_moe.weights import Weight, group_weights, linear, swiglu_mlp
+from gdsllm_qwen_moe.weights import Weight, group_weights, linear, swiglu_mlp, swiglu_mlp_grouped
 
 DENSE_TOKENS = 8  # up to this many rows, every selected expert runs on all rows (weights 0 where not routed)
 
@@ -267,6 +267,11 @@ class ExpertCache:
         hits, host hits, then storage misses in the order their reads land. The reads are submitted before this
         returns (work the caller queues before consuming overlaps them). Consume it to the end: the cache
         admissions and statistics of the step happen there."""
+        return (pair for group in self.stream_groups(layer, experts) for pair in group)
+
+    def stream_groups(self, layer: int, experts: list[int]) -> Iterator[list[tuple[int, dict[str, Weight]]]]:
+        """`stream` in groups of experts that became available together: the VRAM hits, the host hits (their copies
+        queued), then the experts of each read as it lands."""
         self._recycle()
         names = {e: expert_extent(layer, e) for e in experts}
         ahead = {name: self._pending.pop(name) for name in names.values()
@@ -300,15 +305,15 @@ class ExpertCache:
                 step.buffers[e], step.futures[e] = ahead[names[e]]
         return self._deliver(step)
 
-    def _deliver(self, step: "_Step") -> Iterator[tuple[int, dict[str, Weight]]]:
-        """`stream`'s hand-over, once its reads are on their way."""
+    def _deliver(self, step: "_Step") -> Iterator[list[tuple[int, dict[str, Weight]]]]:
+        """`stream_groups`' hand-over, once its reads are on their way."""
         names, ahead, buffers = step.names, step.ahead, step.buffers
         staged: dict[int, tuple[dict[str, Weight], torch.Tensor]] = {}  # expert -> (device weights, device buffer)
-        for expert in step.vram_hits:
-            yield expert, self.vram.entries[names[expert]][0]
-        for expert in step.host_hits:
-            weights, buffer = self.host.entries[names[expert]]
-            yield expert, self._on_device(expert, self.extents[names[expert]], weights, buffer, staged)
+        if step.vram_hits:
+            yield [(expert, self.vram.entries[names[expert]][0]) for expert in step.vram_hits]
+        if step.host_hits:
+            yield [(expert, self._on_device(expert, self.extents[names[expert]], *self.host.entries[names[expert]],
+                                            staged)) for expert in step.host_hits]
         by_future: dict[int, list[int]] = {}
         for expert in step.missing:
             by_future.setdefault(id(step.futures[expert]), []).append(expert)
@@ -324,8 +329,8 @@ class ExpertCache:
                 self.stats.prefetch_wait_ns += waited
             else:
                 self.stats.read_ns += waited
-            for expert in by_future[id(future)]:
-                yield expert, self._on_device(expert, self.extents[names[expert]], None, buffers[expert], staged)
+            yield [(expert, self._on_device(expert, self.extents[names[expert]], None, buffers[expert], staged))
+                   for expert in by_future[id(future)]]
         if self.staged and self.device.type == "cuda" and (step.host_hits or step.missing):
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(self.device))
@@ -478,7 +483,7 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
     else:
         ids, table, shared = dense
     selected = sorted(set(ids.reshape(-1).tolist()))
-    arriving = cache.stream(layer, selected) if x.shape[0] <= DENSE_TOKENS else None  # reads start now
+    arriving = cache.stream_groups(layer, selected) if x.shape[0] <= DENSE_TOKENS else None  # reads start now
     if arriving is not None and read_ahead is not None:
         cache.prefetch(*read_ahead())
         read_ahead = None
@@ -487,8 +492,15 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
     if arriving is not None:
         slots = x.new_empty(len(selected), *x.shape)
         position = {expert: j for j, expert in enumerate(selected)}
-        for expert, ew in arriving:
-            expert_ffn(x, ew, f"blk.{layer}.expert.{expert}.", table[:, expert, None], slots[position[expert]])
+        for group in arriving:  # experts that became available together run as one grouped launch where they can
+            names = [f"blk.{layer}.expert.{expert}." for expert, _ in group]
+            if swiglu_mlp_grouped(x, [tuple(ew[p + f"ffn_{m}.weight"] for m in ("gate", "up", "down"))
+                                      for p, (_, ew) in zip(names, group, strict=True)],
+                                  [table[:, expert, None] for expert, _ in group],
+                                  [slots[position[expert]] for expert, _ in group]):
+                continue
+            for p, (expert, ew) in zip(names, group, strict=True):
+                expert_ffn(x, ew, p, table[:, expert, None], slots[position[expert]])
         routed = slots.sum(dim=0)
     else:
         experts = cache.get(layer, selected)

@@ -119,6 +119,28 @@ def swiglu_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, coeffici
     return y if out is None else out.copy_(y)
 
 
+def swiglu_mlp_grouped(x: torch.Tensor, mlps: list[tuple[Weight, Weight, Weight]], coefficients: list[torch.Tensor],
+                       outs: list[torch.Tensor]) -> bool:
+    """`swiglu_mlp(x, *mlps[e], coefficients[e], outs[e])` for every e in two launches on a GPU, where every matrix
+    is affine in one format the GEMV takes; False (nothing computed) otherwise: the caller runs them one by one."""
+    if not (x.is_cuda and len(mlps) > 1 and all(_fusable(x, *mlp) for mlp in mlps)):
+        return False
+    formats = {(gate.bits, gate.group_size, gate.scales.dtype, gate.shape, down.bits, down.group_size, down.scales.dtype,
+                down.shape) for gate, _, down in mlps}
+    if len(formats) != 1:
+        return False
+    gate0, _, down0 = mlps[0]
+    from gdsllm_core.kernels import affine_ops
+
+    flat = x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.contiguous().clone()
+    acts = affine_ops.swiglu_gemv_grouped(flat, [(g.packed, g.scales, g.biases) for g, _, _ in mlps],
+                                          [(u.packed, u.scales, u.biases) for _, u, _ in mlps], gate0.bits,
+                                          gate0.group_size)
+    affine_ops.gemv_grouped(acts, [(d.packed, d.scales, d.biases) for _, _, d in mlps], down0.bits, down0.group_size,
+                            [c[:, 0] for c in coefficients], outs)
+    return True
+
+
 def _fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
     from gdsllm_core.kernels import affine_ops
 
