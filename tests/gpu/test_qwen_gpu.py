@@ -270,8 +270,9 @@ def test_tiny_hf_model_on_cuda_matches_transformers(tmp_path, quant):
 
 def test_decode_graphs_match_eager_decode(tmp_path, monkeypatch):
     """Two sequences at different lengths decoded together, fp32, with each layer's dense part replayed from CUDA
-    graphs and eagerly: the same logits and KV caches at every step. The full-attention layer's graph is captured
-    for three spans (16, 32, 64: MIN_SPAN set to 4), the oldest dropped (at most two kept)."""
+    graphs and eagerly: the same logits, KV caches and read-ahead predictions at every step. The full-attention
+    layer's graph is captured for three spans (16, 32, 64: MIN_SPAN set to 4), the oldest dropped (at most two
+    kept)."""
     from gdsllm_qwen_moe import decode_graphs
 
     monkeypatch.setattr(decode_graphs, "MIN_SPAN", 4)
@@ -286,13 +287,18 @@ def test_decode_graphs_match_eager_decode(tmp_path, monkeypatch):
         caches = [forward.new_cache(64) for _ in prompts]
         for prompt, cache in zip(prompts, caches, strict=True):
             forward.prefill(prompt, cache)
-        logits = [forward.decode(tokens, caches).cpu() for tokens in feed]
+        logits, predictions = [], []
+        for tokens in feed:
+            logits.append(forward.decode(tokens, caches).cpu())
+            predictions.append({layer: v["predicted"] for layer, v in
+                                forward.experts.stats.last_prefetch_by_layer.items()})
         if graphs:
             assert forward.graphs.enabled and forward.graphs.attention_graphs == 2
             assert forward.graphs.captures == 3 + 3  # 3 linear-attention layers; 3 spans of the full-attention one
-        results.append((logits, [cache.kv[3].keys.cpu() for cache in caches]))
+        results.append((logits, [cache.kv[3].keys.cpu() for cache in caches], predictions))
         forward.close()
-    (graphed, graphed_keys), (eager, eager_keys) = results
+    (graphed, graphed_keys, graphed_ahead), (eager, eager_keys, eager_ahead) = results
+    assert graphed_ahead == eager_ahead and all(ahead[1] for ahead in eager_ahead)  # read-ahead on by default
     for ours, ref in zip(graphed, eager, strict=True):
         assert relative_error(ours, ref) < 1e-5
     for ours, ref in zip(graphed_keys, eager_keys, strict=True):

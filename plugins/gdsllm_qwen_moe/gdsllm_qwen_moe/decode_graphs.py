@@ -1,8 +1,9 @@
 """CUDA graphs for the dense part of a Qwen3.5 layer in decode: input norm, attention (Gated DeltaNet's recurrent
-form, or gated full attention), residual, post-attention norm, router (softmax, top-k, the routing table) and the
-gated shared expert: ~70 launches replayed as one. With cold experts this part sits between one layer's last expert
-read and the next layer's reads (nothing overlaps it), and eagerly it is launch bound: ~0.5 ms of host time per
-linear-attention layer and ~3 ms per full-attention one on the H100 against well under 0.1 ms of GPU work.
+form, or gated full attention), residual, post-attention norm, router (softmax, top-k, the routing table), the
+gated shared expert and, with read-ahead on, the next layer's router on this residual: ~80 launches replayed as
+one. With cold experts this part sits between one layer's last expert read and the next layer's reads (nothing
+overlaps it), and eagerly it is launch bound: ~0.5 ms of host time per linear-attention layer and ~3 ms per
+full-attention one on the H100 against well under 0.1 ms of GPU work.
 
 Linear-attention layers: a graph per (layer, batch size), captured on the first step of that size. The sequences'
 conv / recurrent states are copied into static buffers before a replay and back into each cache after it.
@@ -10,8 +11,9 @@ conv / recurrent states are copied into static buffers before a replay and back 
 Full-attention layers: a graph per (layer, batch size, attended span, the sequences' KV buffers), captured the
 second time that key comes up (a key seen once, such as a throw-away cache's, costs no capture). The KV buffers are
 written in place at positions held in a device tensor, and each sequence attends to the first `span` slots of its
-cache (a power of two past its length, the rest masked: `gated_attention_step`), so one graph serves every length up
-to the span (or to its capacity, if smaller). At most MAX_ATTENTION_GRAPHS are kept, the least recently replayed dropped first.
+cache (a power of two past its length, the rest masked: `gated_attention_step`), so one graph serves every length
+up to the span (or to its capacity, if smaller). At most MAX_ATTENTION_GRAPHS are kept, the least recently
+replayed dropped first.
 
 The step's hidden states come in through a static buffer; the outputs (`DenseStep`) are static buffers too, valid
 until the same graph is replayed again (the next step: the caller uses them within the layer). Graphs of one batch
@@ -25,7 +27,7 @@ import torch
 
 from gdsllm_qwen_moe.attention import KVCache, gated_attention_step, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
-from gdsllm_qwen_moe.experts import route_table, shared_expert
+from gdsllm_qwen_moe.experts import prediction_scores, route_table, shared_expert
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
 from gdsllm_qwen_moe.weights import Weight
 
@@ -42,6 +44,7 @@ class DenseStep:
     ids: torch.Tensor  # [B, top_k] the experts routed to, per token
     table: torch.Tensor  # [B, num_experts] each expert's routing weight per token (0 where not routed)
     shared: torch.Tensor  # [B, hidden] the gated shared expert's output
+    ahead: tuple[torch.Tensor, torch.Tensor] | None  # the next layer's `prediction_scores` (read-ahead), if any
 
 
 @dataclass
@@ -58,9 +61,10 @@ class DecodeGraphs:
     """Replays the dense part of each layer for one-token decode steps (`linear`, `full`); the first failure to
     capture turns graphs off for the forward pass (`enabled`), which then runs eagerly."""
 
-    def __init__(self, config: QwenMoeConfig, weights: dict[str, Weight]):
+    def __init__(self, config: QwenMoeConfig, weights: dict[str, Weight], prefetch_limit: int = 0):
         self.config = config
         self.weights = weights
+        self.prefetch_limit = prefetch_limit  # > 0: each graph also predicts the next layer's experts
         self.enabled = True
         self._linear: dict[tuple[int, int], _Captured] = {}
         self._attention: OrderedDict[tuple, _Captured] = OrderedDict()
@@ -76,7 +80,7 @@ class DecodeGraphs:
             return None
         captured = self._linear.get((layer, x.shape[0]))
         if captured is None:
-            captured = self._new(x, conv=torch.stack(conv), state=torch.stack(state).float())
+            captured = self._new(layer, x, conv=torch.stack(conv), state=torch.stack(state).float())
             if not self._capture(captured, self._linear_body(layer, captured)):
                 return None
             self._linear[(layer, x.shape[0])] = captured
@@ -106,7 +110,7 @@ class DecodeGraphs:
                 self._seen.add(key)
                 return None
             self._seen.discard(key)
-            captured = self._new(x, positions=torch.tensor(starts, device=x.device))
+            captured = self._new(layer, x, positions=torch.tensor(starts, device=x.device))
             if not self._capture(captured, self._full_body(layer, captured, kv, span)):
                 return None
             self._attention[key] = captured
@@ -123,12 +127,16 @@ class DecodeGraphs:
         return len(self._attention)
 
     # capture ------------------------------------------------------------------------------------------------
-    def _new(self, x: torch.Tensor, **inputs) -> _Captured:
+    def _new(self, layer: int, x: torch.Tensor, **inputs) -> _Captured:
         batch, c = x.shape[0], self.config
+        predicts = self.prefetch_limit > 0 and layer + 1 < c.num_hidden_layers
+        count = min(self.prefetch_limit, c.num_experts)
         out = DenseStep(torch.empty_like(x), torch.empty_like(x),
                         torch.empty(batch, c.num_experts_per_tok, dtype=torch.int64, device=x.device),
                         torch.empty(batch, c.num_experts, dtype=x.dtype, device=x.device),
-                        torch.empty(batch, x.shape[-1], dtype=x.dtype, device=x.device))
+                        torch.empty(batch, x.shape[-1], dtype=x.dtype, device=x.device),
+                        (torch.empty(count, dtype=torch.float32, device=x.device),
+                         torch.empty(count, dtype=torch.int64, device=x.device)) if predicts else None)
         return _Captured(torch.cuda.CUDAGraph(), x.clone(), out, **inputs)
 
     def _linear_body(self, layer: int, buffers: _Captured) -> Callable[[], None]:
@@ -151,7 +159,8 @@ class DecodeGraphs:
         return body
 
     def _moe_inputs(self, layer: int, buffers: _Captured, attention: torch.Tensor) -> None:
-        """The layer's common tail: residual, post-attention norm, routing and the shared expert, into `out`."""
+        """The layer's common tail: residual, post-attention norm, routing, the shared expert and (with read-ahead)
+        the next layer's likely experts, into `out`."""
         c, w, p, out = self.config, self.weights, f"blk.{layer}.", buffers.out
         torch.add(buffers.x, attention, out=out.residual)
         out.normed.copy_(rms_norm(out.residual, w[p + "post_attention_norm.weight"], c.rms_norm_eps))
@@ -160,6 +169,13 @@ class DecodeGraphs:
         out.ids.copy_(ids)
         out.table.copy_(table)
         out.shared.copy_(shared_expert(flat, w, p))
+        if out.ahead is not None:  # the next layer's router on this residual under the next layer's norm
+            following = f"blk.{layer + 1}."
+            h = rms_norm(out.residual, w[following + "post_attention_norm.weight"], c.rms_norm_eps)
+            scores, ids = prediction_scores(h.reshape(h.shape[0], -1), w[following + "ffn_gate_inp.weight"],
+                                            c.num_experts_per_tok, self.prefetch_limit)
+            out.ahead[0].copy_(scores)
+            out.ahead[1].copy_(ids)
 
     def _capture(self, buffers: _Captured, body: Callable[[], None]) -> bool:
         """Capture `body` into `buffers.graph` (after one warm-up run on a side stream, whose effects the replays

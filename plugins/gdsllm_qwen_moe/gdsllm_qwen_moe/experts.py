@@ -69,14 +69,25 @@ def shared_expert(x: torch.Tensor, w: dict[str, Weight], prefix: str) -> torch.T
     return torch.sigmoid(linear(x, w[prefix + "ffn_gate_inp_shexp.weight"])) * out
 
 
+def prediction_scores(x: torch.Tensor, router: Weight, top_k: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shape-static part of `predict_experts` (what a CUDA graph can hold): the `limit` largest sums over the
+    rows of x of the routing weight `router` gives each expert (as `route` picks them) and those experts' ids,
+    largest first; an expert no row picked scores 0."""
+    weights, ids = route(x, router, top_k)
+    score = torch.zeros(router.shape[0], dtype=torch.float32, device=x.device)
+    score.index_add_(0, ids.reshape(-1), weights.reshape(-1).float())
+    return torch.topk(score, min(limit, router.shape[0]))
+
+
+def predicted(scores: torch.Tensor, ids: torch.Tensor) -> list[int]:
+    """The experts of a `prediction_scores` result that some row picked, the likeliest first."""
+    return [expert for score, expert in zip(scores.tolist(), ids.tolist(), strict=True) if score > 0]
+
+
 def predict_experts(x: torch.Tensor, router: Weight, top_k: int, limit: int) -> list[int]:
     """The experts `router` picks for the rows of x (the union of their top-k, as `route` picks them), the most
-    likely first (the largest sum of routing weights over the rows; ties: lower id), at most `limit`."""
-    weights, ids = route(x, router, top_k)
-    picked, where = torch.unique(ids, return_inverse=True)  # ascending ids: a stable sort keeps ties in that order
-    score = torch.zeros(picked.numel(), dtype=torch.float32, device=x.device)
-    score.index_add_(0, where.reshape(-1), weights.reshape(-1).float())
-    return picked[torch.argsort(-score, stable=True)][:limit].tolist()
+    likely first (the largest sum of routing weights over the rows), at most `limit`."""
+    return predicted(*prediction_scores(x, router, top_k, limit))
 
 
 @dataclass

@@ -30,7 +30,7 @@ from gdsllm_core.storage.reader import ExtentReader, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.decode_graphs import DecodeGraphs, DenseStep
-from gdsllm_qwen_moe.experts import ExpertCache, moe_block, predict_experts
+from gdsllm_qwen_moe.experts import ExpertCache, moe_block, predict_experts, predicted
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
 from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows, group_weights, linear
 
@@ -104,7 +104,7 @@ class QwenMoeForward:
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
         self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device, self._vram_tier_bytes(options))
         self.prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
-        self.graphs = (DecodeGraphs(self.config, self.weights)
+        self.graphs = (DecodeGraphs(self.config, self.weights, self.prefetch_limit if self.prefetch else 0)
                        if self.device.type == "cuda" and options.extra.get("cuda_graphs", True) else None)
         self.tokens_processed = 0
 
@@ -186,8 +186,8 @@ class QwenMoeForward:
                     h = gated_attention(h, w, p, c, [cache.kv[layer] for cache in caches], starts)
                 x = x + h
                 h, dense = rms_norm(x, w[p + "post_attention_norm.weight"], c.rms_norm_eps), None
-            ahead = (partial(self._predict_next, x, layer)  # evaluated once this layer's own reads are on their way
-                     if self.prefetch and layer + 1 < c.num_hidden_layers else None)
+            ahead = (partial(self._predict_next, x, layer, step.ahead if step is not None else None)
+                     if self.prefetch and layer + 1 < c.num_hidden_layers else None)  # called behind this layer's reads
             x = x + moe_block(h.reshape(batch * length, -1), w, p, layer, c, self.experts, ahead,
                               dense).reshape(x.shape)
         for cache in caches:
@@ -202,11 +202,14 @@ class QwenMoeForward:
                                       [cache.recurrent[layer] for cache in caches])
         return self.graphs.full(layer, x, [cache.kv[layer] for cache in caches], starts)
 
-    def _predict_next(self, x: torch.Tensor, layer: int) -> tuple[int, list[int]]:
+    def _predict_next(self, x: torch.Tensor, layer: int,
+                      graphed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[int, list[int]]:
         """(layer + 1, the experts it will likely route to): its router applied to the residual stream entering
         this layer's MoE block, normalised with the next layer's own post-attention norm (the input its router was
         trained on, minus this layer's MoE output and the next layer's attention). The union over the step's tokens,
-        most voted first, at most `prefetch_limit`."""
+        most voted first, at most `prefetch_limit`; `graphed`: the same scores already computed by a decode graph."""
+        if graphed is not None:
+            return layer + 1, predicted(*graphed)
         c, p = self.config, f"blk.{layer + 1}."
         h = rms_norm(x, self.weights[p + "post_attention_norm.weight"], c.rms_norm_eps).reshape(-1, x.shape[-1])
         return layer + 1, predict_experts(h, self.weights[p + "ffn_gate_inp.weight"], c.num_experts_per_tok,
