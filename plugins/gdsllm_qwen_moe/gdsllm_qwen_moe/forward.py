@@ -9,14 +9,14 @@ extent resident, so this plugin drives `ExtentReader` itself.)
 
 `LoadOptions.extra`: "dtype" (activations: "float32", the default, or "bfloat16"), "dequantize_dense" (dequantize
 the resident affine matrices once at load instead of at each use: default on CUDA), "prefill_chunk" (prompt tokens
-per pass, default 512), "cuda_graphs" (default on: each layer's dense part replayed as a CUDA graph in
-decode, see `decode_graphs`), "expert_prefetch" (read ahead the next layer's likely experts, see `_predict_next`:
-default on CUDA, off on the CPU), "expert_prefetch_limit" (at most this many experts read ahead per layer, the
-likeliest first; default PREFETCH_LIMIT: the host RAM held beyond the cache budget is at most this many experts per
-layer in flight), "expert_read_threads" / "expert_read_chunk"
-(reader threads and piece size in bytes: a layer's experts are spread over all threads), "expert_vram_bytes" (the
-VRAM expert tier's budget; default on CUDA: `LoadOptions.vram_budget` less what the dense part took and VRAM_RESERVE, or
-without a budget the free VRAM after loading less VRAM_RESERVE; 0 on the CPU)."""
+per pass, default 512), "cuda_graphs" (default on: each layer's dense part replayed as a CUDA graph in decode, see
+`decode_graphs`), "expert_prefetch" (read ahead the next layer's likely experts, see `_predict_next`: default on
+CUDA, off on the CPU), "expert_prefetch_limit" (at most this many experts read ahead per layer, the likeliest
+first; default PREFETCH_LIMIT: the host RAM held beyond the cache budget is at most this many experts per layer in
+flight), "expert_read_threads" / "expert_read_chunk" (reader threads and piece size in bytes: a layer's experts are
+spread over all threads), "expert_vram_bytes" (the VRAM expert tier's budget; default on CUDA:
+`LoadOptions.vram_budget` less what the dense part took and VRAM_RESERVE, or without a budget the free VRAM after
+loading less VRAM_RESERVE; 0 on the CPU)."""
 
 from dataclasses import dataclass, field
 from functools import partial
