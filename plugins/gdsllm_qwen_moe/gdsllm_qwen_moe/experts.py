@@ -5,8 +5,8 @@ decode, the prompt chunk in prefill) are fetched. `ExpertCache.stream` hands the
 VRAM-tier hits at once, host-tier hits after their copy to the device, and storage misses as each one's read lands
 (all misses are submitted together at the start, one future per expert), so the compute of the first experts
 overlaps the reads of the others; `ExpertCache.stream_groups` hands them out in the groups that became available
-together, which the MoE block computes in grouped launches. Reads land in pooled host buffers (pinned when computing on a GPU) and are copied
-into pooled device buffers on the compute stream: steady-state decoding allocates nothing.
+together, which the MoE block computes in grouped launches. Reads land in pooled host buffers (pinned when computing
+on a GPU) and are copied into pooled device buffers on the compute stream: steady-state decoding allocates nothing.
 
 Tiers: each holds experts under its own byte budget (`LfuTier`); eviction drops the expert requested least often
 (ties: least recently used), never one the current step uses, and never for a rarer newcomer. The host tier admits
