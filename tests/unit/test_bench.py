@@ -219,3 +219,21 @@ def test_moe_expert_cache_figures_equal_the_forward_counters(tmp_path, registere
         with torch.no_grad():
             reference = model.generate(prompt[None, :1], max_new_tokens=tg + 2, do_sample=False, pad_token_id=0)
         assert tokens == reference[0, 1:].tolist()  # decode starts from the prompt's first token
+
+
+def test_cli_bench_prefetch_flag_turns_moe_read_ahead_on_and_off(tmp_path, registered, monkeypatch):
+    """`gdsllm bench --prefetch` reads experts ahead on the CPU (where it is off by default); `--no-prefetch` and no
+    flag read none: the read-ahead counts in the JSON report."""
+    model = make_hf_model()
+    model.save_pretrained(tmp_path / "hf")
+    entry = convert_into(tmp_path / "store", tmp_path / "hf", name="tiny-moe")
+    monkeypatch.setenv("GDSLLM_MODEL_ROOT", str(entry.path.parent))
+    _add_commands()
+    prefetched = {}
+    for flag in ("--prefetch", "--no-prefetch", None):
+        args = ["bench", "tiny-moe", "--device", "cpu", "--pp", "4", "--tg", "3", "--host-cache", "0", "--warm",
+                "--no-ceilings", "--json"] + ([flag] if flag else [])
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 0, out.output
+        prefetched[flag] = json.loads(out.output)["expert_cache"]["prefetch"]["prefetched"]
+    assert prefetched["--prefetch"] > 0 and prefetched["--no-prefetch"] == prefetched[None] == 0
