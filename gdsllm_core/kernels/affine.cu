@@ -157,13 +157,13 @@ __device__ __forceinline__ void affine_rows(const u32* __restrict__ packed, cons
             for (int offset = 16; offset > 0; offset >>= 1) acc[r][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][b], offset);
 }
 
-// y = x @ W.T; with `coeff` (B values of type XT, `coeff_stride` apart), each y[b] rounded to XT and then scaled by
-// coeff[b] (as a separate multiply would do it).
+// y = x @ W.T for this warp's rows; with `coeff` (B values of type XT, `coeff_stride` apart), each y[b] rounded to
+// XT and then scaled by coeff[b] (as a separate multiply would do it).
 template <int BITS, int ST, int XT, int B, int R>
-__global__ void __launch_bounds__(32 * AFFINE_WARPS)
-affine_gemv(const u32* __restrict__ packed, const void* __restrict__ scales, const void* __restrict__ biases,
-            const void* __restrict__ x, void* __restrict__ y, int rows, int cols, int group_size,
-            const void* __restrict__ coeff, int coeff_stride) {
+__device__ __forceinline__ void gemv_rows(const u32* __restrict__ packed, const void* __restrict__ scales,
+                                          const void* __restrict__ biases, const void* __restrict__ x,
+                                          void* __restrict__ y, int rows, int cols, int group_size,
+                                          const void* __restrict__ coeff, int coeff_stride) {
     const int lane = threadIdx.x & 31;
     const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
     if (first >= rows) return;
@@ -181,13 +181,15 @@ affine_gemv(const u32* __restrict__ packed, const void* __restrict__ scales, con
         }
 }
 
-// The gated activation of an MLP, y = silu(x @ G.T) * (x @ U.T), for two matrices of one shape and format, each
-// product rounded to XT and silu rounded to XT before the multiply (as the three separate ops round).
+// The gated activation of an MLP for this warp's rows, y = silu(x @ G.T) * (x @ U.T), for two matrices of one shape
+// and format, each product rounded to XT and silu rounded to XT before the multiply (as the three separate ops
+// round).
 template <int BITS, int ST, int XT, int B, int R>
-__global__ void __launch_bounds__(32 * AFFINE_WARPS)
-affine_swiglu(const u32* __restrict__ gate, const void* __restrict__ gate_scales, const void* __restrict__ gate_biases,
-              const u32* __restrict__ up, const void* __restrict__ up_scales, const void* __restrict__ up_biases,
-              const void* __restrict__ x, void* __restrict__ y, int rows, int cols, int group_size) {
+__device__ __forceinline__ void swiglu_rows(const u32* __restrict__ gate, const void* __restrict__ gate_scales,
+                                            const void* __restrict__ gate_biases, const u32* __restrict__ up,
+                                            const void* __restrict__ up_scales, const void* __restrict__ up_biases,
+                                            const void* __restrict__ x, void* __restrict__ y, int rows, int cols,
+                                            int group_size) {
     const int lane = threadIdx.x & 31;
     const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
     if (first >= rows) return;
@@ -206,34 +208,38 @@ affine_swiglu(const u32* __restrict__ gate, const void* __restrict__ gate_scales
         }
 }
 
+template <int BITS, int ST, int XT, int B, int R>
+__global__ void __launch_bounds__(32 * AFFINE_WARPS)
+affine_gemv(const u32* __restrict__ packed, const void* __restrict__ scales, const void* __restrict__ biases,
+            const void* __restrict__ x, void* __restrict__ y, int rows, int cols, int group_size,
+            const void* __restrict__ coeff, int coeff_stride) {
+    gemv_rows<BITS, ST, XT, B, R>(packed, scales, biases, x, y, rows, cols, group_size, coeff, coeff_stride);
+}
+
+template <int BITS, int ST, int XT, int B, int R>
+__global__ void __launch_bounds__(32 * AFFINE_WARPS)
+affine_swiglu(const u32* __restrict__ gate, const void* __restrict__ gate_scales, const void* __restrict__ gate_biases,
+              const u32* __restrict__ up, const void* __restrict__ up_scales, const void* __restrict__ up_biases,
+              const void* __restrict__ x, void* __restrict__ y, int rows, int cols, int group_size) {
+    swiglu_rows<BITS, ST, XT, B, R>(gate, gate_scales, gate_biases, up, up_scales, up_biases, x, y, rows, cols,
+                                    group_size);
+}
+
 // Grouped forms for several experts of one format at once (blockIdx.y: the expert), their pointers in a table of
 // u64 per expert. affine_swiglu_grouped: {gate packed, scales, biases, up packed, scales, biases, x, y}.
 // affine_gemv_grouped: {packed, scales, biases, x, y, coeff} (coeff 0: unscaled). Each expert's computation is the
 // single-expert kernel's, value for value.
+template <typename T> __device__ __forceinline__ T* entry(const unsigned long long* t, int i) {
+    return reinterpret_cast<T*>(t[i]);
+}
+
 template <int BITS, int ST, int XT, int B, int R>
 __global__ void __launch_bounds__(32 * AFFINE_WARPS)
 affine_swiglu_grouped(const unsigned long long* __restrict__ table, int rows, int cols, int group_size) {
     const unsigned long long* t = table + (size_t)blockIdx.y * 8;
-    const int lane = threadIdx.x & 31;
-    const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
-    if (first >= rows) return;
-    const void* x = reinterpret_cast<const void*>(t[6]);
-    float g[R][B], u[R][B];
-    affine_rows<BITS, ST, XT, B, R>(reinterpret_cast<const u32*>(t[0]), reinterpret_cast<const void*>(t[1]),
-                                    reinterpret_cast<const void*>(t[2]), x, first, rows, cols, group_size, lane, g);
-    affine_rows<BITS, ST, XT, B, R>(reinterpret_cast<const u32*>(t[3]), reinterpret_cast<const void*>(t[4]),
-                                    reinterpret_cast<const void*>(t[5]), x, first, rows, cols, group_size, lane, u);
-    if (lane != 0) return;
-    void* y = reinterpret_cast<void*>(t[7]);
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-            if (first + r >= rows) continue;
-            const float gv = round_to<XT>(g[r][b]);
-            const float silu = round_to<XT>(gv / (1.f + expf(-gv)));
-            store_value<XT>(y, (size_t)b * rows + first + r, silu * round_to<XT>(u[r][b]));
-        }
+    swiglu_rows<BITS, ST, XT, B, R>(entry<const u32>(t, 0), entry<const void>(t, 1), entry<const void>(t, 2),
+                                    entry<const u32>(t, 3), entry<const void>(t, 4), entry<const void>(t, 5),
+                                    entry<const void>(t, 6), entry<void>(t, 7), rows, cols, group_size);
 }
 
 template <int BITS, int ST, int XT, int B, int R>
@@ -241,23 +247,7 @@ __global__ void __launch_bounds__(32 * AFFINE_WARPS)
 affine_gemv_grouped(const unsigned long long* __restrict__ table, int rows, int cols, int group_size,
                     int coeff_stride) {
     const unsigned long long* t = table + (size_t)blockIdx.y * 6;
-    const int lane = threadIdx.x & 31;
-    const int first = (blockIdx.x * AFFINE_WARPS + (threadIdx.x >> 5)) * R;
-    if (first >= rows) return;
-    float acc[R][B];
-    affine_rows<BITS, ST, XT, B, R>(reinterpret_cast<const u32*>(t[0]), reinterpret_cast<const void*>(t[1]),
-                                    reinterpret_cast<const void*>(t[2]), reinterpret_cast<const void*>(t[3]), first,
-                                    rows, cols, group_size, lane, acc);
-    if (lane != 0) return;
-    void* y = reinterpret_cast<void*>(t[4]);
-    const void* coeff = reinterpret_cast<const void*>(t[5]);
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-            if (first + r >= rows) continue;
-            float s = acc[r][b];
-            if (coeff != nullptr) s = round_to<XT>(s) * load_value<XT>(coeff, (size_t)b * coeff_stride);
-            store_value<XT>(y, (size_t)b * rows + first + r, s);
-        }
+    gemv_rows<BITS, ST, XT, B, R>(entry<const u32>(t, 0), entry<const void>(t, 1), entry<const void>(t, 2),
+                                  entry<const void>(t, 3), entry<void>(t, 4), rows, cols, group_size,
+                                  entry<const void>(t, 5), coeff_stride);
 }

@@ -43,9 +43,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, seed: int = 0) -> dict:
-    """GB/s of `gigabytes` of expert extents read cold in one batched call. Sequential: consecutive extents, by a
-    default reader and by the forward's own (same backend); the faster is the ceiling. Random: as many experts
+def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, default: ExtentReader,
+                    seed: int = 0) -> dict:
+    """GB/s of `gigabytes` of expert extents read cold in one batched call. Sequential: consecutive extents, by
+    `default` (a reader with the storage layer's settings, same backend) and by the forward's own; the faster is
+    the ceiling. Random: as many experts
     drawn at random over all layers (the pattern decode reads), sorted by offset, by the forward's reader, in one
     batch (the queue full throughout): what the disk gives that pattern with no compute between reads."""
     extents = [e for e in forward.entry.manifest.extents if ".expert." in e.name]
@@ -56,7 +58,6 @@ def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, se
     pin = forward.device.type == "cuda"
     size = max(e.nbytes for e in consecutive + scattered)
     buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
-    default = ExtentReader(forward.entry.path, forward.entry.manifest, backend=forward.reader.backend)
     rates = {}
     for label, reader, chosen in (("default_reader", default, consecutive), ("expert_reader", forward.reader, consecutive),
                                   ("random_experts", forward.reader, scattered)):
@@ -64,7 +65,6 @@ def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, se
         began = time.perf_counter()
         reader.read(chosen, [buffer[:e.nbytes] for buffer, e in zip(buffers, chosen, strict=True)])
         rates[label] = sum(e.nbytes for e in chosen) / (time.perf_counter() - began) / 1e9
-    default.close()
     return {"gb": sum(e.nbytes for e in consecutive) / 1e9, **rates,
             "ceiling_gb_s": max(rates["default_reader"], rates["expert_reader"]),
             "random_ceiling_gb_s": rates["random_experts"]}
@@ -262,14 +262,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                  extra={"dtype": args.dtype, "expert_vram_bytes": 0, **extra}))
 
     forward = load()
+    default_reader = ExtentReader(entry.path, entry.manifest, backend=forward.reader.backend)
     result = {"device": str(forward.device), "dtype": args.dtype, "backend": forward.reader.backend.name,
               "backend_reason": getattr(forward.reader.backend, "reason", ""),
               "expert_reader": {"threads": forward.reader.threads, "piece_bytes": forward.reader.chunk_bytes},
               "expert_bytes": entry.manifest.extent("blk.0.expert.0").nbytes,
-              "ceiling": storage_ceiling(forward, weights, args.ceiling_gb)}
+              "ceiling": storage_ceiling(forward, weights, args.ceiling_gb, default_reader)}
     result["ceiling_gb_s"] = result["ceiling"]["ceiling_gb_s"]
     result["random_ceiling_gb_s"] = result["ceiling"]["random_ceiling_gb_s"]
-    default_reader = ExtentReader(entry.path, entry.manifest, backend=forward.reader.backend)
     probe = (paired_ceiling(forward, weights, args.paired_gb, [default_reader, forward.reader])
              if args.paired_gb > 0 else None)
     runs = {"cold": cold_decode(forward, weights, args.steps, probe)}

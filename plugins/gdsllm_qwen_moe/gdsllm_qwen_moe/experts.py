@@ -506,10 +506,10 @@ def moe_block(x: torch.Tensor, w: dict[str, Weight], prefix: str, layer: int, co
         position = {expert: j for j, expert in enumerate(selected)}
         for group in arriving:  # experts that became available together run as one grouped launch where they can
             names = [f"blk.{layer}.expert.{expert}." for expert, _ in group]
-            if swiglu_mlp_grouped(x, [tuple(ew[p + f"ffn_{m}.weight"] for m in ("gate", "up", "down"))
-                                      for p, (_, ew) in zip(names, group, strict=True)],
-                                  [table[:, expert, None] for expert, _ in group],
-                                  [slots[position[expert]] for expert, _ in group]):
+            if len(group) > 1 and swiglu_mlp_grouped(
+                    x, [tuple(ew[p + f"ffn_{m}.weight"] for m in ("gate", "up", "down"))
+                        for p, (_, ew) in zip(names, group, strict=True)],
+                    [table[:, expert, None] for expert, _ in group], [slots[position[expert]] for expert, _ in group]):
                 continue
             for p, (expert, ew) in zip(names, group, strict=True):
                 expert_ffn(x, ew, p, table[:, expert, None], slots[position[expert]])

@@ -108,8 +108,7 @@ def swiglu_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, coeffici
     if x.is_cuda and _fusable(x, gate, up, down):
         from gdsllm_core.kernels import affine_ops
 
-        flat = x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.contiguous().clone()
-        act = affine_ops.swiglu_gemv(flat, (gate.packed, gate.scales, gate.biases), (up.packed, up.scales, up.biases),
+        act = affine_ops.swiglu_gemv(_kernel_rows(x), (gate.packed, gate.scales, gate.biases), (up.packed, up.scales, up.biases),
                                      gate.bits, gate.group_size)
         return affine_ops.gemv(act, down.packed, down.scales, down.biases, down.bits, down.group_size,
                                None if coefficients is None else coefficients[:, 0], out)
@@ -123,7 +122,7 @@ def swiglu_mlp_grouped(x: torch.Tensor, mlps: list[tuple[Weight, Weight, Weight]
                        outs: list[torch.Tensor]) -> bool:
     """`swiglu_mlp(x, *mlps[e], coefficients[e], outs[e])` for every e in two launches on a GPU, where every matrix
     is affine in one format the GEMV takes; False (nothing computed) otherwise: the caller runs them one by one."""
-    if not (x.is_cuda and len(mlps) > 1 and all(_fusable(x, *mlp) for mlp in mlps)):
+    if not (x.is_cuda and all(_fusable(x, *mlp) for mlp in mlps)):
         return False
     formats = {(gate.bits, gate.group_size, gate.scales.dtype, gate.shape, down.bits, down.group_size, down.scales.dtype,
                 down.shape) for gate, _, down in mlps}
@@ -132,8 +131,7 @@ def swiglu_mlp_grouped(x: torch.Tensor, mlps: list[tuple[Weight, Weight, Weight]
     gate0, _, down0 = mlps[0]
     from gdsllm_core.kernels import affine_ops
 
-    flat = x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.contiguous().clone()
-    acts = affine_ops.swiglu_gemv_grouped(flat, [(g.packed, g.scales, g.biases) for g, _, _ in mlps],
+    acts = affine_ops.swiglu_gemv_grouped(_kernel_rows(x), [(g.packed, g.scales, g.biases) for g, _, _ in mlps],
                                           [(u.packed, u.scales, u.biases) for _, u, _ in mlps], gate0.bits,
                                           gate0.group_size)
     affine_ops.gemv_grouped(acts, [(d.packed, d.scales, d.biases) for _, _, d in mlps], down0.bits, down0.group_size,
@@ -152,6 +150,13 @@ def _fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
                                                                            up.shape)
 
 
+def _kernel_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the affine kernels read it: [rows, cols], contiguous, starting on a 16-byte boundary (they load 16-byte
+    vectors; a view into the middle of a row is copied)."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    return flat if flat.data_ptr() % 16 == 0 else flat.clone()
+
+
 def _cuda_gemv(x: torch.Tensor, weight: AffineWeight) -> torch.Tensor | None:
     """x @ weight.T by the fused dequantize + GEMV kernel, or None where it does not apply (more rows of x than it
     takes, a width it has no instance for)."""
@@ -159,8 +164,5 @@ def _cuda_gemv(x: torch.Tensor, weight: AffineWeight) -> torch.Tensor | None:
 
     if x.numel() // x.shape[-1] > affine_ops.MAX_BATCH or weight.bits not in affine_ops.GEMV_BITS:
         return None
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    if flat.data_ptr() % 16:  # a view into the middle of a row: the kernel loads 16-byte vectors
-        flat = flat.clone()
-    out = affine_ops.gemv(flat, weight.packed, weight.scales, weight.biases, weight.bits, weight.group_size)
+    out = affine_ops.gemv(_kernel_rows(x), weight.packed, weight.scales, weight.biases, weight.bits, weight.group_size)
     return out.reshape(*x.shape[:-1], out.shape[-1])
