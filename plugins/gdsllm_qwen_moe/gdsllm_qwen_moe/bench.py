@@ -6,16 +6,19 @@
 2. cold decode: page cache dropped before each step, both cache tiers off: seconds per layer against bytes read
    per layer / ceiling (the I/O-bound lower bound; also against the random-read ceiling), the time spent waiting
    on reads, and the compute-only time of the same step re-run with every expert resident in VRAM;
-   `--read-configs` repeats it per reader setting (threads x piece MiB). The disk's speed drifts within minutes
-   (1.3-1.9 GB/s on the H100 machine), so each step is also paired with a ceiling read just before and just after
-   it (`--paired-gb` of consecutive experts, cold, by the default reader and by the forward's reader, the faster
-   counting): `paired_ratio_to_io_bound`;
+   `--read-configs` adds reader settings (threads x piece MiB) and `--prefetch-limits` read-ahead limits, each
+   a forward of its own, their steps interleaved round by round (the order rotated each round). The disk's speed
+   drifts within seconds (1.2-2.1 GB/s on the H100 machine), so a ceiling probe is read between consecutive steps
+   (`--paired-gb` of consecutive experts, cold, by the default reader and by the forward's reader, the faster
+   counting) and each step is compared with the probes either side: `paired_ratio_to_io_bound`. `reads_only`:
+   the default forward's experts of each step read again layer by layer with no compute (what the disk gives
+   decode's pattern);
 3. Zipf trace: routing drawn from a Zipf law per layer through the host tier alone (`--budget-gb`) and through
    the VRAM tier (`--vram-budget-gb`) in front of it: hit rates per tier and bytes read per token, against the
    cold bytes per token x (1 - hit rate).
-Step 2 runs with the forward's defaults (`prefetch`: next-layer read-ahead on or off, and its limit; each step's
-`prefetch` counts its experts read ahead, hits, waste and bytes). `--prefetch-limits` repeats it per read-ahead
-limit (`cold_prefetch_N`, 0: off; `prefetch_N_speedup`: the default run's seconds / this run's). On this synthetic
+Step 2's "cold" run has the forward's defaults (`prefetch`: next-layer read-ahead on or off, and its limit; each
+step's `prefetch` counts its experts read ahead, hits, waste and bytes); `cold_prefetch_N` has read-ahead of at most
+N experts (0: off; `prefetch_N_speedup`: the default run's seconds / this run's), `cold_TxM` a reader setting. On this synthetic
 model the routers are random, so its hit rate says little about a real checkpoint: the timings show what overlap
 buys."""
 
@@ -33,7 +36,7 @@ from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.storage.backends import drop_page_cache
 from gdsllm_core.storage.reader import ExtentReader
-from gdsllm_qwen_moe.experts import ExpertCache
+from gdsllm_qwen_moe.experts import ExpertCache, expert_extent
 from gdsllm_qwen_moe.forward import QwenMoeForward
 from gdsllm_qwen_moe.synthetic import qwen35_397b_shapes, write_synthetic
 
@@ -101,51 +104,102 @@ def paired_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float,
     return probe
 
 
-def cold_decode(forward: QwenMoeForward, weights: Path, steps: int,
-                ceiling_now: Callable[[], float] | None = None) -> dict:
-    """Decode `steps` tokens, page cache dropped and both tiers emptied before each (after one untimed step that
-    fills the buffer pools, as any earlier token would have); then re-run each step with its experts in VRAM.
-    With `ceiling_now`, each timed step sits between two ceiling probes (its `ceiling_gb_s_around`)."""
-    layers = forward.config.num_hidden_layers
-    expert_bytes = forward.entry.manifest.extent("blk.0.expert.0").nbytes
-    cache = forward.new_cache(steps + 2)
-    forward.prefill(torch.tensor([1]), cache)
-    token, rows = 2, []
-    for step in range(-1, steps):
-        before = copy.deepcopy(cache)
-        around = [ceiling_now()] if ceiling_now is not None and step >= 0 else []
-        drop_page_cache(weights)
-        read_before = forward.experts.stats.bytes_read
-        misses_before = forward.experts.stats.misses
-        wait_before = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns
-        ahead_before = forward.experts.as_dict()["prefetch"]
-        _sync(forward.device)
-        began = time.perf_counter()
-        logits = forward.decode(torch.tensor([token]), [cache])
-        _sync(forward.device)
-        cold = time.perf_counter() - began
-        if around:
-            around.append(ceiling_now())
-        read = forward.experts.stats.bytes_read - read_before
-        requested = (forward.experts.stats.misses - misses_before) * expert_bytes  # routed to; all misses when cold
-        waited = forward.experts.stats.read_ns + forward.experts.stats.prefetch_wait_ns - wait_before
-        ahead = {k: v - ahead_before[k] for k, v in forward.experts.as_dict()["prefetch"].items()}
-        forward.experts.vram.budget_bytes = 1 << 40  # warm re-run: same routing, every expert now in VRAM
-        forward.decode(torch.tensor([token]), [copy.deepcopy(before)])  # fills the cache
-        _sync(forward.device)
-        began = time.perf_counter()
-        forward.decode(torch.tensor([token]), [before])
-        _sync(forward.device)
-        warm = time.perf_counter() - began
-        forward.experts.clear()
-        forward.experts.vram.budget_bytes = 0
-        if step >= 0:
-            rows.append({"cold_s_per_layer": cold / layers, "bytes_per_layer": read / layers,
-                         "requested_bytes_per_layer": requested / layers,
-                         "read_wait_s_per_layer": waited / 1e9 / layers, "compute_s_per_layer": warm / layers,
-                         "prefetch": ahead, **({"ceiling_gb_s_around": around} if around else {})})
-        token = int(logits[0].argmax()) % forward.vocab_size
-    return {"steps": rows}
+WARMUP_STEPS = 2  # untimed decode steps per forward first: buffer pools filled, decode graphs captured
+
+
+def cold_decode(forwards: dict[str, QwenMoeForward], weights: Path, steps: int,
+                ceiling_now: Callable[[], float] | None = None) -> dict[str, dict]:
+    """Decode `steps` tokens with each of `forwards` (label -> forward of the same model), interleaved: each round
+    runs one step per forward, in an order rotated every round, so that the disk's drift falls on all of them alike.
+    Before each step the page cache is dropped and both tiers emptied (after WARMUP_STEPS untimed steps per forward,
+    as any earlier tokens would have); each step is then re-run with its experts in VRAM (its compute alone).
+    With `ceiling_now`, a ceiling probe sits between consecutive steps (each step's `ceiling_gb_s_around` holds the
+    probes either side), and after each step of the first forward its experts are read again by that forward's
+    reader, layer by layer, with no compute between the layers' reads (label "reads_only": what the disk gives
+    decode's pattern, which a forward can beat only by reading ahead)."""
+    first = next(iter(forwards.values()))
+    layers = first.config.num_hidden_layers
+    expert_bytes = first.entry.manifest.extent("blk.0.expert.0").nbytes
+    runs: dict[str, dict] = {label: {"steps": []} for label in forwards}
+    state = {}
+    for label, forward in forwards.items():
+        cache = forward.new_cache(steps + WARMUP_STEPS + 1)
+        forward.prefill(torch.tensor([1]), cache)
+        token = 2
+        for _ in range(WARMUP_STEPS):
+            drop_page_cache(weights)
+            token = int(forward.decode(torch.tensor([token]), [cache])[0].argmax()) % forward.vocab_size
+            forward.experts.clear()
+        state[label] = (cache, token)
+    if ceiling_now is not None:
+        runs["reads_only"] = {"steps": []}
+    labels = list(forwards)
+    last = ceiling_now() if ceiling_now is not None else None
+    for step in range(steps):
+        shift = step % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            forward = forwards[label]
+            cache, token = state[label]
+            row, logits = _cold_step(forward, weights, cache, token, layers, expert_bytes)
+            state[label] = (cache, int(logits[0].argmax()) % forward.vocab_size)
+            items = [(label, row)]
+            if ceiling_now is not None and forward is first:
+                items.append(("reads_only", _reads_only(forward, weights, layers, expert_bytes)))
+            for item_label, item in items:
+                if ceiling_now is not None:
+                    now = ceiling_now()
+                    item["ceiling_gb_s_around"] = [last, now]
+                    last = now
+                runs[item_label]["steps"].append(item)
+    return runs
+
+
+def _cold_step(forward: QwenMoeForward, weights: Path, cache, token: int, layers: int, expert_bytes: int):
+    """One timed cold decode step (`cache` advanced) and its compute-only re-run: (row, logits)."""
+    stats = forward.experts.stats
+    before = copy.deepcopy(cache)
+    drop_page_cache(weights)
+    read_before, misses_before = stats.bytes_read, stats.misses
+    wait_before = stats.read_ns + stats.prefetch_wait_ns
+    ahead_before = forward.experts.as_dict()["prefetch"]
+    _sync(forward.device)
+    began = time.perf_counter()
+    logits = forward.decode(torch.tensor([token]), [cache])
+    _sync(forward.device)
+    cold = time.perf_counter() - began
+    read = stats.bytes_read - read_before
+    requested = (stats.misses - misses_before) * expert_bytes  # routed to; all misses when cold
+    waited = stats.read_ns + stats.prefetch_wait_ns - wait_before
+    ahead = {k: v - ahead_before[k] for k, v in forward.experts.as_dict()["prefetch"].items()}
+    forward.experts.vram.budget_bytes = 1 << 40  # warm re-run: same routing, every expert now in VRAM
+    forward.decode(torch.tensor([token]), [copy.deepcopy(before)])  # fills the cache
+    _sync(forward.device)
+    began = time.perf_counter()
+    forward.decode(torch.tensor([token]), [before])
+    _sync(forward.device)
+    warm = time.perf_counter() - began
+    forward.experts.clear()
+    forward.experts.vram.budget_bytes = 0
+    return {"cold_s_per_layer": cold / layers, "bytes_per_layer": read / layers,
+            "requested_bytes_per_layer": requested / layers, "read_wait_s_per_layer": waited / 1e9 / layers,
+            "compute_s_per_layer": warm / layers, "prefetch": ahead}, logits
+
+
+def _reads_only(forward: QwenMoeForward, weights: Path, layers: int, expert_bytes: int) -> dict:
+    """The experts of `forward`'s last step read cold by its reader, one layer's batch after the other."""
+    manifest = forward.entry.manifest
+    groups = [[manifest.extent(expert_extent(layer, e)) for e in read["ids"]]
+              for layer, read in sorted(forward.experts.stats.last_read_by_layer.items())]
+    buffers = [torch.empty(expert_bytes, dtype=torch.uint8, pin_memory=forward.device.type == "cuda")
+               for _ in range(max(len(group) for group in groups))]
+    drop_page_cache(weights)
+    began = time.perf_counter()
+    for group in groups:
+        forward.reader.read(group, [buffer[:e.nbytes] for buffer, e in zip(buffers, group, strict=False)])
+    elapsed = time.perf_counter() - began
+    nbytes = sum(e.nbytes for group in groups for e in group)
+    return {"cold_s_per_layer": elapsed / layers, "bytes_per_layer": nbytes / layers,
+            "requested_bytes_per_layer": nbytes / layers}
 
 
 def profile_step(forward: QwenMoeForward, weights: Path) -> dict:
@@ -272,19 +326,22 @@ def main(argv: list[str] | None = None) -> dict:
     result["random_ceiling_gb_s"] = result["ceiling"]["random_ceiling_gb_s"]
     probe = (paired_ceiling(forward, weights, args.paired_gb, [default_reader, forward.reader])
              if args.paired_gb > 0 else None)
-    runs = {"cold": cold_decode(forward, weights, args.steps, probe)}
-    result["prefetch"] = {"enabled": forward.prefetch, "limit": forward.prefetch_limit}
-    for limit in (int(n) for n in args.prefetch_limits.split(",") if n):
-        other = load(expert_prefetch=limit > 0, **({"expert_prefetch_limit": limit} if limit else {}))
-        runs[f"cold_prefetch_{limit}"] = cold_decode(other, weights, args.steps, probe)
-        other.close()
-        result[f"prefetch_{limit}_speedup"] = (sum(r["cold_s_per_layer"] for r in runs["cold"]["steps"]) /
-                                               sum(r["cold_s_per_layer"] for r in runs[f"cold_prefetch_{limit}"]["steps"]))
+    others = {f"cold_prefetch_{limit}": load(expert_prefetch=limit > 0,
+                                             **({"expert_prefetch_limit": limit} if limit else {}))
+              for limit in (int(n) for n in args.prefetch_limits.split(",") if n)}
     for setting in filter(None, args.read_configs.split(",")):
         threads, piece_mib = setting.split("x")
-        other = load(expert_read_threads=int(threads), expert_read_chunk=int(float(piece_mib) * (1 << 20)))
-        runs[f"cold_{setting}"] = cold_decode(other, weights, args.steps, probe)
+        others[f"cold_{setting}"] = load(expert_read_threads=int(threads),
+                                         expert_read_chunk=int(float(piece_mib) * (1 << 20)))
+    runs = cold_decode({"cold": forward, **others}, weights, args.steps, probe)
+    for other in others.values():
         other.close()
+    result["prefetch"] = {"enabled": forward.prefetch, "limit": forward.prefetch_limit}
+    for label in others:
+        if label.startswith("cold_prefetch_"):
+            result[f"prefetch_{label.rsplit('_', 1)[1]}_speedup"] = (
+                sum(r["cold_s_per_layer"] for r in runs["cold"]["steps"])
+                / sum(r["cold_s_per_layer"] for r in runs[label]["steps"]))
     for label, run in runs.items():
         for row in run["steps"]:
             row["io_bound_s_per_layer"] = row["bytes_per_layer"] / (result["ceiling_gb_s"] * 1e9)

@@ -37,12 +37,13 @@ from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows,
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # LoadOptions.extra["dtype"]
 PREFILL_CHUNK = 512  # prompt tokens per pass: experts are read once per chunk (the union of its routes)
-# A layer's ~10 experts in 512 KiB pieces over 16 threads: the disk stays busy to the last piece (with the storage
+# A layer's ~10 experts in 512 KiB pieces over 12 threads: the disk stays busy to the last piece (with the storage
 # layer's 8 x 16 MiB, 10 whole-expert reads left 2 reading alone at the end), and the queue drains quickly at the
-# layer's end. H100 machine, cold decode over the I/O floor (`bench --read-configs`), one run: 8x16 1.52, 8x2 1.13,
-# 16x2 1.29, 16x1 0.99, 32x1 1.18; three runs, paired probes: 16x1 1.21/1.13/1.18, 16x0.5 1.15/1.12/1.11,
-# 16x0.25 1.48/1.43/1.43, 32x0.5 1.20/1.22/1.25.
-EXPERT_READ_THREADS = 16
+# layer's end. H100 machine, cold decode, settings interleaved step by step between shared ceiling probes (`bench
+# --read-configs`), mean ratio to the paired I/O floor over 43-85 steps each, three device calls:
+# 16x0.5 1.098 / 1.137 / 1.147; 12x0.5 1.086 / 1.059; 8x0.5 1.118; 10x0.5 1.120; 24x0.5 1.138; 32x1 1.176;
+# 64x0.5 1.214; 8x1 1.103; 12x1 1.120. (Earlier runs: 16x0.25 1.43-1.48, 8x16 1.23-1.52.)
+EXPERT_READ_THREADS = 12
 EXPERT_READ_CHUNK = 512 << 10
 # Read ahead only the single likeliest expert of the next layer: it is queued behind this layer's own reads, so it
 # fills the disk's idle time at the layer's end (the queue draining, the next layer's dense part) and little more.
