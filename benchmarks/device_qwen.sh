@@ -14,10 +14,12 @@ t = open(os.environ["OUT"] + "/bench.json").read()
 r = json.loads(t[t.index("{"):])
 print("ceiling", r["ceiling"], "reader", r["expert_reader"], r["backend"])
 for k, v in r.items():
-    if k.startswith("cold"):
+    if isinstance(v, dict) and "steps" in v:  # the cold runs and reads_only
         print(k, "mean ratio %.3f" % v["mean_ratio_to_io_bound"],
+              "paired %.3f" % v.get("mean_paired_ratio_to_io_bound", float("nan")),
               [(round(s["cold_s_per_layer"] * 1e3, 1), round(s["io_bound_s_per_layer"] * 1e3, 1),
-                round(s["read_wait_s_per_layer"] * 1e3, 1), round(s["compute_s_per_layer"] * 1e3, 2)) for s in v["steps"]])
+                round(s.get("read_wait_s_per_layer", 0) * 1e3, 1), round(s.get("compute_s_per_layer", 0) * 1e3, 2))
+               for s in v["steps"]])
 for k in ("prefetch", "zipf", "zipf_two_tiers"):
     print(k, r.get(k))
 print({k: v for k, v in r.items() if k.endswith("_speedup")})

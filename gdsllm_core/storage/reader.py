@@ -1,12 +1,21 @@
 """ExtentReader: the one reader API every scheduler uses.
 
 `submit(extents, destinations)` reads each extent's bytes into the matching destination tensor (uint8, contiguous,
-at least `extent.nbytes` long; on the GPU, in pinned host memory or in plain host memory) on a thread pool and
-returns a Future. Files are opened once per reader. The backend is chosen by `storage.backends.choose_backend`.
+at least `extent.nbytes` long; on the GPU, in pinned host memory or in plain host memory) on the reader's threads
+and returns a Future. Files are opened once per reader. The backend is chosen by `storage.backends.choose_backend`.
+
+Each extent is read in pieces that the threads take from one FIFO queue, so earlier extents land first. Beside
+its read a piece costs a queue get and a counter update, no Future of its own: small pieces (the Qwen plugin reads
+experts in 512 KiB) stay cheap. With a thread pool, a thread spent a median 108-125 us between one piece and the
+next on the H100 machine (bookkeeping, `read_into`'s own Python, the GIL); on a 2-core machine, 12 threads reading
+page-cached 512 KiB pieces moved 9.6-12.2 GB/s through this queue against 6.9-8.9 through the pool.
 """
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +82,15 @@ class ExtentReader:
         self.backend = backend if backend is not None else choose_backend(
             probe_path=self.folder / first_file if first_file else self.folder)
         self._handles = {name: self.backend.open(self.folder / name) for name in manifest.files}
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gdsllm-io")
         self.threads = threads
         self.chunk_bytes = chunk_bytes  # each extent is read in pieces of this size, spread over the threads
         self.bytes_read = 0
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=_read_pieces, args=(self._pieces, self.backend.read_into),
+                                          name=f"gdsllm-io-{i}", daemon=True) for i in range(threads)]
+        for worker in self._workers:
+            worker.start()
+        self._stop = weakref.finalize(self, _stop_workers, self._pieces, self._workers)  # also if never closed
 
     def __enter__(self) -> "ExtentReader":
         return self
@@ -86,58 +100,93 @@ class ExtentReader:
 
     def submit(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> Future:
         """Read every extent into its destination; the Future resolves when all bytes have landed."""
-        return _gather([job for jobs in self._jobs(extents, destinations) for job in jobs])
+        landing = _Landing()
+        self._queue_pieces(extents, destinations, lambda _: landing)
+        return landing.close()
 
     def submit_each(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> list[Future]:
         """As `submit`, with one Future per extent (resolved when that extent has landed), so that a caller can use
         each extent as soon as it is in."""
-        return [_gather(jobs) for jobs in self._jobs(extents, destinations)]
+        landings = [_Landing() for _ in extents]
+        self._queue_pieces(extents, destinations, landings.__getitem__)
+        return [landing.close() for landing in landings]
 
-    def _jobs(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> list[list[Future]]:
-        """Queue the pieces of every extent (in order, so earlier extents land first); their jobs per extent."""
-        per_extent = []
+    def _queue_pieces(self, extents: list[ExtentInfo], destinations: list[torch.Tensor], landing_of) -> None:
+        """Queue the pieces of every extent, in order; extent i's pieces count towards `landing_of(i)`."""
+        if not self._stop.alive:
+            raise RuntimeError(f"the reader of {self.folder} is closed")
+        if len(extents) != len(destinations):
+            raise ValueError(f"{len(extents)} extents but {len(destinations)} destinations")
         for extent, dest in zip(extents, destinations, strict=True):
-            jobs: list[Future] = []
-            per_extent.append(jobs)
             if dest.numel() * dest.element_size() < extent.nbytes:
                 raise ValueError(f"destination for extent {extent.name} holds {dest.nbytes} bytes, needs {extent.nbytes}")
-            handle = self._handles[extent.file]
+        for index, (extent, dest) in enumerate(zip(extents, destinations, strict=True)):
+            handle, landing = self._handles[extent.file], landing_of(index)
             for start in range(0, extent.nbytes, self.chunk_bytes):
-                size = min(self.chunk_bytes, extent.nbytes - start)
-                jobs.append(self._pool.submit(self.backend.read_into, handle, extent.offset + start, size, dest, start))
+                landing.expect()
+                self._pieces.put((handle, extent.offset + start, min(self.chunk_bytes, extent.nbytes - start), dest,
+                                  start, landing))
         self.bytes_read += sum(extent.nbytes for extent in extents)
-        return per_extent
 
     def read(self, extents: list[ExtentInfo], destinations: list[torch.Tensor]) -> None:
         self.submit(extents, destinations).result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Wait for the queued reads to finish, stop the threads, close the files."""
+        self._stop()
         for handle in self._handles.values():
             self.backend.close(handle)
         self._handles.clear()
 
 
-def _gather(jobs: list[Future]) -> Future:
-    """One Future for many: done when all are, failing with the first error."""
-    result: Future = Future()
-    remaining = [len(jobs)]
-    if not jobs:
-        result.set_result(None)
-        return result
+class _Landing:
+    """The Future of a group of pieces: resolved once every expected piece has landed (or failed with the first
+    error). `expect` counts a queued piece; `close` ends the counting and returns the Future."""
 
-    def on_done(job: Future) -> None:
-        error = job.exception()
-        if error is not None and not result.done():
-            result.set_exception(error)
-            return
-        remaining[0] -= 1
-        if remaining[0] == 0 and not result.done():
-            result.set_result(None)
+    def __init__(self):
+        self.future: Future = Future()
+        self._lock = threading.Lock()
+        self._remaining = 1  # the count stays open until close()
 
-    for job in jobs:
-        job.add_done_callback(on_done)
-    return result
+    def expect(self) -> None:
+        with self._lock:
+            self._remaining += 1
+
+    def close(self) -> Future:
+        self.landed()
+        return self.future
+
+    def landed(self) -> None:
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining == 0 and not self.future.done():
+                self.future.set_result(None)
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            if self.future.done():
+                return
+            self.future.set_exception(error)
+
+
+def _read_pieces(pieces: queue.SimpleQueue, read_into) -> None:
+    """A reader thread: read queued pieces until a None arrives."""
+    while (piece := pieces.get()) is not None:
+        handle, file_offset, nbytes, dest, dest_offset, landing = piece
+        try:
+            read_into(handle, file_offset, nbytes, dest, dest_offset)
+        except BaseException as error:  # handed to whoever waits on the read
+            landing.failed(error)
+        else:
+            landing.landed()
+
+
+def _stop_workers(pieces: queue.SimpleQueue, workers: list[threading.Thread]) -> None:
+    """After the pieces already queued: one None per thread, then wait for each to end."""
+    for _ in workers:
+        pieces.put(None)
+    for worker in workers:
+        worker.join()
 
 
 def tensor_view(info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:

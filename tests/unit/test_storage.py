@@ -93,6 +93,53 @@ def test_extent_reader_through_chosen_backend(data_file, monkeypatch, io):
         assert buffer.numpy().tobytes() == pread(data_file, offset, size)
 
 
+def test_extent_reader_hands_each_extent_over_and_fails_only_the_broken_one(data_file):
+    """Small pieces over 3 threads: each extent's Future resolves with its bytes; one running past the end of the
+    file fails alone, naming the file; a zero-byte extent resolves at once; `submit` fails with the first error."""
+    extents = random_extents(seed=5, count=12) + [(FILE_BYTES - 1000, 5000), (100, 0)]
+    manifest = manifest_for(extents)
+    with ExtentReader(data_file.parent, manifest, backend=CpuBackend(), threads=3, chunk_bytes=8192) as reader:
+        buffers = [torch.zeros(max(size, 1), dtype=torch.uint8) for _, size in extents]
+        futures = reader.submit_each(manifest.extents, buffers)
+        with pytest.raises(CorruptModelError, match=str(data_file)):
+            futures[-2].result(timeout=30)
+        assert futures[-1].result(timeout=30) is None
+        for future, (offset, size), buffer in zip(futures[:-2], extents, buffers, strict=False):
+            future.result(timeout=30)
+            assert buffer[:size].numpy().tobytes() == pread(data_file, offset, size)
+        with pytest.raises(CorruptModelError, match="ends early"):
+            reader.read(manifest.extents[-3:], buffers[-3:])
+        with pytest.raises(ValueError, match="holds 1 bytes"):
+            reader.submit(manifest.extents[2:3], [torch.zeros(1, dtype=torch.uint8)])
+    with pytest.raises(RuntimeError, match="closed"):
+        reader.submit(manifest.extents[:1], buffers[:1])
+
+
+def test_extent_reader_threads_end_with_it(data_file):
+    """close() ends the threads after the queued reads; a reader dropped without close() ends them too."""
+    import gc
+    import threading
+
+    def io_threads() -> int:
+        return sum(thread.name.startswith("gdsllm-io") for thread in threading.enumerate())
+
+    before = io_threads()
+    manifest = manifest_for([(0, FILE_BYTES)])
+    reader = ExtentReader(data_file.parent, manifest, backend=CpuBackend(), threads=4, chunk_bytes=4096)
+    buffer = torch.zeros(FILE_BYTES, dtype=torch.uint8)
+    future = reader.submit(manifest.extents, [buffer])
+    assert io_threads() == before + 4
+    reader.close()
+    assert future.done() and io_threads() == before
+    assert buffer.numpy().tobytes() == pread(data_file, 0, FILE_BYTES)
+    ExtentReader(data_file.parent, manifest, backend=CpuBackend(), threads=4)
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread.name.startswith("gdsllm-io"):
+            thread.join(timeout=10)
+    assert io_threads() == before
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_truncated_file_names_the_file(data_file, name):
     backend = BACKENDS[name]()
