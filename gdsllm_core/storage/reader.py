@@ -90,7 +90,8 @@ class ExtentReader:
                                           name=f"gdsllm-io-{i}", daemon=True) for i in range(threads)]
         for worker in self._workers:
             worker.start()
-        self._stop = weakref.finalize(self, _stop_workers, self._pieces, self._workers)  # also if never closed
+        self._close = weakref.finalize(self, _shut_down, self._pieces, self._workers, self.backend,
+                                       self._handles)  # also if the reader is dropped without close()
 
     def __enter__(self) -> "ExtentReader":
         return self
@@ -113,7 +114,7 @@ class ExtentReader:
 
     def _queue_pieces(self, extents: list[ExtentInfo], destinations: list[torch.Tensor], landing_of) -> None:
         """Queue the pieces of every extent, in order; extent i's pieces count towards `landing_of(i)`."""
-        if not self._stop.alive:
+        if not self._close.alive:
             raise RuntimeError(f"the reader of {self.folder} is closed")
         if len(extents) != len(destinations):
             raise ValueError(f"{len(extents)} extents but {len(destinations)} destinations")
@@ -133,10 +134,7 @@ class ExtentReader:
 
     def close(self) -> None:
         """Wait for the queued reads to finish, stop the threads, close the files."""
-        self._stop()
-        for handle in self._handles.values():
-            self.backend.close(handle)
-        self._handles.clear()
+        self._close()
 
 
 class _Landing:
@@ -181,12 +179,15 @@ def _read_pieces(pieces: queue.SimpleQueue, read_into) -> None:
             landing.landed()
 
 
-def _stop_workers(pieces: queue.SimpleQueue, workers: list[threading.Thread]) -> None:
-    """After the pieces already queued: one None per thread, then wait for each to end."""
+def _shut_down(pieces: queue.SimpleQueue, workers: list[threading.Thread], backend, handles: dict) -> None:
+    """After the pieces already queued: one None per thread, wait for each to end, close the files."""
     for _ in workers:
         pieces.put(None)
     for worker in workers:
         worker.join()
+    for handle in handles.values():
+        backend.close(handle)
+    handles.clear()
 
 
 def tensor_view(info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,8 @@ def test_extent_reader_hands_each_extent_over_and_fails_only_the_broken_one(data
 
 
 def test_extent_reader_threads_end_with_it(data_file):
-    """close() ends the threads after the queued reads; a reader dropped without close() ends them too."""
+    """close() ends the threads after the queued reads; a reader dropped without close() ends them and closes its
+    file too."""
     import gc
     import threading
 
@@ -132,12 +133,13 @@ def test_extent_reader_threads_end_with_it(data_file):
     reader.close()
     assert future.done() and io_threads() == before
     assert buffer.numpy().tobytes() == pread(data_file, 0, FILE_BYTES)
+    open_files = len(os.listdir("/proc/self/fd"))
     ExtentReader(data_file.parent, manifest, backend=CpuBackend(), threads=4)
     gc.collect()
     for thread in threading.enumerate():
         if thread.name.startswith("gdsllm-io"):
             thread.join(timeout=10)
-    assert io_threads() == before
+    assert io_threads() == before and len(os.listdir("/proc/self/fd")) == open_files
 
 
 @pytest.mark.parametrize("name", BACKENDS)
