@@ -18,9 +18,9 @@
    cold bytes per token x (1 - hit rate).
 Step 2's "cold" run has the forward's defaults (`prefetch`: next-layer read-ahead on or off, and its limit; each
 step's `prefetch` counts its experts read ahead, hits, waste and bytes); `cold_prefetch_N` has read-ahead of at most
-N experts (0: off; `prefetch_N_speedup`: the default run's seconds / this run's), `cold_TxM` a reader setting. On this synthetic
-model the routers are random, so its hit rate says little about a real checkpoint: the timings show what overlap
-buys."""
+N experts (0: off; `prefetch_N_speedup`: the default run's seconds / this run's), `cold_TxM` a reader setting. On
+this synthetic model the routers are random, so its hit rate says little about a real checkpoint: the timings show
+what overlap buys."""
 
 import argparse
 import copy
