@@ -64,13 +64,20 @@ def storage_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float, de
     rates = {}
     for label, reader, chosen in (("default_reader", default, consecutive), ("expert_reader", forward.reader, consecutive),
                                   ("random_experts", forward.reader, scattered)):
-        drop_page_cache(weights)
-        began = time.perf_counter()
-        reader.read(chosen, [buffer[:e.nbytes] for buffer, e in zip(buffers, chosen, strict=True)])
-        rates[label] = sum(e.nbytes for e in chosen) / (time.perf_counter() - began) / 1e9
+        rates[label] = sum(e.nbytes for e in chosen) / _cold_read_seconds(reader, weights, [chosen], buffers) / 1e9
     return {"gb": sum(e.nbytes for e in consecutive) / 1e9, **rates,
             "ceiling_gb_s": max(rates["default_reader"], rates["expert_reader"]),
             "random_ceiling_gb_s": rates["random_experts"]}
+
+
+def _cold_read_seconds(reader: ExtentReader, weights: Path, groups: list[list], buffers: list[torch.Tensor]) -> float:
+    """Seconds `reader` takes to read each group of extents in turn (one batch each, into `buffers` in order, reused
+    by every group), the page cache dropped first."""
+    drop_page_cache(weights)
+    began = time.perf_counter()
+    for group in groups:
+        reader.read(group, [buffer[:e.nbytes] for buffer, e in zip(buffers, group, strict=False)])
+    return time.perf_counter() - began
 
 
 def last_experts(forward: QwenMoeForward, gigabytes: float) -> list:
@@ -94,13 +101,7 @@ def paired_ceiling(forward: QwenMoeForward, weights: Path, gigabytes: float,
     buffers = [torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=forward.device.type == "cuda") for e in chosen]
 
     def probe() -> float:
-        rates = []
-        for reader in readers:
-            drop_page_cache(weights)
-            began = time.perf_counter()
-            reader.read(chosen, buffers)
-            rates.append(total / (time.perf_counter() - began) / 1e9)
-        return max(rates)
+        return max(total / _cold_read_seconds(reader, weights, [chosen], buffers) / 1e9 for reader in readers)
     return probe
 
 
@@ -192,11 +193,7 @@ def _reads_only(forward: QwenMoeForward, weights: Path, layers: int, expert_byte
               for layer, read in sorted(forward.experts.stats.last_read_by_layer.items())]
     buffers = [torch.empty(expert_bytes, dtype=torch.uint8, pin_memory=forward.device.type == "cuda")
                for _ in range(max(len(group) for group in groups))]
-    drop_page_cache(weights)
-    began = time.perf_counter()
-    for group in groups:
-        forward.reader.read(group, [buffer[:e.nbytes] for buffer, e in zip(buffers, group, strict=False)])
-    elapsed = time.perf_counter() - began
+    elapsed = _cold_read_seconds(forward.reader, weights, groups, buffers)
     nbytes = sum(e.nbytes for group in groups for e in group)
     return {"cold_s_per_layer": elapsed / layers, "bytes_per_layer": nbytes / layers,
             "requested_bytes_per_layer": nbytes / layers}
