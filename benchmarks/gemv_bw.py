@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from gdsllm_core.kernels import ops
+from gdsllm_kernels import ops
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

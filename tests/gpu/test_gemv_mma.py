@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from test_kernels import CUDA, random_weight, reference, rel_error  # noqa: E402  (same folder)
 
-from gdsllm_core.kernels import ops  # noqa: E402
+from gdsllm_kernels import ops  # noqa: E402
 
 TOLERANCE = 1e-3  # weights enter the MMA as fp16 (code x scale rounded once); sums are fp32
 

@@ -1,4 +1,4 @@
-"""The Qwen3.5-MoE plugin on a GPU: the MLX affine kernels (`gdsllm_core.kernels.affine_ops`) against the CPU
+"""The Qwen3.5-MoE plugin on a GPU: the MLX affine kernels (`gdsllm_kernels.affine_ops`) against the CPU
 dequantization (`gdsllm_qwen_moe.affine`, bit-exact with MLX) and float64 products, odd shapes; the forward pass
 on CUDA (bf16 activations, experts streamed through the tiers) against transformers' `Qwen3_5MoeForCausalLM` where
 the installed transformers has it, and against the fp32 CPU path of the same forward (itself verified against
@@ -21,7 +21,7 @@ from gdsllm_qwen_moe.forward import QwenMoeForward  # noqa: E402
 from gdsllm_qwen_moe.synthetic import write_synthetic  # noqa: E402
 
 from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
-from gdsllm_core.kernels import affine_ops  # noqa: E402
+from gdsllm_kernels import affine_ops  # noqa: E402
 
 CUDA = torch.device("cuda")
 PLUGIN_TESTS = Path(__file__).resolve().parents[2] / "plugins" / "gdsllm_qwen_moe" / "tests"

@@ -1,10 +1,10 @@
 """The templated kernels compile for sm_90 with NVRTC on a machine without a GPU, for every block type and each
-GEMV mode (the instances in gdsllm_core.kernels.CHECK_INSTANCES): a plain compile of a .cu file instantiates no
+GEMV mode (the instances in gdsllm_kernels.CHECK_INSTANCES): a plain compile of a .cu file instantiates no
 template, so this is what catches an error inside one."""
 
 import pytest
 
-from gdsllm_core.kernels import CHECK_INSTANCES, KERNEL_DIR, compile_for_arch, kernel_sources
+from gdsllm_kernels import CHECK_INSTANCES, KERNEL_DIR, compile_for_arch, kernel_sources
 
 
 @pytest.mark.parametrize("file_name", sorted(CHECK_INSTANCES))

@@ -20,7 +20,7 @@ extern "C" __global__ void gdsllm_selftest_scale_bf16(const __half* x, __nv_bflo
 
 
 def kernel_files() -> list[Path]:
-    return sorted([*(ROOT / "gdsllm_core" / "kernels").glob("*.cu"), *ROOT.glob("plugins/*/*/kernels/*.cu")])
+    return sorted([*(ROOT / "kernels" / "gdsllm_kernels").glob("*.cu"), *ROOT.glob("plugins/*/*/kernels/*.cu")])
 
 
 def include_dirs() -> list[str]:
@@ -63,7 +63,7 @@ def test_nvrtc_compiles_an_inline_kernel(nvrtc):
 
 @pytest.mark.parametrize(
     "path", kernel_files() or [pytest.param(None, marks=pytest.mark.skip(
-        reason="no *.cu files under gdsllm_core/kernels/ or plugins/*/*/kernels/ yet"))],
+        reason="no *.cu files under kernels/gdsllm_kernels/ or plugins/*/*/kernels/ yet"))],
     ids=lambda p: str(p.relative_to(ROOT)) if p else "none")
 def test_kernel_file_compiles(nvrtc, path):
     source = f'#line 1 "{path}"\n' + path.read_text()

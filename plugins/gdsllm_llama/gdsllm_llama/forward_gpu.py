@@ -1,4 +1,4 @@
-"""LlamaForwardGPU: the LLaMA forward pass on a CUDA GPU, built from the kernels in `gdsllm_core.kernels`.
+"""LlamaForwardGPU: the LLaMA forward pass on a CUDA GPU, built from the kernels in `gdsllm_kernels`.
 
 Same config, tensor names, rope convention (HF half-split) and cache semantics as the CPU reference `forward.py`.
 Decode (up to DECODE_BATCH sequences a step, more in groups): fused dequant + GEMV kernels straight from the GGML
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gdsllm_core import registry
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import ContextOverflowError, UnsupportedQuantError
-from gdsllm_core.kernels import ops
+from gdsllm_kernels import ops
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_llama.config import LlamaConfig
 from gdsllm_llama.cpu_layers import CpuLayers

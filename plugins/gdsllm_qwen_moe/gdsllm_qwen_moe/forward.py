@@ -1,5 +1,5 @@
 """QwenMoeForward: the torch forward pass of Qwen3.5-MoE. Plain torch ops: the reference on the CPU; on a CUDA
-device the same ops run there (the affine matrices through the kernels of `gdsllm_core.kernels.affine_ops`, see `weights.linear`).
+device the same ops run there (the affine matrices through the kernels of `gdsllm_kernels.affine_ops`, see `weights.linear`).
 
 Residency: the dense extents (embeddings, each layer's attention / router / shared expert / norms, output) are read
 once, in one batched `ExtentReader` read, and stay resident on the compute device. Experts are never loaded up

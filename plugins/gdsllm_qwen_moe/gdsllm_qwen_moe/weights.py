@@ -1,5 +1,5 @@
 """Stored tensors as the forward pass uses them: plain tensors, or `AffineWeight` (packed words + scales + biases,
-dequantized when used). On a CUDA device affine matrices go through the kernels of `gdsllm_core.kernels.affine_ops`:
+dequantized when used). On a CUDA device affine matrices go through the kernels of `gdsllm_kernels.affine_ops`:
 the fused dequantize + GEMV for up to 8 rows of activations, else dequantize-to-float then torch's matmul."""
 
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ class AffineWeight:
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.packed.is_cuda:
-            from gdsllm_core.kernels import affine_ops
+            from gdsllm_kernels import affine_ops
 
             return affine_ops.dequantize(self.packed, self.scales, self.biases, self.bits, self.group_size, dtype)
         return affine.dequantize(self.packed, self.scales, self.biases, self.bits, self.group_size, dtype)
@@ -106,7 +106,7 @@ def swiglu_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, coeffici
     when given, written into `out` when given. On a GPU, affine matrices the GEMV takes go through two launches
     (`affine_ops.swiglu_gemv`, then the GEMV scaling as it writes) where the plain ops take six."""
     if x.is_cuda and _fusable(x, gate, up, down):
-        from gdsllm_core.kernels import affine_ops
+        from gdsllm_kernels import affine_ops
 
         act = affine_ops.swiglu_gemv(_kernel_rows(x), (gate.packed, gate.scales, gate.biases), (up.packed, up.scales, up.biases),
                                      gate.bits, gate.group_size)
@@ -129,7 +129,7 @@ def swiglu_mlp_grouped(x: torch.Tensor, mlps: list[tuple[Weight, Weight, Weight]
     if len(formats) != 1:
         return False
     gate0, _, down0 = mlps[0]
-    from gdsllm_core.kernels import affine_ops
+    from gdsllm_kernels import affine_ops
 
     acts = affine_ops.swiglu_gemv_grouped(_kernel_rows(x), [(g.packed, g.scales, g.biases) for g, _, _ in mlps],
                                           [(u.packed, u.scales, u.biases) for _, u, _ in mlps], gate0.bits,
@@ -140,7 +140,7 @@ def swiglu_mlp_grouped(x: torch.Tensor, mlps: list[tuple[Weight, Weight, Weight]
 
 
 def _fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
-    from gdsllm_core.kernels import affine_ops
+    from gdsllm_kernels import affine_ops
 
     if x.dim() != 2 or x.shape[0] > affine_ops.MAX_BATCH:
         return False
@@ -160,7 +160,7 @@ def _kernel_rows(x: torch.Tensor) -> torch.Tensor:
 def _cuda_gemv(x: torch.Tensor, weight: AffineWeight) -> torch.Tensor | None:
     """x @ weight.T by the fused dequantize + GEMV kernel, or None where it does not apply (more rows of x than it
     takes, a width it has no instance for)."""
-    from gdsllm_core.kernels import affine_ops
+    from gdsllm_kernels import affine_ops
 
     if x.numel() // x.shape[-1] > affine_ops.MAX_BATCH or weight.bits not in affine_ops.GEMV_BITS:
         return None

@@ -27,7 +27,7 @@ __device__ __forceinline__ u16 f2h(float f) {
 
 __device__ __forceinline__ u32 f2h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
 
-// Type codes shared with gdsllm_core/kernels/ops.py (QTYPE_CODES).
+// Type codes shared with kernels/gdsllm_kernels/ops.py (QTYPE_CODES).
 #define QT_F32 0
 #define QT_F16 1
 #define QT_BF16 2

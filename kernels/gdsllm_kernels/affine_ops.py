@@ -7,7 +7,7 @@ stores them. Shapes, dtypes and alignment are checked (ValueError) before launch
 import numpy as np
 import torch
 
-from gdsllm_core.kernels import launch, ptr
+from gdsllm_kernels import launch, ptr
 
 FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ST / OT / XT in affine.cu
 DEQUANT_BITS = (1, 2, 3, 4, 5, 6, 8)

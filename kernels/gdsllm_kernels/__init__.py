@@ -1,4 +1,7 @@
-"""Loader for the CUDA kernels in this folder (`*.cu`, one file per op family).
+"""Loader for the CUDA kernels in this folder (`*.cu`, one file per op family) and in plugins' kernel folders.
+
+A plugin ships its own `.cu` files in a folder of its package and passes that folder to `get_kernel`/`launch`
+(`folder=`); its sources may `#include` this folder's headers (`ggml_blocks.cuh`, `seq_slots.cuh`).
 
 Modules are compiled with NVRTC through CuPy the first time a kernel is asked for, never at import. Each source is
 prefixed with a `#line` directive so compile errors name the `.cu` file; the program is named by its full path so
@@ -37,27 +40,34 @@ def kernel_sources() -> list[Path]:
     return sorted(KERNEL_DIR.glob("*.cu"))
 
 
-def source_text(file_name: str) -> str:
-    path = KERNEL_DIR / file_name
+def source_text(file_name: str, folder: Path = KERNEL_DIR) -> str:
+    """A source prefixed with a `#line` directive naming its file."""
+    path = Path(folder) / file_name
     return f'#line 1 "{path}"\n' + path.read_text()
 
 
+def include_options(folder: Path) -> tuple[str, ...]:
+    """NVRTC options for a source in `folder`: its own folder first, then this package's headers."""
+    folders = dict.fromkeys((str(Path(folder).resolve()), str(KERNEL_DIR)))
+    return (*NVRTC_OPTIONS, *(f"-I{f}" for f in folders))
+
+
 @cache
-def _module(file_name: str, name_expressions: tuple[str, ...]):
+def _module(folder: Path, file_name: str, name_expressions: tuple[str, ...]):
     import cupy
 
-    options = (*NVRTC_OPTIONS, f"-I{KERNEL_DIR}")
-    module = cupy.RawModule(code=source_text(file_name), options=options,
+    module = cupy.RawModule(code=source_text(file_name, folder), options=include_options(folder),
                             name_expressions=list(name_expressions) or None)
     module.compile()
     return module
 
 
 @cache
-def get_kernel(file_name: str, name: str):
-    """The kernel `name` (a plain extern "C" name or a template instance such as `gemv<2,1,0>`) of `file_name`."""
+def get_kernel(file_name: str, name: str, folder: Path = KERNEL_DIR):
+    """The kernel `name` (a plain extern "C" name or a template instance such as `gemv<2,1,0>`) of `file_name` in
+    `folder` (this package's, or a plugin's kernel folder)."""
     templated = "<" in name
-    module = _module(file_name, (name,) if templated else ())
+    module = _module(Path(folder), file_name, (name,) if templated else ())
     return module.get_function(name)
 
 
@@ -80,24 +90,24 @@ def ptr(tensor: torch.Tensor | None) -> np.uint64:
 
 
 def launch(file_name: str, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
-           shared_mem: int = 0) -> None:
-    """Launch a kernel on torch's current stream."""
-    kernel = get_kernel(file_name, name)
+           shared_mem: int = 0, folder: Path = KERNEL_DIR) -> None:
+    """Launch a kernel of `folder` on torch's current stream."""
+    kernel = get_kernel(file_name, name, folder)
     kernel(grid, block, args, stream=current_stream(), shared_mem=shared_mem)
 
 
-def compile_for_arch(path: Path, arch: str = "sm_90") -> bytes:
-    """Compile one source (and its CHECK_INSTANCES) to a cubin with NVRTC, no GPU needed: the CI compile check.
-    Raises RuntimeError with the compiler log on failure."""
+def compile_for_arch(path: Path, arch: str = "sm_90", instances: tuple[str, ...] | None = None) -> bytes:
+    """Compile one source (and its template `instances`, by default its CHECK_INSTANCES) to a cubin with NVRTC, no
+    GPU needed: the CI compile check, for this package's sources and plugins' alike. Raises RuntimeError with the
+    compiler log on failure."""
     from cupy_backends.cuda.libs import nvrtc
 
-    path = Path(path)
-    text = source_text(path.name) if path.parent == KERNEL_DIR else path.read_text()
-    program = nvrtc.createProgram(text, str(path), [], [])
-    for name in CHECK_INSTANCES.get(path.name, ()):
+    path = Path(path).resolve()
+    program = nvrtc.createProgram(source_text(path.name, path.parent), str(path), [], [])
+    for name in CHECK_INSTANCES.get(path.name, ()) if instances is None else instances:
         nvrtc.addNameExpression(program, name)
     try:
-        nvrtc.compileProgram(program, [f"-arch={arch}", *NVRTC_OPTIONS, f"-I{path.parent}"])
+        nvrtc.compileProgram(program, [f"-arch={arch}", *include_options(path.parent)])
     except Exception as exc:
         raise RuntimeError(f"{path.name} does not compile:\n{nvrtc.getProgramLog(program)}") from exc
     return nvrtc.getCUBIN(program)

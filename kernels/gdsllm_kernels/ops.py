@@ -4,7 +4,7 @@ torch's current stream. Weights are GGML rows as stored (uint8 [rows, row_bytes]
 import numpy as np
 import torch
 
-from gdsllm_core.kernels import launch, ptr
+from gdsllm_kernels import launch, ptr
 
 QTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 3, "Q4_1": 4, "Q5_0": 5, "Q5_1": 6, "Q8_0": 7,
                "Q2_K": 8, "Q3_K": 9, "Q4_K": 10, "Q5_K": 11, "Q6_K": 12, "Q4_0R": 13, "Q8_0R": 14}
