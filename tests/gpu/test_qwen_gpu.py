@@ -290,8 +290,8 @@ def test_decode_graphs_match_eager_decode(tmp_path, monkeypatch):
         logits, predictions = [], []
         for tokens in feed:
             logits.append(forward.decode(tokens, caches).cpu())
-            predictions.append({layer: v["predicted"] for layer, v in
-                                forward.experts.stats.last_prefetch_by_layer.items()})
+            predictions.append({layer: v.predicted for layer, v in
+                                forward.experts.counters.last_prefetch_by_layer.items()})
         if graphs:
             assert forward.graphs.enabled and forward.graphs.attention_graphs == 2
             assert forward.graphs.captures == 3 + 3  # 3 linear-attention layers; 3 spans of the full-attention one

@@ -189,7 +189,7 @@ def test_moe_expert_cache_figures_equal_the_forward_counters(tmp_path, registere
     forward = QwenMoeForward(entry, LoadOptions(host_cache=6 * expert_bytes))  # a small cache: hits and misses
     try:
         result = bench_forward(forward, entry, pp, tg, batches=(1, 2))
-        counters = forward.experts.stats
+        counters = forward.experts.counters
     finally:
         forward.close()
     total = result["expert_cache"]

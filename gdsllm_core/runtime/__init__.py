@@ -1,0 +1,1 @@
+"""The streamed-decoder runtime: residency of layers and experts, the decode driver, step statistics."""
