@@ -33,7 +33,7 @@ from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.decode_graphs import DecodeGraphs, DenseStep
 from gdsllm_qwen_moe.experts import expert_residency, moe_block, predict_experts, predicted
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
-from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows, group_weights, linear
+from gdsllm_qwen_moe.weights import QuantizedWeight, Weight, dense, embedding_rows, group_weights, linear
 
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # LoadOptions.extra["dtype"]
@@ -101,7 +101,7 @@ class QwenMoeForward:
         for i, extent in enumerate(dense_extents):
             self.weights.update(group_weights(extent, extent_views(extent, arena[offsets[i]:offsets[i + 1]])))
         if options.extra.get("dequantize_dense", self.device.type == "cuda"):  # trade memory for speed once
-            self.weights = {name: dense(w, self.dtype) if isinstance(w, AffineWeight) and name != "token_embd.weight"
+            self.weights = {name: dense(w, self.dtype) if isinstance(w, QuantizedWeight) and name != "token_embd.weight"
                             else w for name, w in self.weights.items()}
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
         self.experts = expert_residency(self.reader, entry.manifest, budget, self.device,

@@ -1,5 +1,5 @@
-"""Stored tensors as the forward pass uses them: plain tensors, or `AffineWeight` (packed words + scales + biases,
-dequantized when used). On a CUDA device affine matrices go through the kernels of `gdsllm_kernels.affine_ops`:
+"""Stored tensors as the forward pass uses them: plain tensors, `AffineWeight` (packed words + scales + biases) or
+`GgmlWeight` (GGML blocks from a GGUF), the last two dequantized when used. On a CUDA device affine matrices go through the kernels of `gdsllm_kernels.affine_ops`:
 the fused dequantize + GEMV for up to 8 rows of activations, else dequantize-to-float then torch's matmul."""
 
 from dataclasses import dataclass
@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from gdsllm_core.layout.manifest import ExtentInfo
+from gdsllm_core.layout.qtypes import PLAIN_DTYPES
+from gdsllm_core.quant import ggml
 from gdsllm_qwen_moe import affine
 
 
@@ -42,7 +44,34 @@ class AffineWeight:
                                  self.group_size, dtype)
 
 
-Weight = torch.Tensor | AffineWeight
+@dataclass
+class GgmlWeight:
+    """A matrix [rows, cols] in GGML blocks as a GGUF stores it (K-quants, Q8_0, ...): `raw` uint8 [rows,
+    row_bytes], dequantized when used (bit-exact with gguf-py on the CPU: `gdsllm_core.quant.ggml`)."""
+
+    raw: torch.Tensor
+    qtype: str
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.cols
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(slice(None), dtype)
+
+    def rows(self, index: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Only the rows `index` (an embedding lookup, a block of rows), dequantized."""
+        raw = self.raw[index]
+        if raw.is_cuda:
+            from gdsllm_kernels import ops
+
+            return ops.dequantize(raw.contiguous(), self.qtype, self.cols, dtype=torch.float32).to(dtype)
+        return ggml.dequantize(raw, self.qtype).to(dtype)
+
+
+Weight = torch.Tensor | AffineWeight | GgmlWeight
+QuantizedWeight = (AffineWeight, GgmlWeight)  # the kinds dequantized when used
 DEQUANT_BLOCK_VALUES = 1 << 24  # values dequantized at once by `linear` (int64 codes: 128 MiB)
 CUDA_DEQUANT_BLOCK_VALUES = 1 << 26  # the same on a GPU (the kernel writes floats alone: 128 MiB of bf16)
 
@@ -68,21 +97,23 @@ def group_weights(extent: ExtentInfo, views: dict[str, torch.Tensor]) -> dict[st
             stem = info.name.removesuffix(".weight")
             grouped[info.name] = AffineWeight(views[info.name].view(torch.int32), views[stem + ".scales"], views[stem + ".biases"],
                                               spec["bits"], spec["group_size"])
+        elif info.qtype not in PLAIN_DTYPES:
+            grouped[info.name] = GgmlWeight(views[info.name], info.qtype, info.shape[-1])
         elif not info.name.endswith((".scales", ".biases")):
             grouped[info.name] = views[info.name]
     return grouped
 
 
 def dense(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return weight.dense(dtype) if isinstance(weight, AffineWeight) else weight.to(dtype)
+    return weight.dense(dtype) if isinstance(weight, QuantizedWeight) else weight.to(dtype)
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """x @ weight.T in x's dtype; an affine matrix goes through the fused GEMV on a GPU where it applies, else is
     dequantized a block of rows at a time (bounded memory)."""
-    if not isinstance(weight, AffineWeight):
+    if not isinstance(weight, QuantizedWeight):
         return F.linear(x, weight.to(x.dtype))
-    if x.is_cuda:
+    if x.is_cuda and isinstance(weight, AffineWeight):
         out = _cuda_gemv(x, weight)
         if out is not None:
             return out
@@ -95,7 +126,7 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
 
 
 def embedding_rows(weight: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if isinstance(weight, AffineWeight):
+    if isinstance(weight, QuantizedWeight):
         return weight.rows(tokens, dtype)
     return weight[tokens].to(dtype)
 
