@@ -6,9 +6,15 @@ README's commands first.
     nox -s gpu        GPU tests (run on the GPU machine)
     nox -s llama      the LLaMA plugin's own tests
     nox -s qwen_moe   the Qwen3.5-MoE plugin's own tests
+    nox -s qwen_moe_llamacpp  its GGUF tests that need llama.cpp's llama-quantize (builds llama.cpp once)
     nox -s lint       ruff
     nox -s demo       one answer from the bundled default model on the CPU
 """
+
+import os
+import sys
+import tarfile
+from pathlib import Path
 
 import nox
 
@@ -24,7 +30,7 @@ def pytest(session: nox.Session, *args: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU tests: unit, reference and both plugins' (GPU tests are skipped)."""
-    pytest(session, "-m", "not gpu", "--timeout=900")
+    pytest(session, "-m", "not gpu and not llamacpp", "--timeout=900")
 
 
 @nox.session
@@ -49,6 +55,40 @@ def llama(session: nox.Session) -> None:
 def qwen_moe(session: nox.Session) -> None:
     """The Qwen3.5-MoE plugin's tests."""
     pytest(session, "plugins/gdsllm_qwen_moe/tests")
+
+
+LLAMACPP_SDIST = "llama-cpp-python==0.3.36"  # the llama.cpp its wheel vendors: the same as the tests' converter
+LLAMACPP_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gdsllm-tests" / "llama.cpp-build"
+
+
+def llamacpp_binaries(session: nox.Session) -> str:
+    """build/bin of a CPU build of llama.cpp: GDSLLM_LLAMACPP_BIN, else one made once into the user's cache from
+    the sdist on PyPI (3-11 minutes on 2 cores)."""
+    if os.environ.get("GDSLLM_LLAMACPP_BIN"):
+        return os.environ["GDSLLM_LLAMACPP_BIN"]
+    source, binaries = LLAMACPP_CACHE / "llama.cpp", LLAMACPP_CACHE / "llama.cpp" / "build" / "bin"
+    if not (binaries / "llama-quantize").is_file():
+        LLAMACPP_CACHE.mkdir(parents=True, exist_ok=True)
+        session.run(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d",
+                    str(LLAMACPP_CACHE), LLAMACPP_SDIST)
+        with tarfile.open(next(LLAMACPP_CACHE.glob("llama_cpp_python-*.tar.gz"))) as archive:
+            root = archive.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            members = [m for m in archive.getmembers() if m.name.startswith(root)]
+            for member in members:
+                member.name = "llama.cpp/" + member.name[len(root):]
+            archive.extractall(LLAMACPP_CACHE, members=members, filter="data")
+        session.run("cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", external=True)
+        session.run("cmake", "--build", str(source / "build"), "-j", str(os.cpu_count() or 2), "--target",
+                    "llama-quantize", external=True)
+    return str(binaries)
+
+
+@nox.session
+def qwen_moe_llamacpp(session: nox.Session) -> None:
+    """The Qwen3.5-MoE GGUF tests that need llama.cpp's llama-quantize (K-quants)."""
+    session.env["GDSLLM_LLAMACPP_BIN"] = llamacpp_binaries(session)
+    pytest(session, "plugins/gdsllm_qwen_moe/tests/test_qwen_moe_gguf.py", "-m", "llamacpp")
 
 
 @nox.session

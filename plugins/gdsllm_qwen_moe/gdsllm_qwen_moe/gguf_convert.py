@@ -3,10 +3,9 @@ convert_hf_to_gguf.py writes it, quantized or not by llama-quantize).
 
 The extents are laid out as for a safetensors checkpoint (`convert.extent_layout`): per layer its dense part, then
 one extent per expert (gate, up, down: one read). Quantized tensors are copied in their GGUF block format. Experts
-come stacked per projection (`ffn_{gate,up,down}_exps` [experts, rows, cols]), with gate and up fused
-(`ffn_gate_up_exps` [experts, 2 x rows, cols], gate rows first; `--fuse-gate-up-exps`), or one tensor per expert
-(`ffn_{gate,up,down}.{e}`, the older llama.cpp layout); each expert's rows are whole rows of blocks, so slicing
-them keeps the bytes exact.
+come stacked per projection (`ffn_{gate,up,down}_exps` [experts, rows, cols]), or with gate and up fused
+(`ffn_gate_up_exps` [experts, 2 x rows, cols], gate rows first: the converter's `--fuse-gate-up-exps`); each
+expert's rows are whole rows of blocks, so slicing them keeps the bytes exact.
 
 What llama.cpp's converter changed, undone or followed here:
 - `ssm_a` holds -exp(A_log): stored back as `ssm_a_log` = log(-ssm_a); `ssm_dt.bias` is `ssm_dt_bias`.
@@ -122,37 +121,23 @@ def _plan(tensors: dict[str, GgufTensor], spec: TensorSpec, source: Path) -> Cal
 
 def _expert_plan(tensors: dict[str, GgufTensor], spec: TensorSpec, layer: int, expert: int, projection: str,
                  source: Path) -> Callable[[], tuple]:
-    """One expert's slice of a stacked, fused or per-expert projection."""
+    """One expert's slice of a stacked or fused projection."""
     name, rows = stored_name(spec), spec.shape[0]
-    own = tensors.get(f"blk.{layer}.{projection}.{expert}.weight")
-    if own is not None:
-        candidates = [(own, None)]
-    else:
-        stacked = tensors.get(f"blk.{layer}.{_STACKED[projection]}.weight")
-        fused = tensors.get(f"blk.{layer}.ffn_gate_up_exps.weight") if projection != "ffn_down" else None
-        candidates = [(stacked, 0)] if stacked is not None else \
-                     [(fused, 0 if projection == "ffn_gate" else rows)] if fused is not None else []
-    if not candidates:
-        raise ConversionError(f"{Path(source).name} has no tensor for {spec.name} (looked for "
-                              f"blk.{layer}.{_STACKED[projection]}, blk.{layer}.ffn_gate_up_exps and "
-                              f"blk.{layer}.{projection}.{expert})", "the file is incomplete: re-download it")
-    tensor, first_row = candidates[0]
-    if first_row is None:
-        fits = list(tensor.shape) == list(spec.shape)
-    else:
-        factor = 2 if tensor.name.endswith("gate_up_exps.weight") else 1
-        fits = len(tensor.shape) == 3 and tensor.shape[0] > expert and list(tensor.shape[1:]) == [
-            rows * factor, spec.shape[1]]
-    if not fits:
+    stacked = tensors.get(f"blk.{layer}.{_STACKED[projection]}.weight")
+    fused = tensors.get(f"blk.{layer}.ffn_gate_up_exps.weight") if projection != "ffn_down" else None
+    if stacked is None and fused is None:
+        raise ConversionError(f"{Path(source).name} has no tensor blk.{layer}.{_STACKED[projection]}.weight" +
+                              ("" if projection == "ffn_down" else f" nor blk.{layer}.ffn_gate_up_exps.weight"),
+                              "the file is incomplete: re-download it")
+    tensor, first_row = (stacked, 0) if stacked is not None else (fused, 0 if projection == "ffn_gate" else rows)
+    factor = 1 if stacked is not None else 2
+    if len(tensor.shape) != 3 or tensor.shape[0] <= expert or list(tensor.shape[1:]) != [rows * factor, spec.shape[1]]:
         raise ConversionError(f"tensor {tensor.name} in {Path(source).name} has shape {list(tensor.shape)}, which "
                               f"holds no {list(spec.shape)} matrix for {spec.name}",
                               "the GGUF's metadata does not match its tensors: re-download it")
 
     def read() -> tuple:
-        if first_row is None:
-            data = _raw(tensor, spec.shape)
-        else:
-            data = _raw(tensor, tensor.shape)[expert, first_row:first_row + rows]
+        data = _raw(tensor, tensor.shape)[expert, first_row:first_row + rows]
         return name, tensor.qtype, list(spec.shape), np.ascontiguousarray(data)
     return read
 

@@ -2,14 +2,14 @@
 tokenizer files): the vocabulary is given to the converter directly (byte-level tokens, `qwen35` pre-tokenizer),
 everything else (hyper-parameters, tensor names, layouts, types) is llama.cpp's.
 
-usage: python llamacpp_convert.py LLAMACPP_DIR HF_FOLDER OUT.gguf OUTTYPE"""
+usage: python llamacpp_convert.py LLAMACPP_DIR HF_FOLDER OUT.gguf OUTTYPE [CONVERTER FLAGS...]"""
 
 import sys
 from pathlib import Path
 
 
 def main() -> None:
-    llamacpp, folder, out, outtype = sys.argv[1:5]
+    llamacpp, folder, out, outtype, *flags = sys.argv[1:]
     sys.path[:0] = [str(Path(llamacpp) / "gguf-py"), llamacpp]
     import convert_hf_to_gguf
     from conversion import qwen
@@ -19,7 +19,7 @@ def main() -> None:
         return [f"<t{i}>" for i in range(size)], [1] * size, "qwen35"  # normal tokens
 
     qwen.Qwen3_5MoeTextModel.get_vocab_base = vocabulary
-    sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, "--no-mtp"]
+    sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, "--no-mtp", *flags]
     convert_hf_to_gguf.main()
 
 
