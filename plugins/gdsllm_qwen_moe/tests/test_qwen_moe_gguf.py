@@ -163,3 +163,28 @@ def test_k_quants_by_llama_quantize_match_transformers(tmp_path, qtype):
     forward = QwenMoeForward(entry, LoadOptions(host_cache=1 << 22))
     assert_matches_transformers(forward, reference_model(path, **K_QUANT_SHAPES), seed=12)
     forward.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["q8_0", "f16"])
+def test_cuda_computes_gguf_blocks_like_the_cpu(ggufs, tmp_path, variant):
+    """GGML experts dequantized by the GPU kernels, dense weights dequantized once at load: the CPU's logits
+    (fp32 on both) and the same expert reads."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    entry = convert_gguf(ggufs[variant], tmp_path, variant)
+    prompt = torch.randint(0, 512, (PROMPT_LENGTH,), generator=torch.Generator().manual_seed(13))
+    results = []
+    for device in ("cpu", "cuda"):
+        forward = QwenMoeForward(entry, LoadOptions(device=device, host_cache=0, extra={
+            "expert_vram_bytes": 0, "expert_prefetch": False}))
+        cache = forward.new_cache(PROMPT_LENGTH + 4)
+        logits = [forward.prefill(prompt, cache, all_logits=True).cpu()]
+        for token in (5, 6, 7, 8):
+            logits.append(forward.decode(torch.tensor([token]), [cache]).cpu())
+        results.append((logits, forward.experts.counters.bytes_read))
+        forward.close()
+    (cpu_logits, cpu_bytes), (gpu_logits, gpu_bytes) = results
+    for ours, ref in zip(gpu_logits, cpu_logits, strict=True):
+        assert relative_error(ours, ref) < 1e-4
+    assert gpu_bytes == cpu_bytes
