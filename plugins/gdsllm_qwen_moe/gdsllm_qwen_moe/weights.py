@@ -1,6 +1,8 @@
 """Stored tensors as the forward pass uses them: plain tensors, `AffineWeight` (packed words + scales + biases) or
-`GgmlWeight` (GGML blocks from a GGUF), the last two dequantized when used. On a CUDA device affine matrices go through the kernels of `gdsllm_kernels.affine_ops`:
-the fused dequantize + GEMV for up to 8 rows of activations, else dequantize-to-float then torch's matmul."""
+`GgmlWeight` (GGML blocks from a GGUF), the last two dequantized when used. On a CUDA device affine matrices go
+through the kernels of `gdsllm_kernels.affine_ops` (the fused dequantize + GEMV for up to 8 rows of activations,
+else dequantize-to-float then torch's matmul); GGML experts computed in half precision through the GEMV kernels of
+`gdsllm_kernels.ops`, other GGML matrices dequantized by its kernel."""
 
 from dataclasses import dataclass
 
@@ -136,6 +138,8 @@ def swiglu_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, coeffici
     """silu(x @ gate.T) * (x @ up.T) @ down.T for x [N, cols], row n scaled by coefficients[n] ([N, 1] in x's dtype)
     when given, written into `out` when given. On a GPU, affine matrices the GEMV takes go through two launches
     (`affine_ops.swiglu_gemv`, then the GEMV scaling as it writes) where the plain ops take six."""
+    if x.is_cuda and _ggml_fusable(x, gate, up, down):
+        return _ggml_swiglu(x, gate, up, down, coefficients, out)
     if x.is_cuda and _fusable(x, gate, up, down):
         from gdsllm_kernels import affine_ops
 
@@ -179,6 +183,34 @@ def _fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
         return False
     return (gate.bits, gate.group_size, gate.scales.dtype, gate.shape) == (up.bits, up.group_size, up.scales.dtype,
                                                                            up.shape)
+
+
+def _ggml_fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
+    """Whether the GGML GEMV kernels take this expert: matrices of one GGML type they read, half-precision
+    activations (they multiply fp16 activations; fp32 compute dequantizes instead, exactly), few enough rows."""
+    from gdsllm_kernels import ops
+
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.dim() != 2 or x.shape[0] > ops.MAX_BATCH:
+        return False
+    if not all(isinstance(w, GgmlWeight) and w.qtype == gate.qtype for w in (gate, up, down)):
+        return False
+    values = max(ops.BLOCKS.get(gate.qtype, (0, 0))[0], 32)
+    return gate.qtype in ops.QTYPE_CODES and gate.cols % values == 0 and down.cols % values == 0
+
+
+def _ggml_swiglu(x: torch.Tensor, gate: "GgmlWeight", up: "GgmlWeight", down: "GgmlWeight",
+                 coefficients: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """`swiglu_mlp` by the GGML kernels: silu(gate) * up in one launch (fp16 out), down in a second (fp32 sums)."""
+    from gdsllm_kernels import ops
+
+    rows = x.shape[0]
+    act = torch.empty(rows, gate.shape[0], dtype=torch.float16, device=x.device)
+    ops.gemv_swiglu(gate.raw, up.raw, gate.qtype, x.to(torch.float16).contiguous(), act)
+    y = torch.empty(rows, down.shape[0], dtype=torch.float32, device=x.device)
+    ops.gemv([down.raw], down.qtype, act, [y])
+    if coefficients is not None:
+        y = y * coefficients.float()
+    return y.to(x.dtype) if out is None else out.copy_(y)
 
 
 def _kernel_rows(x: torch.Tensor) -> torch.Tensor:
