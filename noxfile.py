@@ -6,7 +6,7 @@ README's commands first.
     nox -s gpu        GPU tests (run on the GPU machine)
     nox -s llama      the LLaMA plugin's own tests
     nox -s qwen_moe   the Qwen3.5-MoE plugin's own tests
-    nox -s qwen_moe_llamacpp  its GGUF tests that need llama.cpp's llama-quantize (builds llama.cpp once)
+    nox -s llamacpp   tests that need llama.cpp's llama-quantize (builds llama.cpp once)
     nox -s lint       ruff
     nox -s demo       one answer from the bundled default model on the CPU
 """
@@ -85,10 +85,10 @@ def llamacpp_binaries(session: nox.Session) -> str:
 
 
 @nox.session
-def qwen_moe_llamacpp(session: nox.Session) -> None:
-    """The Qwen3.5-MoE GGUF tests that need llama.cpp's llama-quantize (K-quants)."""
+def llamacpp(session: nox.Session) -> None:
+    """The tests that need llama.cpp's llama-quantize (marker `llamacpp`: K-quant files it wrote)."""
     session.env["GDSLLM_LLAMACPP_BIN"] = llamacpp_binaries(session)
-    pytest(session, "plugins/gdsllm_qwen_moe/tests/test_qwen_moe_gguf.py", "-m", "llamacpp")
+    pytest(session, "-m", "llamacpp")
 
 
 @nox.session

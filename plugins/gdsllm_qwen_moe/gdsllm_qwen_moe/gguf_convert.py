@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import LlamaFileType
 
 from gdsllm_core.convert import ConvertOptions
-from gdsllm_core.convert.gguf_file import GgufTensor, gguf_architecture, is_gguf, read_gguf
+from gdsllm_core.convert.gguf_file import GgufTensor, file_type_name, gguf_architecture, is_gguf, read_gguf
 from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.qtypes import PLAIN_DTYPES
@@ -77,16 +76,6 @@ class QwenMoeGgufConverter:
         writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
                       quant=file_type_name(meta, tensors),
                       source={"format": "gguf", "file": Path(source).name, "name": meta.get("general.name", "")})
-
-
-def file_type_name(meta: dict, tensors: dict[str, GgufTensor]) -> str:
-    """The quant as the publisher named it (`general.file_type`: Q4_K_M, F16), else the experts' tensor type."""
-    file_type = meta.get("general.file_type")
-    try:
-        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
-        experts = [t.qtype for name, t in tensors.items() if "_exps." in name or ".ffn_down." in name]
-        return experts[0] if experts else ""
 
 
 def _plan(tensors: dict[str, GgufTensor], spec: TensorSpec, source: Path) -> Callable[[], tuple]:

@@ -1,12 +1,9 @@
-"""llama.cpp's own tools for the GGUF tests: its convert_hf_to_gguf.py (Python, from the llama-cpp-python sdist on
-PyPI, cached; or GDSLLM_LLAMACPP_DIR), its llama-quantize (a local build: GDSLLM_LLAMACPP_BIN), and the reference a
-GGUF is compared with: the transformers model holding the GGUF's own values, read back by gguf-py."""
+"""The GGUF tests' references: llama.cpp's own convert_hf_to_gguf.py (found or fetched by `gdsllm_core.testing`)
+run on a tiny model without tokenizer files, and the transformers model holding a GGUF's values as gguf-py reads
+them."""
 
-import os
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,33 +11,9 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-LLAMACPP_SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp with qwen35moe in its converter
-CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+from gdsllm_core.testing import llamacpp_source
+
 CONVERT_SCRIPT = Path(__file__).with_name("llamacpp_convert.py")
-
-
-def llamacpp_source() -> Path:
-    """A llama.cpp folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/: GDSLLM_LLAMACPP_DIR, else the
-    sdist's vendored copy, fetched once from PyPI into the user's cache."""
-    if os.environ.get("GDSLLM_LLAMACPP_DIR"):
-        return Path(os.environ["GDSLLM_LLAMACPP_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gdsllm-tests" / "llama.cpp-0.3.36"
-    if (cache / "convert_hf_to_gguf.py").is_file():
-        return cache
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-                        LLAMACPP_SDIST], check=True)
-        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(sdist) as archive:
-            root = archive.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
-            members = [m for m in archive.getmembers()
-                       if m.name.startswith(root) and m.name[len(root):].split("/")[0] in CONVERTER_PARTS]
-            for member in members:
-                member.name = member.name[len(root):]
-            partial = cache.with_suffix(".partial")
-            archive.extractall(partial, members=members, filter="data")
-        partial.rename(cache)
-    return cache
 
 
 def convert_with_llamacpp(folder: Path, out: Path, outtype: str, *flags: str) -> Path:
@@ -48,13 +21,6 @@ def convert_with_llamacpp(folder: Path, out: Path, outtype: str, *flags: str) ->
     subprocess.run([sys.executable, str(CONVERT_SCRIPT), str(llamacpp_source()), str(folder), str(out), outtype,
                     *flags], check=True, capture_output=True)
     return out
-
-
-def llama_quantize() -> Path | None:
-    """llama-quantize of a local llama.cpp build (GDSLLM_LLAMACPP_BIN: its build/bin), or None where there is none."""
-    folder = os.environ.get("GDSLLM_LLAMACPP_BIN")
-    binary = Path(folder or ".") / "llama-quantize"
-    return binary if folder and binary.is_file() else None
 
 
 def gguf_values(path: Path) -> dict[str, torch.Tensor]:

@@ -4,13 +4,12 @@ GGUF's values as gguf-py reads them (fp32): logits for a prompt and 16 cached de
 against transformers' router."""
 
 import shutil
-import subprocess
 
 import pytest
 import torch
 from gdsllm_qwen_moe.forward import QwenMoeForward
 from gdsllm_qwen_moe.gguf_convert import QwenMoeGgufConverter
-from qwen_moe_gguf_helpers import convert_with_llamacpp, gguf_values, hf_state_from_gguf, llama_quantize
+from qwen_moe_gguf_helpers import convert_with_llamacpp, gguf_values, hf_state_from_gguf
 from qwen_moe_helpers import make_hf_model
 
 from gdsllm_core.convert import ConvertOptions
@@ -18,6 +17,7 @@ from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.store import ModelEntry, ModelStore
 from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.testing import llama_quantize, llama_quantize_binary
 
 pytestmark = pytest.mark.reference
 
@@ -78,7 +78,7 @@ def test_llamacpp_gguf_matches_transformers(ggufs, hf_model, tmp_path, variant):
     path = ggufs[variant]
     entry = convert_gguf(path, tmp_path, variant)
     expert_type = VARIANTS[variant][3]
-    assert entry.manifest.quant == expert_type  # general.file_type: all F32, mostly F16, mostly Q8_0
+    assert entry.manifest.quant == {"F32": "ALL_F32"}.get(expert_type, expert_type)  # llama.cpp's general.file_type
     extent = entry.manifest.extent("blk.1.expert.5")  # one read per expert, laid out as from safetensors
     assert [(t.name, t.qtype) for t in extent.tensors] == [(f"blk.1.expert.5.ffn_{m}.weight", expert_type)
                                                            for m in ("gate", "up", "down")]
@@ -148,14 +148,12 @@ def test_truncated_gguf_names_the_file(ggufs, tmp_path):
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 def test_k_quants_by_llama_quantize_match_transformers(tmp_path, qtype):
     """K-quant blocks written by llama-quantize (GDSLLM_LLAMACPP_BIN) read block for block."""
-    quantize = llama_quantize()
-    if quantize is None:
-        pytest.skip("no llama.cpp build: set GDSLLM_LLAMACPP_BIN to its build/bin (`nox -s qwen_moe_llamacpp`)")
+    if llama_quantize_binary() is None:
+        pytest.skip("no llama.cpp build: set GDSLLM_LLAMACPP_BIN to its build/bin (`nox -s llamacpp`)")
     folder = tmp_path / "hf"
     make_hf_model(**K_QUANT_SHAPES).save_pretrained(folder)
-    path = tmp_path / f"{qtype}.gguf"
-    subprocess.run([str(quantize), str(convert_with_llamacpp(folder, tmp_path / "f32.gguf", "f32")), str(path), qtype],
-                   check=True, capture_output=True)
+    path = llama_quantize(convert_with_llamacpp(folder, tmp_path / "f32.gguf", "f32"), tmp_path / f"{qtype}.gguf",
+                          qtype)
     entry = convert_gguf(path, tmp_path / "store", qtype.lower())
     assert entry.manifest.quant == qtype
     expert_types = {t.qtype for e in entry.manifest.extents if ".expert." in e.name for t in e.tensors}
