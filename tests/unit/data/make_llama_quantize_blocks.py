@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 
 # llama-quantize file types (its IQ2_M files are mostly IQ2_S tensors, its IQ2_S files IQ2_XS ones)
 TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ1_S", "IQ1_M", "MXFP4_MOE")
