@@ -31,6 +31,10 @@ class ConversionError(GdsllmError):
     pass
 
 
+class UnsupportedTokenizerError(ConversionError):
+    """A checkpoint's tokenizer (type or pre-tokenizer) that gdsllm cannot rebuild faithfully."""
+
+
 class CorruptModelError(GdsllmError):
     """A weight file is truncated, or its bytes do not match the manifest's checksum."""
 
