@@ -41,9 +41,13 @@ def llamacpp_permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_llama_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, str]], *, n_layers: int, dim: int,
                      n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int, rope_theta: float = 10000.0,
-                     rms_eps: float = 1e-5, context_length: int = 256, tokenizer: dict | None = None) -> Path:
-    """A llama-architecture GGUF: `tensors` maps names to (data, qtype); quantized data are raw uint8 blocks."""
-    writer = GGUFWriter(str(path), arch="llama")
+                     rms_eps: float = 1e-5, context_length: int = 256, tokenizer: dict | None = None,
+                     file_type: int | None = None, split_max_tensors: int = 0) -> Path:
+    """A llama-architecture GGUF: `tensors` maps names to (data, qtype); quantized data are raw uint8 blocks.
+    With `split_max_tensors`, gguf-py splits it into parts (`<stem>-00001-of-0000N.gguf`)."""
+    writer = GGUFWriter(str(path), arch="llama", split_max_tensors=split_max_tensors)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     writer.add_block_count(n_layers)
     writer.add_context_length(context_length)
     writer.add_embedding_length(dim)
