@@ -45,6 +45,14 @@ class BadRequestError(GdsllmError):
     pass
 
 
+class InvalidFieldError(BadRequestError):
+    """A request field has a value gdsllm cannot honour; `param` names the field (OpenAI reports it)."""
+
+    def __init__(self, param: str, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.param = param
+
+
 class BackendUnavailableError(GdsllmError):
     """A storage or compute backend that was asked for cannot run here."""
 

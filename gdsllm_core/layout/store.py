@@ -75,8 +75,7 @@ class ModelStore:
     def get(self, name: str) -> ModelEntry:
         folder = self.path(name)
         if not (folder / manifest_mod.MANIFEST_NAME).is_file():
-            known = ", ".join(entry.name for entry in self.list()) or "none"
-            raise ModelNotFoundError(f"model {name!r} not found in {self.root} (local models: {known})",
+            raise ModelNotFoundError(f"model {name!r} not found",  # no store path or other names: servers show it
                                      "pull it first with `gdsllm pull`, or see `gdsllm list`")
         entry = ModelEntry(name, folder, self._read_manifest(folder))
         check_sizes(entry)
@@ -85,7 +84,7 @@ class ModelStore:
     def remove(self, name: str) -> None:
         folder = self.path(name)
         if not folder.is_dir():
-            raise ModelNotFoundError(f"model {name!r} not found in {self.root}", "see `gdsllm list`")
+            raise ModelNotFoundError(f"model {name!r} not found", "see `gdsllm list`")
         if folder.resolve().parent != self.root.resolve():
             raise BadRequestError(f"refusing to delete {folder}: it is not directly inside {self.root}")
         shutil.rmtree(folder)

@@ -2,6 +2,7 @@
 
 import logging
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -14,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 
 from gdsllm_core import __version__, settings
+from gdsllm_core.errors import GdsllmError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.server import urls
 from gdsllm_core.server.deps import DEPENDENCIES
@@ -22,6 +24,7 @@ from gdsllm_core.server.guards import PUBLIC, bearer_token_guard
 from gdsllm_core.server.ollama import OllamaController
 from gdsllm_core.server.openai import OpenAIController
 from gdsllm_core.server.schemas import HealthResponse
+from gdsllm_core.server.security import BrowserGuardMiddleware, cors_config, is_loopback_address
 from gdsllm_core.server.streams import Engine
 
 if TYPE_CHECKING:
@@ -72,10 +75,13 @@ def document_streamed_bodies(app: Litestar) -> None:
 
 def create_app(store: ModelStore | None = None, default_model: str | None = None, preload: bool = False,
                engine_factory: Callable[[], Engine] | None = None, api_token: str | None = None,
-               read_token_from_env: bool = True, options: "LoadOptions | None" = None) -> Litestar:
+               read_token_from_env: bool = True, options: "LoadOptions | None" = None,
+               bind_host: str | None = None) -> Litestar:
     """The server app. `engine_factory` makes the engine in the lifespan (default: the real Engine on `store`);
-    the bearer token is `api_token`, else GDSLLM_API_TOKEN unless `read_token_from_env` is False."""
+    the bearer token is `api_token`, else GDSLLM_API_TOKEN unless `read_token_from_env` is False. Bound to a
+    loopback `bind_host`, requests must name a loopback Host (see server/security.py)."""
     store = store or ModelStore()
+    cors = cors_config()
     token = api_token or (settings.api_token() if read_token_from_env else None)
     state = State({"store": store, "default_model": default_model, "preload": preload, "auth": token is not None,
                    "engine_factory": engine_factory or (lambda: real_engine(store, options)), "engine": None})
@@ -84,6 +90,9 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
         dependencies=DEPENDENCIES,
         guards=[bearer_token_guard(token)] if token else [],
         exception_handlers=EXCEPTION_HANDLERS,
+        cors_config=cors,
+        middleware=[BrowserGuardMiddleware(cors, loopback_only=bind_host is not None
+                                           and is_loopback_address(bind_host))],
         lifespan=[engine_lifespan],
         state=state,
         logging_config=None,  # run_server (uvicorn) owns logging; the app only logs to "gdsllm.server"
@@ -108,23 +117,54 @@ def return_after_stop_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+class PortUnavailableError(GdsllmError):
+    pass
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now (before any model loads), so that a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortUnavailableError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                                   "another server (a gdsllm or ollama?) uses that port: stop it or pick "
+                                   "another with --port") from None
+    return sock
+
+
+def warn_if_exposed(host: str, token: str | None) -> None:
+    """A loud warning when the server is reachable from other machines with no token."""
+    if not is_loopback_address(host) and not token:
+        log.warning("!" * 100)
+        log.warning("listening on %s WITHOUT A TOKEN: anyone who can reach this machine can run and delete models. "
+                    "Set GDSLLM_API_TOKEN, or serve on 127.0.0.1.", host)
+        log.warning("!" * 100)
+
+
 def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, preload: bool = False,
-               store: ModelStore | None = None, options: "LoadOptions | None" = None) -> None:
+               store: ModelStore | None = None, options: "LoadOptions | None" = None,
+               sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn finishes open responses for up to GRACEFUL_SHUTDOWN_S seconds, then
     cancels them, which cancels their generations, then closes the engine). `model` is what requests naming no
-    model get, loaded at start with `preload`."""
+    model get, loaded at start with `preload`. `sock` is the socket from `listen_socket` (bound here if None)."""
     import uvicorn
 
     store = store or ModelStore()
     if model:
         store.get(model)  # fail before binding the port when the model is not there
+    sock = sock or listen_socket(host, port)
     if not logging.getLogger("gdsllm").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("gdsllm").addHandler(handler)
         logging.getLogger("gdsllm").setLevel(logging.INFO)
-    app = create_app(store=store, default_model=model, preload=preload, options=options)
+    warn_if_exposed(host, settings.api_token())
+    app = create_app(store=store, default_model=model, preload=preload, options=options, bind_host=host)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                                            log_level="info"))
-    with return_after_stop_signals():
-        server.run()
+    with sock, return_after_stop_signals():
+        server.run(sockets=[sock])

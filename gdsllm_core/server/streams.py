@@ -2,7 +2,7 @@
 cancel the generation as soon as nobody is listening any more (client gone, server shutting down)."""
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -11,6 +11,7 @@ from litestar.types import Receive
 
 from gdsllm_core.errors import ModelNotFoundError
 from gdsllm_core.layout.store import ModelEntry, ModelStore, is_valid_name
+from gdsllm_core.limits import check_generate
 from gdsllm_core.types import GenerateRequest, TokenEvent
 
 
@@ -60,8 +61,10 @@ def check_model(store: ModelStore, name: str) -> None:
         find_model(store, name)
 
 
-async def submit(engine: Engine, request: GenerateRequest) -> Generation:
-    """`Engine.submit` may load a model and tokenize: run it on a worker thread."""
+async def submit(engine: Engine, request: GenerateRequest, field_names: Mapping[str, str] = {}) -> Generation:
+    """Check every numeric option's range (a 400 names the field as `field_names` spells it in the dialect), then
+    `Engine.submit`, which may load a model and tokenize, on a worker thread."""
+    check_generate(request, field_names)
     return await anyio.to_thread.run_sync(engine.submit, request)
 
 
@@ -116,7 +119,11 @@ def now_rfc3339() -> str:
 
 
 def unix_to_rfc3339(seconds: float | None) -> str | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    """RFC 3339 of a unix time; None for none, and for one no calendar can hold."""
+    try:
+        return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def unix_now() -> int:
