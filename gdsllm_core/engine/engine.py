@@ -208,7 +208,7 @@ class Engine:
                 self.load(name)
                 load_ns = time.perf_counter_ns() - started
             tokenizer, max_context = self._tokenizers[name]
-            prompt_ids = _prompt_ids(request, tokenizer)
+            prompt_ids = _prompt_ids(request, tokenizer, name)
             n_ctx = min(request.num_ctx or settings.default_num_ctx(), max_context)
             prompt_ids, truncated = _fit_context(prompt_ids, n_ctx, request, max_context, tokenizer.bos_id)
             room = n_ctx - len(prompt_ids)
@@ -523,7 +523,7 @@ def _check_request(request: GenerateRequest) -> None:
     check_generate(request)
 
 
-def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer) -> list[int]:
+def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer, model: str) -> list[int]:
     """Token ids of the prompt: the chat template over the messages (or over system + prompt unless `raw`)."""
     if request.messages is not None:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -536,7 +536,7 @@ def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer) -> list[int]:
                    [{"role": "user", "content": request.prompt}]
     text = request.prompt if messages is None else render_chat(
         messages, tokenizer.chat_template, add_generation_prompt=True,
-        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, model=repr(model))
     ids = tokenizer.encode(text, add_special=True)
     if not ids:
         raise BadRequestError("the prompt is empty", "send some text")

@@ -10,7 +10,7 @@ from gdsllm_core.engine.engine import Engine
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import InvalidFieldError
 from gdsllm_core.server.streams import unix_to_rfc3339
-from gdsllm_core.types import GenerateRequest
+from gdsllm_core.types import ChatMessage, GenerateRequest
 
 
 def closes_within(engine: Engine, seconds: float) -> bool:
@@ -34,3 +34,54 @@ def test_a_huge_keep_alive_cannot_wedge_the_worker(tiny, keep_alive):  # noqa: F
     assert running[0].name == "tiny-a"
     unix_to_rfc3339(running[0].expires_at)  # /api/ps: a time or None, never "year is out of range"
     assert closes_within(engine, 20), "the engine did not stop"
+
+
+HOSTILE_TEMPLATES = {
+    "loops": "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "output": "{% for i in range(99999) %}{% for j in range(99999) %}{{ j }}{% endfor %}{% endfor %}",
+    "recursion": "{% macro f(n) %}{% if n > 0 %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+    "repeat": "{{ 'x' * 10 ** 9 }}",
+}
+
+
+def write_hostile_model(store, name: str, template: str) -> None:
+    """tiny-a's weights and tokenizer under `name`, with `template` as its chat template."""
+    import msgspec
+
+    from gdsllm_core.layout import manifest as manifest_mod
+
+    source = store.get("tiny-a")
+    folder = store.root / name
+    folder.mkdir()
+    for path in source.path.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    manifest = msgspec.structs.replace(source.manifest, name=name, tokenizer=msgspec.structs.replace(
+        source.manifest.tokenizer, chat_template=template))
+    (folder / manifest_mod.MANIFEST_NAME).write_bytes(manifest_mod.encode(manifest))
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_TEMPLATES))
+def test_a_hostile_chat_template_is_an_error_naming_the_model_not_a_hang(tiny, kind):  # noqa: F811
+    from gdsllm_core.engine.chat_template import TemplateLimitError
+
+    name = f"hostile-{kind}"
+    if not tiny["store"].exists(name):
+        write_hostile_model(tiny["store"], name, HOSTILE_TEMPLATES[kind])
+    engine = Engine(tiny["store"], LoadOptions(device="cpu"), keep_alive=None)
+    outcome: list = []
+
+    def chat() -> None:
+        try:
+            engine.submit(GenerateRequest(model=name, messages=[ChatMessage("user", "hello")], max_tokens=2))
+        except Exception as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=chat, daemon=True)
+    worker.start()
+    worker.join(15)
+    assert not worker.is_alive(), "rendering the template hung"
+    assert len(outcome) == 1 and isinstance(outcome[0], TemplateLimitError) and name in str(outcome[0])
+    text, last = engine.submit(GenerateRequest(model="tiny-a", messages=[ChatMessage("user", "hi")],
+                                               max_tokens=2, sampling=GREEDY)).collect()
+    assert last.completion_tokens == 2  # the engine goes on serving
+    assert closes_within(engine, 20)
