@@ -56,9 +56,10 @@ def find_model(store: ModelStore, name: str) -> ModelEntry:
 
 
 def check_model(store: ModelStore, name: str) -> None:
-    """404 before any generation work when a named model is not in the store ("" is the engine's business)."""
-    if name:
-        find_model(store, name)
+    """404 before any generation work when a named model is not in the store ("" is the engine's business). Only a
+    stat: the manifest is decoded by the engine, off the event loop."""
+    if name and not (is_valid_name(name) and store.exists(name)):
+        raise ModelNotFoundError(f"model {name!r} not found", "see the local models at /api/tags or /v1/models")
 
 
 async def submit(engine: Engine, request: GenerateRequest, field_names: Mapping[str, str] = {}) -> Generation:
