@@ -50,7 +50,7 @@ class TokenizerInfo(msgspec.Struct):
     """How to build the tokenizer: `kind` is "hf" (tokenizer.json) or "sentencepiece" (tokenizer.model)."""
 
     kind: str
-    file: RelativePath
+    file: str  # "" when the tokenizer lives in the manifest's own fields
     bos_id: int | None = None
     eos_ids: list[int] = []
     add_bos: bool = False

@@ -175,7 +175,8 @@ def validate_manifest(manifest: Manifest, folder: Path) -> None:
 
     for file_name in manifest.files:
         confined(folder, file_name, f"files[{file_name!r}]")
-    confined(folder, manifest.tokenizer.file, "tokenizer.file")
+    if manifest.tokenizer.file:
+        confined(folder, manifest.tokenizer.file, "tokenizer.file")
     for index, extent in enumerate(manifest.extents):
         where = f"extents[{index}] ({extent.name})"
         confined(folder, extent.file, f"{where}.file")

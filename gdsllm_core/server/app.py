@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
 import anyio
+import uvicorn
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
@@ -25,7 +26,7 @@ from gdsllm_core.server.ollama import OllamaController
 from gdsllm_core.server.openai import OpenAIController
 from gdsllm_core.server.schemas import HealthResponse
 from gdsllm_core.server.security import BrowserGuardMiddleware, cors_config, is_loopback_address
-from gdsllm_core.server.streams import Engine
+from gdsllm_core.server.streams import Engine, cancel_open_generations
 
 if TYPE_CHECKING:
     from gdsllm_core.engine.forward import LoadOptions
@@ -102,6 +103,24 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
     return app
 
 
+class GracefulServer(uvicorn.Server):
+    """On SIGINT/SIGTERM, first ends every generation being answered (each stream then sends its final chunk:
+    ollama's done object, OpenAI's finish chunk and [DONE]), then shuts down as uvicorn does."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        cancel_open_generations()
+        super().handle_exit(sig, frame)
+
+
+def serve(app: Litestar, sock: socket.socket) -> None:
+    """Serve `app` on the bound `sock` until SIGINT/SIGTERM (open responses get GRACEFUL_SHUTDOWN_S to finish)."""
+    host, port = sock.getsockname()[:2]
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                           log_level="info"))
+    with sock, return_after_stop_signals():
+        server.run(sockets=[sock])
+
+
 @contextmanager
 def return_after_stop_signals() -> Iterator[None]:
     """uvicorn re-raises SIGINT/SIGTERM once it has shut down gracefully; absorb that so `run_server` returns
@@ -151,8 +170,6 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, pre
     """Serve until SIGINT/SIGTERM (uvicorn finishes open responses for up to GRACEFUL_SHUTDOWN_S seconds, then
     cancels them, which cancels their generations, then closes the engine). `model` is what requests naming no
     model get, loaded at start with `preload`. `sock` is the socket from `listen_socket` (bound here if None)."""
-    import uvicorn
-
     store = store or ModelStore()
     if model:
         store.get(model)  # fail before binding the port when the model is not there
@@ -163,8 +180,4 @@ def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, pre
         logging.getLogger("gdsllm").addHandler(handler)
         logging.getLogger("gdsllm").setLevel(logging.INFO)
     warn_if_exposed(host, settings.api_token())
-    app = create_app(store=store, default_model=model, preload=preload, options=options, bind_host=host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                           log_level="info"))
-    with sock, return_after_stop_signals():
-        server.run(sockets=[sock])
+    serve(create_app(store=store, default_model=model, preload=preload, options=options, bind_host=host), sock)

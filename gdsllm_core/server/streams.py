@@ -69,9 +69,20 @@ async def submit(engine: Engine, request: GenerateRequest, field_names: Mapping[
     return await anyio.to_thread.run_sync(engine.submit, request)
 
 
+OPEN_GENERATIONS: set[Generation] = set()  # being answered now: a shutdown ends them so their streams close cleanly
+
+
+def cancel_open_generations() -> None:
+    """End every generation being answered: each stops at its next token with a last event ("cancelled"), so every
+    open stream still sends its final chunk. Called when the server is asked to stop."""
+    for generation in list(OPEN_GENERATIONS):
+        generation.cancel()
+
+
 async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
     """The generation's events up to the done one; if the consumer stops early, the generation is cancelled."""
     finished = False
+    OPEN_GENERATIONS.add(generation)
     try:
         async for event in generation:
             finished = event.done
@@ -79,6 +90,7 @@ async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
             if finished:
                 return
     finally:
+        OPEN_GENERATIONS.discard(generation)
         if not finished:
             generation.cancel()
 
