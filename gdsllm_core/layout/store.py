@@ -14,7 +14,7 @@ from gdsllm_core.errors import BadRequestError, CorruptModelError, GdsllmError, 
 from gdsllm_core.layout import manifest as manifest_mod
 from gdsllm_core.layout.manifest import Manifest
 from gdsllm_core.layout.qtypes import tensor_nbytes
-from gdsllm_core.layout.writer import TEMP_PREFIX
+from gdsllm_core.layout.writer import TEMP_PREFIX, recover_replaced
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
@@ -68,6 +68,8 @@ class ModelStore:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else settings.model_root()
+        if self.root.is_dir():
+            recover_replaced(self.root)  # a `pull --force` that crashed between its two renames
         self._manifests: dict[Path, tuple[tuple[int, int], Manifest]] = {}  # folder -> ((mtime_ns, size), manifest)
         self._lock = threading.Lock()
 
