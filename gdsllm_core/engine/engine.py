@@ -554,7 +554,8 @@ def _fit_context(ids: list[int], n_ctx: int, request: GenerateRequest, max_conte
             f"the prompt is {len(ids)} tokens but the context window is {n_ctx} tokens "
             f"(num_ctx {request.num_ctx or 'default ' + str(settings.default_num_ctx())}, "
             f"model maximum {max_context}); at least one token must be left to generate",
-            f"shorten the prompt, raise num_ctx (up to {max_context}) or ask for truncation")
+            f"shorten the prompt, or raise the context window up to {max_context}: GDSLLM_NUM_CTX for `gdsllm run` "
+            "and the server's default, `options.num_ctx` in an ollama request; or send `\"truncate\": true`")
     room = min(request.max_tokens or n_ctx // 2, n_ctx // 2) or 1
     keep = n_ctx - room
     head = [bos_id] if bos_id is not None and ids[0] == bos_id else []

@@ -27,6 +27,9 @@ ROPE_FREQS = "rope_freqs.weight"  # LLaMA 3.1 GGUFs: per-frequency divisors of t
 _STRING_TYPE = 8
 
 
+MAX_HEADER_STRING = 1 << 20  # a GGUF key or short string value; real ones are tens of bytes
+
+
 def gguf_architecture(path: Path) -> str | None:
     """`general.architecture` read from the header without parsing the whole file (None if not found early)."""
     try:
@@ -36,18 +39,25 @@ def gguf_architecture(path: Path) -> str | None:
             handle.read(4 + 8)  # version, tensor count
             (n_kv,) = struct.unpack("<Q", handle.read(8))
             for _ in range(min(n_kv, 16)):
-                (key_len,) = struct.unpack("<Q", handle.read(8))
-                key = handle.read(key_len).decode("utf-8", "replace")
+                key = _header_string(handle, path).decode("utf-8", "replace")
                 (value_type,) = struct.unpack("<I", handle.read(4))
                 if value_type != _STRING_TYPE:
                     return None
-                (value_len,) = struct.unpack("<Q", handle.read(8))
-                value = handle.read(value_len).decode("utf-8", "replace")
+                value = _header_string(handle, path).decode("utf-8", "replace")
                 if key == "general.architecture":
                     return value
     except (OSError, struct.error):
         return None
     return None
+
+
+def _header_string(handle, path: Path) -> bytes:
+    """One length-prefixed string of a GGUF header; a length no header string has means the header is corrupt."""
+    (length,) = struct.unpack("<Q", handle.read(8))
+    if length > MAX_HEADER_STRING:
+        raise ConversionError(f"{path} has a corrupt GGUF header: a string of {length} bytes",
+                              "the file is damaged or not a GGUF: re-download it")
+    return handle.read(length)
 
 
 def unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
