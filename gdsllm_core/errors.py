@@ -37,6 +37,12 @@ class CorruptModelError(GdsllmError):
     http_status = 500
 
 
+class StorageReadError(GdsllmError):
+    """Reading a model's weights failed (an I/O error or a short read): the generation that needed them ends."""
+
+    http_status = 500
+
+
 class ContextOverflowError(GdsllmError):
     pass
 
