@@ -71,7 +71,13 @@ def document_streamed_bodies(app: Litestar) -> None:
     """Litestar documents one media type per status: add the NDJSON / SSE bodies the generation routes stream."""
     for path, (media_type, description) in STREAMED_BODIES.items():
         content = app.openapi_schema.paths[path].post.responses["200"].content
-        content[media_type] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, description=description))
+        if media_type == "text/event-stream":  # each event: its `data` field carries one JSON chunk (or [DONE])
+            schema = Schema(type=OpenAPIType.OBJECT, description=description,
+                            properties={"data": Schema(type=OpenAPIType.STRING),
+                                        "event": Schema(type=OpenAPIType.STRING)})
+        else:
+            schema = Schema(type=OpenAPIType.STRING, description=description)
+        content[media_type] = OpenAPIMediaType(schema=schema)
 
 
 def create_app(store: ModelStore | None = None, default_model: str | None = None, preload: bool = False,
