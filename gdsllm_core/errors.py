@@ -41,12 +41,26 @@ class CorruptModelError(GdsllmError):
     http_status = 500
 
 
+class StorageReadError(GdsllmError):
+    """Reading a model's weights failed (an I/O error or a short read): the generation that needed them ends."""
+
+    http_status = 500
+
+
 class ContextOverflowError(GdsllmError):
     pass
 
 
 class BadRequestError(GdsllmError):
     pass
+
+
+class InvalidFieldError(BadRequestError):
+    """A request field has a value gdsllm cannot honour; `param` names the field (OpenAI reports it)."""
+
+    def __init__(self, param: str, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.param = param
 
 
 class BackendUnavailableError(GdsllmError):

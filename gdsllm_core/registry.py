@@ -75,6 +75,11 @@ def detect_converter(path: Path) -> str:
         converter = resolve(target)
         if getattr(converter, "detect", None) and converter.detect(Path(path)):
             return candidate
+    config = Path(path) / "config.json"
+    if config.is_file():
+        from gdsllm_core.convert import read_json
+
+        read_json(config)  # an unreadable config.json is why nothing recognised the folder: say so
     known = ", ".join(sorted(collect("converters"))) or "none"
     archs = ", ".join(sorted(collect("forward_passes"))) or "none"
     raise UnknownArchitectureError(

@@ -16,10 +16,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BackendUnavailableError, BadRequestError
+from gdsllm_core.errors import BackendUnavailableError, BadRequestError, CorruptModelError
 from gdsllm_core.layout.manifest import ExtentInfo
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_core.storage.reader import ExtentReader, extent_views
+
+
+def missing_extent(model: str, extent_name: str) -> CorruptModelError:
+    return CorruptModelError(f"model {model!r} has no extent {extent_name!r} (its config names more than its manifest "
+                             "holds)", "the manifest is damaged: re-convert the model with `gdsllm pull`")
 
 
 class TieredScheduler:
@@ -56,7 +61,10 @@ class TieredScheduler:
     def fetch(self, extent_name: str) -> dict[str, torch.Tensor]:
         """The tensors of one extent on the compute device, ready to use."""
         self.counters["fetches"] += 1
-        return self._resident[extent_name]
+        views = self._resident.get(extent_name)
+        if views is None:
+            raise missing_extent(self.entry.name, extent_name)
+        return views
 
     def prefetch(self, extent_names: list[str]) -> None:
         """A hint that these extents are needed next (everything is resident here)."""
@@ -407,7 +415,7 @@ class GpuTieredScheduler(TieredScheduler):
         if views is not None:
             return views
         if extent_name not in self._position:
-            raise KeyError(f"no extent {extent_name!r} in model {self.entry.name}")
+            raise missing_extent(self.entry.name, extent_name)
         if not self._inflight or self._inflight[0][0] != extent_name:
             self._drain()
             self._next = self._position[extent_name]

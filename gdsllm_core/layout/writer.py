@@ -17,6 +17,7 @@ from gdsllm_core.layout.qtypes import ALIGNMENT, align_up, tensor_nbytes
 
 WEIGHTS_FILE = "weights.bin"
 TEMP_PREFIX = ".partial-"
+ASIDE_PREFIX = ".partial-replaced-"  # `.partial-replaced-NAME-PID`: the model a replacement moved aside
 
 
 def as_bytes(data) -> memoryview:
@@ -118,14 +119,46 @@ class ModelWriter:
             if not self.overwrite:
                 self.abort()
                 raise ConversionError(f"model {self.name!r} appeared in {self.root} during conversion")
-            shutil.rmtree(self.final_path)
-        os.rename(self.temp_path, self.final_path)
+            aside = self.root / f"{ASIDE_PREFIX}{self.name}-{os.getpid()}"
+            os.rename(self.final_path, aside)  # a crash from here on leaves the old model aside, recovered later
+            os.rename(self.temp_path, self.final_path)
+            shutil.rmtree(aside)
+        else:
+            os.rename(self.temp_path, self.final_path)
         return manifest
 
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
         shutil.rmtree(self.temp_path, ignore_errors=True)
+
+
+def recover_replaced(root: Path) -> list[str]:
+    """Undo replacements that a crashed process left half done: a model it moved aside comes back unless its new
+    version is in place (then the old one is deleted). Folders of running processes are left alone. Returns the
+    names of the models brought back."""
+    recovered = []
+    for aside in Path(root).glob(f"{ASIDE_PREFIX}*"):
+        name, _, pid = aside.name[len(ASIDE_PREFIX):].rpartition("-")
+        if not name or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if (Path(root) / name / manifest_mod.MANIFEST_NAME).is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            shutil.rmtree(Path(root) / name, ignore_errors=True)
+            os.rename(aside, Path(root) / name)
+            recovered.append(name)
+    return recovered
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 __all__ = ["ALIGNMENT", "ModelWriter", "WEIGHTS_FILE", "as_bytes"]
