@@ -113,7 +113,7 @@ def read_header(path: Path) -> GgufHeader:
                 return parse_header(data, path.name)
             except IncompleteHeader as more:
                 if len(data) >= size:
-                    raise ConversionError(f"{path} ends inside its header ({size} bytes)",
+                    raise ConversionError(f"{path} ends inside its header ({size} bytes): a truncated or corrupt GGUF header",
                                           "the file is truncated: re-download it") from None
                 chunk = more.needed
 
@@ -173,9 +173,12 @@ def _open_part(path: Path) -> GGUFReader:
         raise ConversionError(f"{path.name}, a part of this split GGUF, is missing from {path.parent}",
                               "download every part (-0000k-of-0000N) into the same folder")
     try:
+        read_header(path)
         return GGUFReader(path)
+    except ConversionError:
+        raise
     except Exception as exc:
-        raise ConversionError(f"cannot read GGUF {path}: {type(exc).__name__}: {exc}",
+        raise ConversionError(f"cannot read GGUF {path} (truncated or corrupt GGUF header): {type(exc).__name__}: {exc}",
                               "the file is truncated or corrupt: re-download it") from exc
 
 
