@@ -1,8 +1,10 @@
 """manifest.json: what a converted model is and where each of its tensors lies."""
 
+import enum
+
 import msgspec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: extents declare their role (version 1 folders are given roles when read: `decode`)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -22,14 +24,27 @@ class TensorInfo(msgspec.Struct):
     extra: dict = {}
 
 
+class ExtentRole(enum.StrEnum):
+    """What an extent is to the runtime, declared by the plugin's layout when it writes the extent."""
+
+    LAYER = "layer"  # one decoder layer (dense models), or one layer's dense part (MoE); `index` is the layer
+    EXPERT = "expert"  # one MoE expert of layer `index` (gate, up, down with their scales)
+    EMBEDDINGS = "embeddings"  # the token embeddings (also the head when they are tied)
+    HEAD = "head"  # the final norm and the output projection
+    OTHER = "other"  # anything else the model needs resident (shared tables, vision towers)
+
+
 class ExtentInfo(msgspec.Struct):
-    """A run of bytes always read together (one layer, one MoE expert, the embeddings): one read."""
+    """A run of bytes always read together (one layer, one MoE expert, the embeddings): one read. `role` and
+    `index` say what it is (a layer or expert extent carries its layer's index; -1 otherwise)."""
 
     name: str
     file: str
     offset: int
     nbytes: int
     tensors: list[TensorInfo]
+    role: ExtentRole = ExtentRole.OTHER
+    index: int = -1
 
 
 class TokenizerInfo(msgspec.Struct):
@@ -72,4 +87,21 @@ def encode(manifest: Manifest) -> bytes:
 
 
 def decode(data: bytes) -> Manifest:
-    return msgspec.json.decode(data, type=Manifest)
+    manifest = msgspec.json.decode(data, type=Manifest)
+    if manifest.format_version < 2:
+        _declare_version1_roles(manifest)
+    return manifest
+
+
+def _declare_version1_roles(manifest: Manifest) -> None:
+    """Version 1 folders predate declared roles; the two layouts that wrote them (LLaMA and Qwen3.5-MoE) named
+    their extents `token_embd`, `blk.{i}`, `blk.{i}.expert.{e}`, `output_norm` and `output`, which say the role."""
+    for extent in manifest.extents:
+        parts = extent.name.split(".")
+        if parts[0] == "blk" and len(parts) >= 2 and parts[1].isdigit():
+            extent.index = int(parts[1])
+            extent.role = ExtentRole.EXPERT if len(parts) == 4 and parts[2] == "expert" else ExtentRole.LAYER
+        elif extent.name == "token_embd":
+            extent.role = ExtentRole.EMBEDDINGS
+        elif extent.name in ("output_norm", "output"):
+            extent.role = ExtentRole.HEAD

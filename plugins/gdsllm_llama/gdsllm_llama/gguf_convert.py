@@ -117,7 +117,7 @@ class GgufConverter:
                 done += 1
                 if options.progress:
                     options.progress(name, done, total)
-            writer.add_extent(extent_name, entries)
+            writer.add_extent(extent_name, entries, *LlamaLayout.role_of(extent_name))
         counts = Counter(t.tensor_type.name for t in tensors.values() if len(t.shape) > 1)
         writer.finish(architecture=GGUF_ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
                       quant=counts.most_common(1)[0][0] if counts else "",

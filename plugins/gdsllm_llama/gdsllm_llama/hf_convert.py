@@ -97,7 +97,7 @@ class HfSafetensorsConverter:
                     done += 1
                     if options.progress:
                         options.progress(name, done, total)
-                writer.add_extent(extent_name, entries)
+                writer.add_extent(extent_name, entries, *LlamaLayout.role_of(extent_name))
         finally:
             handles.clear()
         writer.finish(architecture=GGUF_ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,

@@ -16,7 +16,7 @@ from gdsllm_core.convert import ConvertOptions
 from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer
 from gdsllm_core.errors import ConversionError, UnsupportedQuantError
 from gdsllm_core.layout.qtypes import FLOAT_QTYPES
-from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.layout.writer import ExtentRole, ModelWriter
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.names import TensorSpec, dense_specs, expert_specs, global_specs
 from gdsllm_qwen_moe.source import CheckpointSource, Plan, is_checkpoint
@@ -32,16 +32,17 @@ def stored_name(spec: TensorSpec) -> str:
     return spec.name if spec.kind == "vector" else spec.name + ".weight"
 
 
-def extent_layout(config) -> list[tuple[str, list[TensorSpec]]]:
-    """Every extent in file order with the specs it holds."""
+def extent_layout(config) -> list[tuple[str, ExtentRole, int, list[TensorSpec]]]:
+    """Every extent in file order: (name, role, layer index or -1, the specs it holds)."""
     extents = global_specs(config)
-    layout = [("token_embd", extents["token_embd"])]
+    layout = [("token_embd", ExtentRole.EMBEDDINGS, -1, extents["token_embd"])]
     for layer in range(config.num_hidden_layers):
-        layout.append((f"blk.{layer}", dense_specs(config, layer)))
-        layout += [(f"blk.{layer}.expert.{e}", expert_specs(config, layer, e)) for e in range(config.num_experts)]
-    layout.append(("output_norm", extents["output_norm"]))
+        layout.append((f"blk.{layer}", ExtentRole.LAYER, layer, dense_specs(config, layer)))
+        layout += [(f"blk.{layer}.expert.{e}", ExtentRole.EXPERT, layer, expert_specs(config, layer, e))
+                   for e in range(config.num_experts)]
+    layout.append(("output_norm", ExtentRole.HEAD, -1, extents["output_norm"]))
     if "output" in extents:
-        layout.append(("output", extents["output"]))
+        layout.append(("output", ExtentRole.HEAD, -1, extents["output"]))
     return layout
 
 
@@ -80,15 +81,16 @@ class QwenMoeConverter:
         with CheckpointSource(source) as checkpoint:
             config = checkpoint.config
             layout = extent_layout(config)
-            plans = [(name, [checkpoint.plan(spec) for spec in specs]) for name, specs in layout]  # checks everything
-            total = sum(len(p) for _, p in plans)
+            plans = [(name, role, index, [checkpoint.plan(spec) for spec in specs])
+                     for name, role, index, specs in layout]  # checks everything
+            total = sum(len(p) for *_, p in plans)
             done = 0
-            for extent_name, extent_plans in plans:
+            for extent_name, role, index, extent_plans in plans:
                 tensors = []
                 for plan in extent_plans:
                     tensors += self._stored(checkpoint, plan, bits, cast, group_size)
                     done += 1
-                writer.add_extent(extent_name, tensors)
+                writer.add_extent(extent_name, tensors, role, index)
                 if options.progress:
                     options.progress(extent_name, done, total)
             tokenizer, files = read_hf_tokenizer(Path(source), config.eos_token_ids, bos_id=None)
