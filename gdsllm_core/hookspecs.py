@@ -23,8 +23,8 @@ def register_weight_layouts(register):
 
 
 @hookspec
-def register_schedulers(register):
-    """Register residency schedulers: register(name, "module:Class"); see `scheduler.Scheduler`."""
+def register_residencies(register):
+    """Register residencies: register(name, "module:Class"); see `runtime.protocols.Residency`."""
 
 
 @hookspec

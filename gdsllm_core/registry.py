@@ -1,4 +1,4 @@
-"""Look-ups over what plugins registered: converters, layouts, schedulers, forward passes."""
+"""Look-ups over what plugins registered: converters, layouts, residencies, forward passes."""
 
 import importlib
 from collections.abc import Callable
@@ -57,8 +57,8 @@ def get_weight_layout(architecture: str) -> Callable:
     return _lookup("weight_layouts", architecture, "weight layout for architecture")
 
 
-def get_scheduler(name: str) -> Callable:
-    return _lookup("schedulers", name, "scheduler")
+def get_residency(name: str) -> Callable:
+    return _lookup("residencies", name, "residency")
 
 
 def get_converter(name: str) -> Callable:

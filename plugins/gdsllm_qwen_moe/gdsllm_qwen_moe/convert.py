@@ -95,7 +95,7 @@ class QwenMoeConverter:
                     options.progress(extent_name, done, total)
             tokenizer, files = read_hf_tokenizer(Path(source), config.eos_token_ids, bos_id=None)
             quant = (f"affine{bits}-g{group_size}" if bits else "mlx-affine" if checkpoint.quantization
-                     else options.quant.lower() if cast else checkpoint.dtype(plans[0][1][0].weight.key).lower())
+                     else options.quant.lower() if cast else checkpoint.dtype(plans[0][3][0].weight.key).lower())
             writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
                           quant=quant, source={"path": str(Path(source).resolve()), "skipped": checkpoint.skipped,
                                                "skipped_note": "mtp.* (multi-token prediction) and vision tensors "
