@@ -47,6 +47,7 @@ _EXPORTS = {
     "ggml": "gdsllm_core.quant.ggml",
     "QUANTIZABLE": "gdsllm_core.quant.quantize:QUANTIZABLE",
     "block_values": "gdsllm_core.quant.quantize:block_values",
+    "check_supported": "gdsllm_core.quant.ggml:check_supported",
     "quantize": "gdsllm_core.quant.quantize:quantize",
     # the model folder
     "Manifest": "gdsllm_core.layout.manifest:Manifest",

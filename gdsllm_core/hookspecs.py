@@ -18,11 +18,6 @@ def detect_format(path):
 
 
 @hookspec
-def register_weight_layouts(register):
-    """Register weight layouts: register(architecture, "module:Class"); a layout groups tensors into extents."""
-
-
-@hookspec
 def register_residencies(register):
     """Register residencies: register(name, "module:Class"); see `runtime.protocols.Residency`."""
 

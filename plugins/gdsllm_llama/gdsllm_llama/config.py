@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gdsllm_core.errors import ConversionError, UnknownArchitectureError
+from gdsllm_core.api import ConversionError, UnknownArchitectureError
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCHITECTURE = "llama"

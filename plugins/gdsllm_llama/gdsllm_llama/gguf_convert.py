@@ -13,11 +13,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader
 
-from gdsllm_core.convert import ConvertOptions
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.qtypes import tensor_nbytes
-from gdsllm_core.layout.writer import ModelWriter
-from gdsllm_core.quant.ggml import check_supported
+from gdsllm_core.api import ConversionError, ConvertOptions, ModelWriter, check_supported, tensor_nbytes
 from gdsllm_llama.config import GGUF_ARCHITECTURE, LlamaConfig
 from gdsllm_llama.layout import LlamaLayout
 from gdsllm_llama.tokenizer_gguf import build_tokenizer

@@ -10,8 +10,7 @@ tokenizer.json adds no BOS itself: the engine adds it when `TokenizerInfo.add_bo
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.manifest import TokenizerInfo
+from gdsllm_core.api import ConversionError, TokenizerInfo
 
 CONTROL, USER_DEFINED = 3, 4
 TOKENIZER_FILE = "tokenizer.json"

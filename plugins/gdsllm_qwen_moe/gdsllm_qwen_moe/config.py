@@ -2,7 +2,7 @@
 
 from dataclasses import asdict, dataclass, field, fields
 
-from gdsllm_core.errors import ConversionError
+from gdsllm_core.api import ConversionError
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"

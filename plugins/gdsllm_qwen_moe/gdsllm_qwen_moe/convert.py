@@ -12,11 +12,15 @@ from pathlib import Path
 
 import torch
 
-from gdsllm_core.convert import ConvertOptions
-from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer
-from gdsllm_core.errors import ConversionError, UnsupportedQuantError
-from gdsllm_core.layout.qtypes import FLOAT_QTYPES
-from gdsllm_core.layout.writer import ExtentRole, ModelWriter
+from gdsllm_core.api import (
+    FLOAT_QTYPES,
+    ConversionError,
+    ConvertOptions,
+    ExtentRole,
+    ModelWriter,
+    UnsupportedQuantError,
+    read_hf_tokenizer,
+)
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.names import TensorSpec, dense_specs, expert_specs, global_specs
 from gdsllm_qwen_moe.source import CheckpointSource, Plan, is_checkpoint

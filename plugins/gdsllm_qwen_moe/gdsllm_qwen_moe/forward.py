@@ -23,10 +23,7 @@ from functools import partial
 
 import torch
 
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BadRequestError, ContextOverflowError
-from gdsllm_core.layout.store import ModelEntry
-from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_core.api import BadRequestError, ContextOverflowError, ExtentReader, LoadOptions, ModelEntry, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.decode_graphs import DecodeGraphs, DenseStep

@@ -4,9 +4,7 @@ bytes differ per extent only in position, which is all a storage benchmark needs
 
 import torch
 
-from gdsllm_core.layout.manifest import TokenizerInfo
-from gdsllm_core.layout.store import ModelEntry, ModelStore
-from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.api import ModelEntry, ModelStore, ModelWriter, TokenizerInfo
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.config import FULL_ATTENTION, LINEAR_ATTENTION, QwenMoeConfig
 from gdsllm_qwen_moe.convert import ARCHITECTURE, affine_entries, extent_layout, stored_name
