@@ -17,6 +17,7 @@ from gdsllm_core.cli.main import _add_commands, cli
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import BadRequestError
+from gdsllm_core.hookspecs import hookimpl
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.runtime.stats import ResidencyStats, TierBytes
 from gdsllm_core.storage.reader import CpuBackend, ExtentReader, extent_views
@@ -63,6 +64,7 @@ class StreamingResidency:
 
 
 class StreamingResidencyPlugin:
+    @hookimpl
     def register_residencies(self, register):
         register("bench-test-streaming", StreamingResidency)
 
