@@ -1,6 +1,7 @@
 """manifest.json: what a converted model is and where each of its tensors lies."""
 
 import dataclasses
+import enum
 from typing import Annotated, TypeVar
 
 import msgspec
@@ -10,7 +11,7 @@ from gdsllm_core.errors import CorruptModelError, GdsllmError
 
 T = TypeVar("T")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: extents declare their role (version 1 folders are given roles when read: `decode`)
 MANIFEST_NAME = "manifest.json"
 MAX_BYTES = 1 << 50  # 1 PiB: no offset or size of a real model comes near
 MAX_DIM = 1 << 40  # a tensor dimension; nbytes must still agree with the whole shape
@@ -36,14 +37,27 @@ class TensorInfo(msgspec.Struct):
     extra: dict = {}
 
 
+class ExtentRole(enum.StrEnum):
+    """What an extent is to the runtime, declared by the plugin's layout when it writes the extent."""
+
+    LAYER = "layer"  # one decoder layer (dense models), or one layer's dense part (MoE); `index` is the layer
+    EXPERT = "expert"  # one MoE expert of layer `index` (gate, up, down with their scales)
+    EMBEDDINGS = "embeddings"  # the token embeddings (also the head when they are tied)
+    HEAD = "head"  # the final norm and the output projection
+    OTHER = "other"  # anything else the model needs resident (shared tables, vision towers)
+
+
 class ExtentInfo(msgspec.Struct):
-    """A run of bytes always read together (one layer, one MoE expert, the embeddings): one read."""
+    """A run of bytes always read together (one layer, one MoE expert, the embeddings): one read. `role` and
+    `index` say what it is (a layer or expert extent carries its layer's index; -1 otherwise)."""
 
     name: str
     file: RelativePath
     offset: ByteCount
     nbytes: ByteCount
     tensors: list[TensorInfo]
+    role: ExtentRole = ExtentRole.OTHER
+    index: int = -1
 
 
 class TokenizerInfo(msgspec.Struct):
@@ -101,4 +115,21 @@ def encode(manifest: Manifest) -> bytes:
 
 
 def decode(data: bytes) -> Manifest:
-    return msgspec.json.decode(data, type=Manifest)
+    manifest = msgspec.json.decode(data, type=Manifest)
+    if manifest.format_version < 2:
+        _declare_version1_roles(manifest)
+    return manifest
+
+
+def _declare_version1_roles(manifest: Manifest) -> None:
+    """Version 1 folders predate declared roles; the two layouts that wrote them (LLaMA and Qwen3.5-MoE) named
+    their extents `token_embd`, `blk.{i}`, `blk.{i}.expert.{e}`, `output_norm` and `output`, which say the role."""
+    for extent in manifest.extents:
+        parts = extent.name.split(".")
+        if parts[0] == "blk" and len(parts) >= 2 and parts[1].isdigit():
+            extent.index = int(parts[1])
+            extent.role = ExtentRole.EXPERT if len(parts) == 4 and parts[2] == "expert" else ExtentRole.LAYER
+        elif extent.name == "token_embd":
+            extent.role = ExtentRole.EMBEDDINGS
+        elif extent.name in ("output_norm", "output"):
+            extent.role = ExtentRole.HEAD

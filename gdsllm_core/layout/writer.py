@@ -12,7 +12,7 @@ import torch
 
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout import manifest as manifest_mod
-from gdsllm_core.layout.manifest import ExtentInfo, Manifest, TensorInfo, TokenizerInfo
+from gdsllm_core.layout.manifest import ExtentInfo, ExtentRole, Manifest, TensorInfo, TokenizerInfo
 from gdsllm_core.layout.qtypes import ALIGNMENT, align_up, tensor_nbytes
 
 WEIGHTS_FILE = "weights.bin"
@@ -79,8 +79,12 @@ class ModelWriter:
         if padding:
             self._write(memoryview(bytes(padding)))
 
-    def add_extent(self, name: str, tensors: list[tuple]) -> ExtentInfo:
-        """Append one extent. Each tensor is (name, qtype, shape, data[, extra]); each starts on a 4 KiB boundary."""
+    def add_extent(self, name: str, tensors: list[tuple], role: ExtentRole = ExtentRole.OTHER,
+                   index: int = -1) -> ExtentInfo:
+        """Append one extent. Each tensor is (name, qtype, shape, data[, extra]); each starts on a 4 KiB boundary.
+        `role` says what the extent is to the runtime, `index` its layer (for LAYER and EXPERT extents)."""
+        if role in (ExtentRole.LAYER, ExtentRole.EXPERT) and index < 0:
+            raise ConversionError(f"extent {name!r}: a {role} extent needs its layer index")
         if any(extent.name == name for extent in self.extents):
             raise ConversionError(f"extent {name!r} written twice")
         self._pad()
@@ -98,7 +102,8 @@ class ModelWriter:
                                     offset=self._offset - start, nbytes=len(view), crc32=zlib.crc32(view), extra=extra))
             self._write(view)
         self._pad()
-        extent = ExtentInfo(name=name, file=WEIGHTS_FILE, offset=start, nbytes=self._offset - start, tensors=infos)
+        extent = ExtentInfo(name=name, file=WEIGHTS_FILE, offset=start, nbytes=self._offset - start, tensors=infos,
+                            role=ExtentRole(role), index=index)
         self.extents.append(extent)
         return extent
 
@@ -161,4 +166,4 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["ALIGNMENT", "ModelWriter", "WEIGHTS_FILE", "as_bytes"]
+__all__ = ["ALIGNMENT", "ExtentRole", "ModelWriter", "WEIGHTS_FILE", "as_bytes"]

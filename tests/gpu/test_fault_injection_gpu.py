@@ -24,9 +24,9 @@ from gdsllm_core.server import create_app, urls  # noqa: E402
 
 @pytest.mark.parametrize("kind, fragment", [("eio", "Input/output error"), ("short", "ends early")])
 def test_a_failed_storage_read_mid_decode_on_the_gpu(smollm2_store, monkeypatch, kind, fragment):
-    import gdsllm_llama.plugin
     from litestar.testing import TestClient
 
+    import gdsllm_llama.plugin
     from gdsllm_core import plugins
     from gdsllm_core.bundled import DEFAULT_MODEL
 

@@ -15,10 +15,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))  # the CPU tests' block makers and fixture
-from gdsllm_kernels import ops  # noqa: E402
 from test_quant_iq import NEW_TYPES, fixture_tensors, random_blocks  # noqa: E402
 
 from gdsllm_core.quant.ggml import dequantize as cpu_dequantize  # noqa: E402
+from gdsllm_kernels import ops  # noqa: E402
 
 CUDA = torch.device("cuda")
 

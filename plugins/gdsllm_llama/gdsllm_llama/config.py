@@ -9,8 +9,7 @@ from typing import Annotated
 import torch
 from msgspec import Meta
 
-from gdsllm_core.errors import ConversionError, UnknownArchitectureError
-from gdsllm_core.layout.manifest import config_of
+from gdsllm_core.api import ConversionError, UnknownArchitectureError, config_of
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCHITECTURE = "llama"

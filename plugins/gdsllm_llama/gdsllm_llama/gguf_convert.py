@@ -11,11 +11,17 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader
 
-from gdsllm_core.convert import ConvertOptions
-from gdsllm_core.convert.gguf_file import GGUF_MAGIC, model_stem, read_gguf, read_header
-from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
-from gdsllm_core.errors import ConversionError, GdsllmError
-from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.api import (
+    GGUF_MAGIC,
+    ConversionError,
+    ConvertOptions,
+    GdsllmError,
+    ModelWriter,
+    build_tokenizer,
+    model_stem,
+    read_gguf,
+    read_header,
+)
 from gdsllm_llama.config import GGUF_ARCHITECTURE, LlamaConfig
 from gdsllm_llama.layout import LlamaLayout
 
@@ -85,7 +91,7 @@ class GgufConverter:
                 done += 1
                 if options.progress:
                     options.progress(name, done, total)
-            writer.add_extent(extent_name, entries)
+            writer.add_extent(extent_name, entries, *LlamaLayout.role_of(extent_name))
         writer.finish(architecture=GGUF_ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
                       quant=gguf.quant,
                       source={"format": "gguf", "file": gguf.path.name, "name": meta.get("general.name", "")})

@@ -3,17 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from gdsllm_llama.gguf_convert import unpermute_rows
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from llama_testing import random_blocks, store_is_empty, write_llama_gguf
 
 from gdsllm_core.convert import convert
-from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import GdsllmError, UnknownArchitectureError, UnsupportedQuantError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.quant import ggml
-from gdsllm_core.scheduler import TieredScheduler
+from gdsllm_core.runtime.residency import Placement, TieredResidency
+from gdsllm_llama.gguf_convert import unpermute_rows
 
 ALL_TYPES = [qtype for qtype in ggml.SUPPORTED_TYPES if qtype != "IQ1_M"]  # IQ1_M: tests/unit/test_quant_iq.py
 
@@ -88,7 +87,7 @@ def test_gguf_converter_keeps_blocks_and_dequantizes_exactly(tmp_path, file_inde
     path = _one_layer_gguf(tmp_path / "tiny.gguf", FILES[file_index], rng)
     entry = convert(path, ModelStore(tmp_path / "models"), "tiny")
     reader = GGUFReader(path)
-    scheduler = TieredScheduler(entry, LoadOptions())
+    scheduler = TieredResidency(entry, Placement())
     try:
         stored = {}
         for extent in entry.manifest.extents:

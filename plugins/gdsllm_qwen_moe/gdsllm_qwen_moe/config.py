@@ -2,8 +2,7 @@
 
 from dataclasses import asdict, dataclass, field
 
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.manifest import config_of
+from gdsllm_core.api import ConversionError, config_of
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
