@@ -37,7 +37,7 @@ def test_the_writer_records_roles_and_wants_a_layer_index(tmp_path):
 def test_version_1_folders_get_the_roles_their_layouts_implied():
     names = ["token_embd", "blk.0", "blk.0.expert.3", "blk.1", "output_norm", "output", "rope_freqs"]
     old = Manifest(name="old", architecture="llama", config={}, tokenizer=TokenizerInfo(kind="hf", file="t"),
-                   extents=[ExtentInfo(name=n, file="w", offset=0, nbytes=0, tensors=[]) for n in names], files={},
+                   extents=[ExtentInfo(name=n, file="w", offset=0, nbytes=0, tensors=[]) for n in names], files={"w": 0},
                    format_version=1)
     read = manifest_mod.decode(msgspec.json.encode(old))
     assert [(e.role, e.index) for e in read.extents] == [
