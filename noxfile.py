@@ -7,6 +7,7 @@ README's commands first.
     nox -s llama      the LLaMA plugin's own tests
     nox -s qwen_moe   the Qwen3.5-MoE plugin's own tests
     nox -s llamacpp   tests that need llama.cpp's llama-quantize (builds llama.cpp once)
+    nox -s fuzz       the adversarial suite, 10x the CI examples, with its counts (loopback only)
     nox -s lint       ruff
     nox -s demo       one answer from the bundled default model on the CPU
 """
@@ -89,6 +90,14 @@ def llamacpp(session: nox.Session) -> None:
     """The tests that need llama.cpp's llama-quantize (marker `llamacpp`: K-quant files it wrote)."""
     session.env["GDSLLM_LLAMACPP_BIN"] = llamacpp_binaries(session)
     pytest(session, "-m", "llamacpp")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The adversarial suite on a loopback server (schemathesis over both dialects, numeric extremes, deep nesting,
+    a hostile chat template, corrupted manifests) at 10x CI's size; prints request, server-error and hang counts."""
+    session.env["GDSLLM_FUZZ_SCALE"] = session.env.get("GDSLLM_FUZZ_SCALE", "10")
+    pytest(session, "tests/unit/test_fuzz.py", "-s", "-q", "--timeout=1800")
 
 
 @nox.session

@@ -7,9 +7,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core.layout.manifest import ExtentInfo, Manifest
-from gdsllm_core.runtime.experts import ExpertResidency, Reader, predicted, routed_experts, routing_table, top_k_routing
-from gdsllm_core.runtime.experts import prediction_scores as scores_of
+from gdsllm_core.api import (
+    ExpertResidency,
+    ExtentInfo,
+    ExtentReader,
+    Manifest,
+    predicted,
+    routed_experts,
+    routing_table,
+    top_k_routing,
+)
+from gdsllm_core.api import prediction_scores as scores_of
 from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.weights import Weight, group_weights, linear, swiglu_mlp, swiglu_mlp_grouped
 
@@ -31,7 +39,7 @@ def expert_weights(extent: ExtentInfo, views: dict[str, torch.Tensor]) -> Expert
     return {name.removeprefix(extent.name + "."): weight for name, weight in group_weights(extent, views).items()}
 
 
-def expert_residency(reader: Reader, manifest: Manifest, budget_bytes: int, device: torch.device | None = None,
+def expert_residency(reader: ExtentReader, manifest: Manifest, budget_bytes: int, device: torch.device | None = None,
                      vram_budget_bytes: int = 0) -> ExpertResidency[ExpertWeights]:
     """Core's expert residency over this model's expert extents."""
     config = QwenMoeConfig.from_dict(manifest.config)

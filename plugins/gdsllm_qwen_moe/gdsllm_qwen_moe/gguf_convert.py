@@ -17,18 +17,25 @@ What llama.cpp's converter changed, undone or followed here:
 - The layers of the multi-token-prediction head (`nextn_predict_layers`) are left out, as for safetensors."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gdsllm_core.convert import ConvertOptions
-from gdsllm_core.convert.gguf_file import GgufTensor, file_type_name, gguf_architecture, is_gguf, read_gguf
-from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.qtypes import PLAIN_DTYPES
-from gdsllm_core.layout.writer import ModelWriter
-from gdsllm_core.quant import ggml
+from gdsllm_core.api import (
+    GGUF_MAGIC,
+    PLAIN_DTYPES,
+    ConversionError,
+    ConvertOptions,
+    GdsllmError,
+    ModelWriter,
+    build_tokenizer,
+    ggml,
+    model_stem,
+    read_gguf,
+    read_header,
+)
 from gdsllm_qwen_moe.config import GGUF_ARCHITECTURE, QwenMoeConfig
 from gdsllm_qwen_moe.convert import ARCHITECTURE, extent_layout, stored_name
 from gdsllm_qwen_moe.names import TensorSpec
@@ -38,6 +45,31 @@ RENAMED = {"ssm_a_log": "ssm_a", "ssm_dt_bias": "ssm_dt.bias"}  # gdsllm's name 
 _STACKED = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": "ffn_down_exps"}
 
 
+@dataclass
+class GgufTensor:
+    """One tensor of a GGUF: its GGML type name, its shape in torch order ([rows, cols] or [experts, rows, cols])
+    and its raw data (a numpy view into the mapped file; uint8 rows of blocks for quantized types)."""
+
+    name: str
+    qtype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` from the header (None if the file is not a readable GGUF)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+        with open(path, "rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                return None
+        return read_header(path).architecture
+    except (OSError, GdsllmError):
+        return None
+
+
 class QwenMoeGgufConverter:
     """A `qwen35moe` GGUF file -> gdsllm extents."""
 
@@ -45,17 +77,20 @@ class QwenMoeGgufConverter:
 
     @staticmethod
     def detect(path: Path) -> bool:
-        return is_gguf(path) and gguf_architecture(path) == GGUF_ARCHITECTURE
+        return gguf_architecture(path) == GGUF_ARCHITECTURE
 
     @staticmethod
     def default_name(path: Path) -> str:
-        return Path(path).stem.lower()
+        return model_stem(path).lower()
 
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
         if options.quant:
             raise ConversionError(f"re-quantizing a GGUF ({Path(source).name}) to {options.quant} is not supported",
                                   "convert the GGUF as it is, or convert the original safetensors with --quant")
-        meta, tensors = read_gguf(source)
+        gguf = read_gguf(source)
+        meta = gguf.metadata
+        tensors = {name: GgufTensor(name, tensor.tensor_type.name, [int(d) for d in reversed(tensor.shape.tolist())],
+                                    tensor.data) for name, tensor in gguf.tensors.items()}
         if meta.get("general.architecture") != GGUF_ARCHITECTURE:
             raise ConversionError(f"{Path(source).name} is a {meta.get('general.architecture')!r} GGUF, not "
                                   f"{GGUF_ARCHITECTURE!r}", "convert it with the plugin of its architecture")
@@ -65,16 +100,17 @@ class QwenMoeGgufConverter:
         config = QwenMoeConfig.from_gguf(meta, vocab_size=tensors["token_embd.weight"].shape[0],
                                          tied="output.weight" not in tensors)
         layout = extent_layout(config)
-        plans = [(name, [_plan(tensors, spec, source) for spec in specs]) for name, specs in layout]  # checks all
-        total, done = sum(len(p) for _, p in plans), 0
-        for extent_name, extent_plans in plans:
-            writer.add_extent(extent_name, [read() for read in extent_plans])
+        plans = [(name, role, index, [_plan(tensors, spec, source) for spec in specs])
+                 for name, role, index, specs in layout]  # checks all
+        total, done = sum(len(p) for *_, p in plans), 0
+        for extent_name, role, index, extent_plans in plans:
+            writer.add_extent(extent_name, [read() for read in extent_plans], role, index)
             done += len(extent_plans)
             if options.progress:
                 options.progress(extent_name, done, total)
         tokenizer, files = build_tokenizer(meta)
         writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
-                      quant=file_type_name(meta, tensors),
+                      quant=gguf.quant,
                       source={"format": "gguf", "file": Path(source).name, "name": meta.get("general.name", "")})
 
 

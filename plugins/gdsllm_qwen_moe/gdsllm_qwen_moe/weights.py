@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core.layout.manifest import ExtentInfo
-from gdsllm_core.layout.qtypes import PLAIN_DTYPES
-from gdsllm_core.quant import ggml
+from gdsllm_core.api import PLAIN_DTYPES, ExtentInfo, ggml
 from gdsllm_qwen_moe import affine
 
 

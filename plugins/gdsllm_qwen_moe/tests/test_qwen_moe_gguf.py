@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 import torch
-from gdsllm_qwen_moe.forward import QwenMoeForward
-from gdsllm_qwen_moe.gguf_convert import QwenMoeGgufConverter
 from qwen_moe_gguf_helpers import convert_with_llamacpp, gguf_values, hf_state_from_gguf
 from qwen_moe_helpers import make_hf_model
 
@@ -18,6 +16,8 @@ from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.store import ModelEntry, ModelStore
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.testing import llama_quantize, llama_quantize_binary
+from gdsllm_qwen_moe.forward import QwenMoeForward
+from gdsllm_qwen_moe.gguf_convert import QwenMoeGgufConverter
 
 pytestmark = pytest.mark.reference
 
@@ -78,7 +78,7 @@ def test_llamacpp_gguf_matches_transformers(ggufs, hf_model, tmp_path, variant):
     path = ggufs[variant]
     entry = convert_gguf(path, tmp_path, variant)
     expert_type = VARIANTS[variant][3]
-    assert entry.manifest.quant == {"F32": "ALL_F32"}.get(expert_type, expert_type)  # llama.cpp's general.file_type
+    assert entry.manifest.quant == expert_type  # llama.cpp's general.file_type (ALL_F32 named F32)
     extent = entry.manifest.extent("blk.1.expert.5")  # one read per expert, laid out as from safetensors
     assert [(t.name, t.qtype) for t in extent.tensors] == [(f"blk.1.expert.5.ffn_{m}.weight", expert_type)
                                                            for m in ("gate", "up", "down")]

@@ -6,11 +6,11 @@ import os
 
 import msgspec
 import torch
+
+from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_qwen_moe.experts import expert_residency
 from gdsllm_qwen_moe.forward import QwenMoeForward
 from gdsllm_qwen_moe.weights import AffineWeight
-
-from gdsllm_core.engine.forward import LoadOptions
 
 
 class BruteForceTiers:
