@@ -11,7 +11,7 @@ def simulate_step_seconds(tiers: list[str], copy_s: float, cpu_s: float, gpu_s: 
                           dma_wait_s: float = 0.0, tokens: int = 4) -> float:
     """Seconds of one decode step (the last of `tokens`, the ring in its steady state) of layers whose tiers are
     "vram" (resident), "ring" (copied through the ring, `copy_s` each) or "cpu" (computed on the CPU, `cpu_s` each,
-    h's round trip included), modelled as `GpuTieredScheduler` and the forward pass run them: a fetch keeps
+    h's round trip included), modelled as `GpuTieredResidency` and the forward pass run them: a fetch keeps
     `slots` copies requested, a copy starts once the copy stream is free, the host has asked for it and its slot's
     previous layer is done (a slot is released at the next fetch); the GPU computes a layer (`gpu_s`) once its
     copy is in; the CPU computes a layer once the GPU has finished everything before it, and the GPU goes on after.
