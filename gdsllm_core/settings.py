@@ -71,3 +71,11 @@ def load_plugins() -> list[str] | None:
 def default_num_ctx() -> int:
     """GDSLLM_NUM_CTX: the context window of a request that sets no num_ctx (capped by the model's maximum)."""
     return int(os.environ.get("GDSLLM_NUM_CTX") or 4096)
+
+
+def prefix_cache_bytes() -> int:
+    """GDSLLM_PREFIX_CACHE: bytes of finished sequences' caches kept for reuse by later prompts (a size such as
+    "1GiB"; 0 turns the prefix cache off)."""
+    from gdsllm_core.cli.output import parse_size
+
+    return parse_size(os.environ.get("GDSLLM_PREFIX_CACHE") or "1GiB")
