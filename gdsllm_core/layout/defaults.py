@@ -65,7 +65,10 @@ def copy_model(store: ModelStore, source: str, destination: str, defaults: Model
 
 
 def write_defaults(entry: ModelEntry, defaults: ModelDefaults) -> None:
-    """Replace the model's defaults (atomically: written beside, then renamed)."""
+    """Replace the model's defaults (atomically: written beside, then renamed); empty ones leave no file."""
+    if defaults == ModelDefaults():
+        (entry.path / DEFAULTS_NAME).unlink(missing_ok=True)
+        return
     temp = entry.path / f".{DEFAULTS_NAME}.{os.getpid()}"
     temp.write_bytes(msgspec.json.encode(defaults))
     os.replace(temp, entry.path / DEFAULTS_NAME)

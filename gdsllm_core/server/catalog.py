@@ -75,10 +75,11 @@ def parameter_count(entry: ModelEntry) -> int | None:
 
 def file_type(quant: str) -> int | None:
     """GGUF's `general.file_type` (gguf-py's LlamaFileType) for a quant label such as Q4_K_M, F16, BF16."""
-    member = getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}", None)
-    if member is None:
-        member = getattr(gguf.LlamaFileType, quant.upper(), None)
-    return int(member) if member is not None else None
+    for prefix in ("MOSTLY_", "ALL_"):
+        member = getattr(gguf.LlamaFileType, prefix + quant.upper(), None)
+        if member is not None:
+            return int(member)
+    return None
 
 
 def model_info(entry: ModelEntry) -> dict:
