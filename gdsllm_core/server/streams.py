@@ -33,9 +33,6 @@ class Engine(Protocol):
 
     def running(self) -> list[Any]: ...
 
-    def embed(self, model: str, texts: list, truncate: bool = True, num_ctx: int | None = None,
-              normalize: bool = True, dimensions: int | None = None) -> Any: ...
-
     def close(self) -> None: ...
 
 

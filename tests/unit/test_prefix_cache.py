@@ -4,13 +4,13 @@ prefill of the whole prompt, and its answer equals an engine's without the cache
 import pytest
 import torch
 from _cli_models import shared_tiny
+from gdsllm_llama.forward import LlamaForward
 
 from gdsllm_core.engine.engine import Engine
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.engine.prefix_cache import PrefixCache, cache_nbytes
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
-from gdsllm_llama.forward import LlamaForward
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
 
@@ -44,6 +44,7 @@ def test_second_turn_computes_only_its_new_tokens(tiny):
     with Engine(ModelStore(tiny[1]), LoadOptions(), keep_alive=None) as warm, \
             Engine(ModelStore(tiny[1]), LoadOptions(), keep_alive=None, prefix_cache_bytes=0) as cold:
         messages_warm, messages_cold = [], []
+        previous_prompt = previous_answer = 0  # the previous turn's whole prompt and answer, in tokens
         for index, text in enumerate(turns):
             messages_warm.append(ChatMessage("user", text))
             messages_cold.append(ChatMessage("user", text))
