@@ -57,7 +57,7 @@ def pulled_name(source: str) -> str | None:
 
     try:
         parsed = parse_source(source)
-    except GdsllmError:
+    except (GdsllmError, ValueError, OSError):  # ValueError: text no file name can hold (e.g. lone surrogates)
         return None
     return default_model_name(parsed.repo_id, parsed.quant) if parsed.repo_id else None
 
