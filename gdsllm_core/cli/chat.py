@@ -1,6 +1,7 @@
 """`gdsllm run`: chat with a model in the terminal, or answer one prompt."""
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import click
@@ -9,8 +10,12 @@ from gdsllm_core.bundled import DEFAULT_MODEL
 from gdsllm_core.cli.main import cli, console, err_console
 from gdsllm_core.cli.output import CPU_LAYERS_HELP, load_options
 from gdsllm_core.errors import BadRequestError, ConversionError, GdsllmError
+from gdsllm_core.limits import check_sampling
 
 MULTILINE = '"""'
+# SamplingParams' fields as `gdsllm run`'s options spell them, for the errors of limits.check_sampling
+FLAG_NAMES = {field: "--" + field.replace("_", "-") for field in ("temperature", "top_k", "top_p", "min_p",
+                                                                   "repeat_penalty", "repeat_last_n", "seed")}
 DEFAULT_MAX_TOKENS = 2048  # an answer that does not end by itself stops here unless --max-tokens says otherwise
 HELP = """Available commands:
   /set parameter NAME VALUE   Set a sampling parameter (/set parameter alone lists them)
@@ -66,14 +71,14 @@ class RunParameters:
             raise BadRequestError(f"{name} {value} is too small", "use a positive number (num_ctx: at least 2)")
         return updated
 
-    def sampling(self):
-        from gdsllm_core.engine.sampling import check_params
+    def sampling(self, names: Mapping[str, str] = {}):
+        """The SamplingParams of these settings; InvalidFieldError (named as `names` says) for one out of range."""
         from gdsllm_core.types import SamplingParams
 
         params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                                 repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
                                 seed=self.seed)
-        check_params(params)
+        check_sampling(params, names)
         return params
 
     def describe(self) -> str:
@@ -101,6 +106,20 @@ def ensure_model(store, name: str | None) -> str:
         if not store.exists(DEFAULT_MODEL):  # another gdsllm converted it at the same time: use that one
             raise
     return DEFAULT_MODEL
+
+
+def read_stdin_text() -> str:
+    """The prompt piped in: UTF-8 text without NUL bytes, else one clear error."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"stdin is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})",
+                              "pipe a text prompt, or pass --prompt") from None
+    if "\0" in text:
+        raise BadRequestError(f"stdin holds binary data (a NUL byte at {text.index(chr(0))})",
+                              "pipe a text prompt, or pass --prompt")
+    return text
 
 
 def read_message(prompt: str = ">>> ") -> str:
@@ -267,18 +286,18 @@ def run(model: str | None, prompt: str | None, system: str | None, max_tokens: i
     from gdsllm_core.types import ChatMessage, GenerateRequest
 
     options = load_options(vram_budget, host_cache, cpu_layers)
+    parameters = RunParameters(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                               num_predict=max_tokens, num_ctx=num_ctx)
+    parameters.sampling(FLAG_NAMES)  # an out-of-range option fails before reading stdin or loading
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        prompt = read_stdin_text()
         if not prompt.strip():
             raise BadRequestError("no prompt: stdin is empty and --prompt was not given",
                                   "pass --prompt, pipe a prompt in, or run in a terminal to chat")
     store = ModelStore()
     name = ensure_model(store, model)
     choose_backend(device=options.device)  # a forced GDSLLM_IO that cannot work here fails now, in one line
-    parameters = RunParameters(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
-                               num_predict=max_tokens, num_ctx=num_ctx)
-    parameters.sampling()  # an inconsistent combination fails before loading
 
     def make_request(messages: list, parameters: RunParameters) -> GenerateRequest:
         return GenerateRequest(model=name, messages=messages, max_tokens=parameters.num_predict,

@@ -4,13 +4,13 @@ prefill of the whole prompt, and its answer equals an engine's without the cache
 import pytest
 import torch
 from _cli_models import shared_tiny
-from gdsllm_llama.forward import LlamaForward
 
 from gdsllm_core.engine.engine import Engine
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.engine.prefix_cache import PrefixCache, cache_nbytes
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
+from gdsllm_llama.forward import LlamaForward
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
 
