@@ -36,6 +36,7 @@ class GenerateRequest(msgspec.Struct):
     sampling: SamplingParams = SamplingParams()
     num_ctx: int | None = None
     truncate: bool = False
+    context: list[int] | None = None  # ollama's generate `context`: the tokens of an exchange this prompt continues
 
 
 DoneReason = Literal["stop", "length", "cancelled"]
@@ -49,10 +50,12 @@ class TokenEvent(msgspec.Struct):
     token_id: int | None = None
     done: bool = False
     done_reason: DoneReason | None = None
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (those reused from the prefix cache are not counted)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     completion_tokens: int = 0
     prompt_truncated: bool = False
     load_ns: int = 0
     prompt_eval_ns: int = 0
     eval_ns: int = 0
     total_ns: int = 0
+    tokens: list[int] | None = None  # on the done event: the sequence's token ids, prompt then answer

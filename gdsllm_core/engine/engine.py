@@ -20,7 +20,9 @@ import torch
 from gdsllm_core import registry, settings
 from gdsllm_core.engine.chat_template import render_chat
 from gdsllm_core.engine.detokenizer import IncrementalDetokenizer
+from gdsllm_core.engine.embeddings import Embeddings, EmbedJob, finish, pooling_of
 from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_core.engine.prefix_cache import PrefixCache
 from gdsllm_core.engine.sampling import Sampler, sample_batch
 from gdsllm_core.engine.stops import StopMatcher
 from gdsllm_core.engine.tokenizer import Tokenizer
@@ -59,7 +61,8 @@ class Generation:
         self.request = request
         self.model = model
         self.prompt_ids = prompt_ids
-        self.prompt_tokens = len(prompt_ids)
+        self.prompt_tokens = len(prompt_ids)  # lowered by what the prefix cache supplies when the worker starts it
+        self.cached_tokens = 0
         self.prompt_truncated = prompt_truncated
         self.n_ctx = n_ctx
         self.max_new = max_new
@@ -172,11 +175,14 @@ class Engine:
     for another model than the loaded one waits until the running generations end, then the worker switches."""
 
     def __init__(self, store: ModelStore | None = None, options: LoadOptions | None = None,
-                 keep_alive: float | None = 300.0, max_batch: int = DEFAULT_MAX_BATCH):
+                 keep_alive: float | None = 300.0, max_batch: int = DEFAULT_MAX_BATCH,
+                 prefix_cache_bytes: int | None = None):
         self.store = store or ModelStore()
         self.options = options or LoadOptions(device=default_device())
         self.keep_alive = None if keep_alive is None or keep_alive < 0 else check_keep_alive(keep_alive)
         self.max_batch = max_batch
+        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes() if prefix_cache_bytes is None
+                                        else prefix_cache_bytes)
         self._tokenizers: dict[str, tuple[Tokenizer, int]] = {}  # model -> (tokenizer, max context)
         self._model: _Loaded | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -219,6 +225,45 @@ class Engine:
             self._inbox.put(generation)
         return generation
 
+    def embed(self, model: str, texts: list[str | list[int]], truncate: bool = True, num_ctx: int | None = None,
+              normalize: bool = True, dimensions: int | None = None) -> Embeddings:
+        """One vector per text (or list of token ids): the final hidden states pooled per the model's convention (`pooling_of`),
+        L2-normalised unless `normalize` is False. A text longer than the context (`num_ctx` or GDSLLM_NUM_CTX,
+        capped by the model) loses its end with `truncate`, else is a ContextOverflowError."""
+        name = model or (self._model.name if self._model else None)
+        if not name:
+            raise ModelNotFoundError("the request names no model and none is loaded",
+                                     "give a model name (see `gdsllm list`)")
+        if dimensions is not None and dimensions < 1:
+            raise BadRequestError(f"dimensions {dimensions} must be positive", "ask for at least 1 dimension")
+        started = time.perf_counter_ns()
+        load_ns = 0
+        entry = self.store.get(name)
+        with self._submitting():
+            if name not in self._tokenizers:
+                self.load(name)
+                load_ns = time.perf_counter_ns() - started
+            tokenizer, max_context = self._tokenizers[name]
+            n_ctx = min(num_ctx or settings.default_num_ctx(), max_context)
+            inputs = []
+            for index, text in enumerate(texts):
+                ids = (_check_token_ids(text, tokenizer, f"input {index}") if isinstance(text, list)
+                       else tokenizer.encode(text, add_special=True))
+                if not ids:
+                    raise BadRequestError(f"input {index} is empty", "send some text to embed")
+                if len(ids) > n_ctx:
+                    if not truncate:
+                        raise ContextOverflowError(
+                            f"input {index} is {len(ids)} tokens but the context window is {n_ctx} tokens",
+                            f"shorten it, raise num_ctx (up to {max_context}) or allow truncation")
+                    ids = ids[:n_ctx]
+                inputs.append(ids)
+            job = EmbedJob(name, inputs, pooling_of(entry.manifest))
+            self._inbox.put(job)
+        vectors = job.future.result()
+        return Embeddings([finish(vector, normalize, dimensions) for vector in vectors],
+                          sum(len(ids) for ids in inputs), load_ns, time.perf_counter_ns() - started)
+
     @contextlib.contextmanager
     def _submitting(self) -> Iterator[None]:
         """While a submit is between loading its model and queueing its request, keep_alive unloads nothing."""
@@ -258,6 +303,7 @@ class Engine:
             expires_at = (time.time() if busy else self._last_used) + self.keep_alive
         stats = {**_safe_stats(loaded.forward), "load_ns": loaded.load_ns, "active_sequences": len(self._active),
                  "waiting_requests": len(self._waiting)}
+        stats["prefix_cache"] = self.prefix_cache.stats()
         return [RunningModel(name=loaded.name, size_bytes=loaded.size_bytes, vram_bytes=loaded.vram_bytes,
                              expires_at=expires_at, stats=stats, device=str(loaded.forward.device),
                              context_length=int(loaded.forward.max_context))]
@@ -357,6 +403,10 @@ class Engine:
                 continue
             if item.model != self._loaded_name() and self._active:
                 return False
+            if isinstance(item, EmbedJob):
+                self._waiting.popleft()
+                self._embed(item)
+                continue
             if len(self._active) >= self.max_batch:
                 return False
             self._waiting.popleft()
@@ -383,6 +433,7 @@ class Engine:
         self._last_used = time.time()
 
     def _unload(self) -> None:
+        self.prefix_cache.clear()
         loaded, self._model = self._model, None
         if loaded is None:
             return
@@ -399,6 +450,8 @@ class Engine:
         for item in self._waiting:
             if isinstance(item, Generation):
                 self._finish_unstarted(item, "cancelled")
+            elif isinstance(item, EmbedJob):
+                item.future.set_exception(GdsllmError("the engine was closed"))
             elif item is not command:
                 item.future.set_exception(GdsllmError("the engine was closed"))
         self._waiting.clear()
@@ -422,8 +475,9 @@ class Engine:
             forward = loaded.forward
             began = time.perf_counter_ns()
             ids = generation.prompt_ids
-            cache = forward.new_cache(len(ids) + generation.max_new)
-            logits = forward.prefill(torch.tensor(ids, dtype=torch.long, device=forward.device), cache)
+            cache, reused = self._cached_prefix(forward, ids, len(ids) + generation.max_new)
+            generation.cached_tokens, generation.prompt_tokens = reused, len(ids) - reused
+            logits = forward.prefill(torch.tensor(ids[reused:], dtype=torch.long, device=forward.device), cache)
             sequence = _Sequence(
                 generation=generation, cache=cache, sampler=Sampler(generation.request.sampling),
                 detokenizer=IncrementalDetokenizer(loaded.tokenizer, context_ids=ids),
@@ -436,6 +490,22 @@ class Engine:
         self._last_used = time.time()
         if not self._accept(sequence, token):
             self._active.append(sequence)
+
+    def _cached_prefix(self, forward: Any, ids: list[int], max_tokens: int) -> tuple[Any, int]:
+        """(cache, tokens it already holds): the longest cached prefix of `ids` cut to leave at least one token
+        to compute, or a new empty cache."""
+        taken = self.prefix_cache.take(self._model.name, ids) if hasattr(forward, "reuse_cache") else None
+        if taken is not None:
+            entry, shared = taken
+            keep = min(shared, len(ids) - 1)
+            cache = forward.reuse_cache(entry.cache, keep, max_tokens) if keep > 0 else None
+            if cache is not None:
+                self.prefix_cache.hits += 1
+                self.prefix_cache.reused_tokens += keep
+                return cache, keep
+            self.prefix_cache.misses += 1
+            self.prefix_cache.put(entry.model, entry.tokens, entry.cache)  # untouched: another prompt may fit it
+        return forward.new_cache(max_tokens), 0
 
     def _decode_step(self) -> None:
         """One token for every active sequence: one batched forward step, then one batched sampling pass (each
@@ -492,17 +562,31 @@ class Engine:
         generation = sequence.generation
         generation._put(TokenEvent(
             text=text, token_id=token, done=True, done_reason=reason, prompt_tokens=generation.prompt_tokens,
-            completion_tokens=sequence.completion_tokens, prompt_truncated=generation.prompt_truncated,
-            load_ns=generation.load_ns, prompt_eval_ns=sequence.prompt_eval_ns, eval_ns=sequence.eval_ns,
-            total_ns=time.perf_counter_ns() - generation.submitted_ns))
+            cached_tokens=generation.cached_tokens, completion_tokens=sequence.completion_tokens,
+            prompt_truncated=generation.prompt_truncated, load_ns=generation.load_ns,
+            prompt_eval_ns=sequence.prompt_eval_ns, eval_ns=sequence.eval_ns,
+            total_ns=time.perf_counter_ns() - generation.submitted_ns, tokens=list(sequence.history)))
+        if self._model is not None and hasattr(self._model.forward, "reuse_cache"):
+            # the cache holds every token but the last one sampled (never fed back)
+            self.prefix_cache.put(self._model.name, sequence.history[:-1], sequence.cache)
         sequence.cache = None
+
+    def _embed(self, job: EmbedJob) -> None:
+        """Run an embedding job on the loaded model (loading `job.model` first when another is loaded)."""
+        try:
+            self._load(job.model)
+        except BaseException as exc:
+            job.future.set_exception(exc)
+            return
+        job.run(self._model.forward)
+        self._last_used = time.time()
 
     @staticmethod
     def _finish_unstarted(generation: Generation, reason: str) -> None:
         generation._put(TokenEvent(
             text="", done=True, done_reason=reason, prompt_tokens=generation.prompt_tokens,
             prompt_truncated=generation.prompt_truncated, load_ns=generation.load_ns,
-            total_ns=time.perf_counter_ns() - generation.submitted_ns))
+            total_ns=time.perf_counter_ns() - generation.submitted_ns, tokens=list(generation.prompt_ids)))
 
 
 def _safe_stats(forward: Any) -> dict:
@@ -537,10 +621,22 @@ def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer, model: str) -> l
     text = request.prompt if messages is None else render_chat(
         messages, tokenizer.chat_template, add_generation_prompt=True,
         bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, model=repr(model))
+    if request.context:  # an earlier exchange's tokens, continued by this prompt (no second BOS)
+        return (_check_token_ids(request.context, tokenizer, "context")
+                + tokenizer.encode(text, add_special=False))
     ids = tokenizer.encode(text, add_special=True)
     if not ids:
         raise BadRequestError("the prompt is empty", "send some text")
     return ids
+
+
+def _check_token_ids(ids: list[int], tokenizer: Tokenizer, what: str) -> list[int]:
+    vocab = tokenizer.vocab_size
+    bad = next((token for token in ids if not isinstance(token, int) or not 0 <= token < vocab), None)
+    if bad is not None:
+        raise BadRequestError(f"{what} holds {bad!r}, which is not a token id of this model (0 to {vocab - 1})",
+                              "send token ids this model's tokenizer produced")
+    return list(ids)
 
 
 def _fit_context(ids: list[int], n_ctx: int, request: GenerateRequest, max_context: int,

@@ -1,5 +1,5 @@
 """The ollama routes: /api/generate, /api/chat (NDJSON streams), /api/tags, /api/show, /api/ps, /api/version,
-/api/delete."""
+/api/delete. (Embeddings: embeddings.py; pull, copy, create, blobs and `/`: ollama_models.py.)"""
 
 import logging
 import re
@@ -14,6 +14,7 @@ from litestar.response import Stream
 
 from gdsllm_core import __version__
 from gdsllm_core.errors import GdsllmError
+from gdsllm_core.layout.defaults import ModelDefaults, parameters_text, read_defaults
 from gdsllm_core.limits import check_keep_alive
 from gdsllm_core.server import catalog, urls
 from gdsllm_core.server.deps import DefaultModelDep, EngineDep, StoreDep
@@ -32,7 +33,7 @@ from gdsllm_core.server.schemas import (
     OllamaRunningModel,
     OllamaShowResponse,
     OllamaTagsResponse,
-    OllamaVersionResponse,
+    OllamaVersionInfo,
 )
 from gdsllm_core.server.streams import (
     Engine,
@@ -54,6 +55,7 @@ log = logging.getLogger("gdsllm.server")
 NDJSON = "application/x-ndjson"
 Chunk = Callable[[str, dict | None], msgspec.Struct]  # (text, done fields or None) -> one response object
 DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+OLLAMA_API_VERSION = "0.12.0"  # the ollama release whose API these routes follow (clients gate features on it)
 # GenerateRequest's fields as ollama's requests spell them, for the 400s of limits.check_generate
 OPTION_NAMES = {"max_tokens": "options.num_predict",
                 **{field: f"options.{field}" for field in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
@@ -107,6 +109,22 @@ def generation_fields(options: OllamaOptions | None) -> dict:
             "num_ctx": options.num_ctx}
 
 
+def model_defaults(store, model: str) -> ModelDefaults:
+    """The system prompt and parameters /api/create stored for `model` (empty for other models)."""
+    return read_defaults(store.get(model)) if model else ModelDefaults()
+
+
+def with_defaults(options: OllamaOptions | None, defaults: ModelDefaults) -> OllamaOptions | None:
+    """The request's options over the model's stored parameters (a field the request sets wins)."""
+    if not defaults.parameters:
+        return options
+    merged = dict(defaults.parameters)
+    if options is not None:
+        merged.update({name: getattr(options, name) for name in options.__struct_fields__
+                       if getattr(options, name) is not None})
+    return msgspec.convert(merged, OllamaOptions)
+
+
 def done_fields(event: TokenEvent) -> dict:
     """The counters ollama puts on a generation's last object (nanoseconds)."""
     fields = {
@@ -120,6 +138,8 @@ def done_fields(event: TokenEvent) -> dict:
     }
     if event.prompt_truncated:
         fields["prompt_truncated"] = True
+    if event.tokens is not None:
+        fields["tokens"] = event.tokens  # the generate route returns them as `context`
     return fields
 
 
@@ -164,20 +184,28 @@ class OllamaController(Controller):
         check_format(data.format)
         if data.images:
             raise InvalidFieldError("images", "images are not supported: gdsllm serves text-only models")
+        if data.raw and data.context:
+            raise InvalidFieldError("context", "`context` continues a templated exchange: it cannot go with `raw`",
+                                    "put the earlier text into the raw prompt instead")
         keep_alive = parse_keep_alive(data.keep_alive)
-        fields = generation_fields(data.options)
         check_model(store, model)
+        defaults = model_defaults(store, model)
+        fields = generation_fields(with_defaults(data.options, defaults))
 
         def chunk(text: str, done: dict | None) -> OllamaGenerateResponse:
+            done = dict(done or {})
+            tokens = done.pop("tokens", None)
             return OllamaGenerateResponse(model=data.model, created_at=now_rfc3339(), response=text,
-                                          done=done is not None, **(done or {}))
+                                          done=done.get("done_reason") is not None, **done,
+                                          context=None if data.raw else tokens)
 
         if not data.prompt and not data.system:
             reason = await self._load_or_unload(engine, model, keep_alive)
             return Response(chunk("", {"done_reason": reason}))
+        system = data.system if data.system is not None else defaults.system
         return await self._answer(request, engine, GenerateRequest(
-            model=model, prompt=data.prompt, system=data.system, raw=data.raw, truncate=data.truncate, **fields),
-            chunk, data.stream, keep_alive)
+            model=model, prompt=data.prompt, system=system, raw=data.raw, truncate=data.truncate,
+            context=data.context or None, **fields), chunk, data.stream, keep_alive)
 
     @post(urls.OLLAMA_CHAT, status_code=200, responses={**OLLAMA_ERRORS, 200: ResponseSpec(
         OllamaChatResponse, description="one object, or NDJSON of them when `stream` is true (the default)")})
@@ -193,20 +221,23 @@ class OllamaController(Controller):
                 raise InvalidFieldError(f"messages[{index}].images", "images are not supported: gdsllm serves "
                                         "text-only models")
         keep_alive = parse_keep_alive(data.keep_alive)
-        fields = generation_fields(data.options)
         check_model(store, model)
+        defaults = model_defaults(store, model)
+        fields = generation_fields(with_defaults(data.options, defaults))
 
         def chunk(text: str, done: dict | None) -> OllamaChatResponse:
+            done = {key: value for key, value in (done or {}).items() if key != "tokens"}
             return OllamaChatResponse(model=data.model, created_at=now_rfc3339(),
-                                      message=OllamaResponseMessage("assistant", text), done=done is not None,
-                                      **(done or {}))
+                                      message=OllamaResponseMessage("assistant", text),
+                                      done=done.get("done_reason") is not None, **done)
 
         if not data.messages:
             reason = await self._load_or_unload(engine, model, keep_alive)
             return Response(chunk("", {"done_reason": reason}))
         messages = [ChatMessage(role=message.role, content=message.content) for message in data.messages]
         return await self._answer(request, engine, GenerateRequest(
-            model=model, messages=messages, truncate=data.truncate, **fields), chunk, data.stream, keep_alive)
+            model=model, messages=messages, system=defaults.system, truncate=data.truncate, **fields), chunk,
+            data.stream, keep_alive)
 
     @staticmethod
     async def _answer(request: Request, engine: Engine, generate: GenerateRequest, chunk: Chunk, stream: bool,
@@ -244,12 +275,13 @@ class OllamaController(Controller):
              default_model: DefaultModelDep) -> OllamaShowResponse:
         """One model's details, configuration and chat template."""
         entry = find_model(store, resolve_model(store, data.model_name, default_model) or self._required(data))
-        manifest = entry.manifest
-        model_info = {"general.architecture": manifest.architecture, "general.quantization": manifest.quant,
-                      **{f"{manifest.architecture}.{key}": value for key, value in manifest.config.items()}}
-        return OllamaShowResponse(modelfile="", parameters="", template=manifest.tokenizer.chat_template or "",
-                                  details=catalog.details(entry), model_info=model_info,
-                                  modified_at=catalog.modified_at(entry), capabilities=["completion"])
+        defaults = read_defaults(entry)
+        template = entry.manifest.tokenizer.chat_template or ""
+        return OllamaShowResponse(modelfile=catalog.modelfile(entry, defaults),
+                                  parameters=parameters_text(defaults.parameters), template=template,
+                                  details=catalog.details(entry), model_info=catalog.model_info(entry),
+                                  modified_at=catalog.modified_at(entry), capabilities=catalog.capabilities(entry),
+                                  system=defaults.system, license=defaults.license)
 
     @get(urls.OLLAMA_PS, sync_to_thread=True, responses=OLLAMA_ERRORS)
     def ps(self, engine: EngineDep, store: StoreDep) -> OllamaPsResponse:
@@ -271,9 +303,9 @@ class OllamaController(Controller):
         return OllamaPsResponse(models)
 
     @get(urls.OLLAMA_VERSION, responses=OLLAMA_ERRORS)
-    async def version(self) -> OllamaVersionResponse:
-        """gdsllm's version."""
-        return OllamaVersionResponse(__version__)
+    async def version(self) -> OllamaVersionInfo:
+        """The ollama API version these routes follow (what ollama clients check), and gdsllm's own."""
+        return OllamaVersionInfo(OLLAMA_API_VERSION, __version__)
 
     @delete(urls.OLLAMA_DELETE, status_code=200, sync_to_thread=True, responses=OLLAMA_ERRORS)
     def delete_(self, data: JSONBody[OllamaModelRequest], engine: EngineDep, store: StoreDep) -> None:

@@ -41,6 +41,7 @@ class OllamaGenerateRequest(msgspec.Struct, kw_only=True):
     keep_alive: float | str | None = None
     images: list[str] | None = None
     truncate: bool = False
+    context: list[int] | None = None
 
 
 class OllamaMessage(msgspec.Struct, kw_only=True):
@@ -89,6 +90,7 @@ class OllamaGenerateResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     eval_count: int | None = None
     eval_duration: int | None = None
     prompt_truncated: bool | None = None
+    context: list[int] | None = None
 
 
 class OllamaChatResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -128,7 +130,7 @@ class OllamaTagsResponse(msgspec.Struct):
     models: list[OllamaListedModel]
 
 
-class OllamaShowResponse(msgspec.Struct, kw_only=True):
+class OllamaShowResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     modelfile: str
     parameters: str
     template: str
@@ -136,6 +138,8 @@ class OllamaShowResponse(msgspec.Struct, kw_only=True):
     model_info: dict[str, Any]
     modified_at: str
     capabilities: list[str]
+    system: str | None = None
+    license: str | None = None
 
 
 class OllamaRunningModel(msgspec.Struct, kw_only=True):
@@ -152,10 +156,6 @@ class OllamaRunningModel(msgspec.Struct, kw_only=True):
 
 class OllamaPsResponse(msgspec.Struct):
     models: list[OllamaRunningModel]
-
-
-class OllamaVersionResponse(msgspec.Struct):
-    version: str
 
 
 class OllamaError(msgspec.Struct):
@@ -296,3 +296,116 @@ class OpenAIError(msgspec.Struct):
 
 class HealthResponse(msgspec.Struct):
     status: str
+
+
+# ---- Embeddings (both dialects) and ollama's model management --------------------------------------------------
+
+class OllamaEmbedRequest(msgspec.Struct, kw_only=True):
+    """/api/embed: `input` is one text or several; an empty one only loads the model."""
+
+    model: str
+    input: str | list[str] = ""
+    truncate: bool = True
+    dimensions: PositiveInt | None = None
+    options: OllamaOptions | None = None
+    keep_alive: float | str | None = None
+
+
+class OllamaEmbedResponse(msgspec.Struct, kw_only=True):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+
+
+class OllamaEmbeddingsRequest(msgspec.Struct, kw_only=True):
+    """The legacy /api/embeddings: one `prompt`, an unnormalised vector."""
+
+    model: str
+    prompt: str = ""
+    options: OllamaOptions | None = None
+    keep_alive: float | str | None = None
+
+
+class OllamaEmbeddingsResponse(msgspec.Struct):
+    embedding: list[float]
+
+
+class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
+    """`input`: a text, a list of texts, a list of token ids, or a list of such lists (checked by the route)."""
+
+    model: str
+    input: str | list[str | int | list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
+class OpenAIEmbedding(msgspec.Struct, kw_only=True):
+    object: str = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class OpenAIEmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIEmbeddingUsage
+
+
+class OllamaPullRequest(msgspec.Struct, kw_only=True):
+    """/api/pull: `model` (older clients send `name`) is what `gdsllm pull` takes: a hub repo id with an optional
+    `:QUANT`."""
+
+    model: str = ""
+    name: str = ""
+    insecure: bool = False
+    stream: bool = True
+
+
+class OllamaProgress(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One line of /api/pull's (and /api/create's) progress stream, as ollama writes it."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+class OllamaCopyRequest(msgspec.Struct, kw_only=True):
+    source: str
+    destination: str
+
+
+class OllamaCreateRequest(msgspec.Struct, kw_only=True):
+    """/api/create (ollama 0.5's form): a new model `from` a stored model or a GGUF file or checkpoint folder on
+    the server, or from uploaded blobs (`files`: file name -> "sha256:<hex>"), with a system prompt and
+    parameters that later requests use."""
+
+    model: str = ""
+    name: str = ""
+    from_: str | None = msgspec.field(default=None, name="from")
+    files: dict[str, str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    license: str | list[str] | None = None
+    quantize: str | None = None
+    stream: bool = True
+    template: str | None = None
+    adapters: dict[str, str] | None = None
+    messages: list[dict[str, Any]] | None = None
+    modelfile: str | None = None
+
+
+class OllamaVersionInfo(msgspec.Struct):
+    """/api/version: the ollama API level gdsllm follows (clients gate features on it) and gdsllm's own."""
+
+    version: str
+    gdsllm_version: str

@@ -9,7 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from litestar.types import Receive
 
-from gdsllm_core.errors import ModelNotFoundError
+from gdsllm_core.errors import GdsllmError, ModelNotFoundError
 from gdsllm_core.layout.store import ModelEntry, ModelStore, is_valid_name
 from gdsllm_core.limits import check_generate
 from gdsllm_core.types import GenerateRequest, TokenEvent
@@ -42,10 +42,25 @@ def resolve_model(store: ModelStore, name: str, default: str | None) -> str:
     ollama's implicit ":latest" tag is dropped when the store has the bare name."""
     if not name:
         return default or ""
+    if not is_valid_name(name):  # a hub source as /api/pull got it ("hf.co/user/repo:Q4_K_M"): its store name
+        pulled = pulled_name(name)
+        if pulled is not None and store.exists(pulled):
+            return pulled
     bare = name.removesuffix(":latest")
     if bare != name and is_valid_name(name) and not store.exists(name) and store.exists(bare):
         return bare
     return name
+
+
+def pulled_name(source: str) -> str | None:
+    """The store name `gdsllm pull SOURCE` gives a hub source, or None for other text."""
+    from gdsllm_core.pull import default_model_name, parse_source
+
+    try:
+        parsed = parse_source(source)
+    except (GdsllmError, ValueError, OSError):  # ValueError: text no file name can hold (e.g. lone surrogates)
+        return None
+    return default_model_name(parsed.repo_id, parsed.quant) if parsed.repo_id else None
 
 
 def find_model(store: ModelStore, name: str) -> ModelEntry:
