@@ -24,7 +24,14 @@ from gdsllm_core.engine.grammar import BatchMasks, GrammarCompiler, advance
 from gdsllm_core.engine.sampling import Sampled, Sampler, check_params, sample_batch
 from gdsllm_core.engine.stops import StopMatcher
 from gdsllm_core.engine.tokenizer import Tokenizer
-from gdsllm_core.engine.tools import ToolFormat, call_grammar, check_tools, template_tool_calls, tool_format
+from gdsllm_core.engine.tools import (
+    ToolFormat,
+    auto_grammar,
+    call_grammar,
+    check_tools,
+    template_tool_calls,
+    tool_format,
+)
 from gdsllm_core.errors import BadRequestError, ContextOverflowError, GdsllmError, ModelNotFoundError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.types import GenerateRequest, SampledLogprob, TokenEvent, TokenLogprob
@@ -215,6 +222,8 @@ class Engine:
             grammar = request.grammar
             if fmt is not None and request.tool_choice != "auto":
                 grammar = call_grammar(fmt, _chosen_tools(request), request.parallel_tool_calls)
+            elif fmt is not None and grammar is None:
+                grammar = auto_grammar(fmt, request.tools)
             matcher = grammars.matcher(grammar) if grammar is not None else None
             prompt_ids = _prompt_ids(request, tokenizer, fmt is not None)
             n_ctx = min(request.num_ctx or settings.default_num_ctx(), max_context)

@@ -11,13 +11,17 @@ import json
 import re
 from typing import Literal
 
+from llguidance import StructTag
+
+from gdsllm_core.engine.grammar import JSON_OPTIONS
 from gdsllm_core.errors import BadRequestError
 from gdsllm_core.types import Grammar, ToolCall
 
 ToolFormat = Literal["hermes", "llama3", "mistral"]
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_MARK = "[TOOL_CALLS]"
-HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+HERMES_UNCLOSED = re.compile(r"<tool_call>\s*(.*?)\s*$", re.DOTALL)  # a last block cut off by EOS or the limit
 ARGUMENT_KEYS = {"hermes": "arguments", "llama3": "parameters", "mistral": "arguments"}
 
 
@@ -51,10 +55,23 @@ def _call_schema(tool: dict, arguments_key: str) -> dict:
             "required": ["name", arguments_key], "additionalProperties": False}
 
 
+def _calls_schema(fmt: ToolFormat, tools: list[dict]) -> dict:
+    return {"anyOf": [_call_schema(tool, ARGUMENT_KEYS[fmt]) for tool in tools], "x-guidance": JSON_OPTIONS}
+
+
+def auto_grammar(fmt: ToolFormat, tools: list[dict]) -> Grammar | None:
+    """For tool_choice "auto": free text, but once the model opens a call, the call must be one of `tools` (a lazy
+    trigger, llguidance's structural tag). Hermes only: the other formats open their calls with special tokens."""
+    if fmt != "hermes":
+        return None
+    tag = StructTag(trigger=HERMES_OPEN, begin=HERMES_OPEN + "\n", grammar=_calls_schema(fmt, tools),
+                    end="\n" + HERMES_CLOSE)
+    return Grammar("lark", StructTag.to_grammar([tag], assume_special=False))
+
+
 def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool) -> Grammar:
     """A grammar whose every output is one call (several when `parallel`) of one of `tools`, in `fmt`."""
-    schema = {"anyOf": [_call_schema(tool, ARGUMENT_KEYS[fmt]) for tool in tools]}
-    call = f"%json {json.dumps(schema)}"
+    call = f"%json {json.dumps(_calls_schema(fmt, tools))}"
     if fmt == "hermes":
         block = "\"<tool_call>\\n\" call \"\\n</tool_call>\""
         start = f"start: {block} (\"\\n\" {block})*" if parallel else f"start: {block}"
@@ -79,14 +96,20 @@ def _as_call(obj, fmt: ToolFormat) -> ToolCall | None:
 
 def parse_tool_calls(text: str, fmt: ToolFormat) -> tuple[str, list[ToolCall]]:
     """(content, calls) of a whole generated text: the calls in `fmt`, and the text around them. A text whose calls
-    do not parse is returned whole as content, with no calls."""
+    do not parse is returned whole as content, with no calls; a last Hermes block left unclosed counts if it parses
+    (the model ended with EOS) and is dropped otherwise (cut off by the token limit)."""
     if fmt == "hermes":
         calls, content = [], text
-        for match in HERMES_BLOCK.finditer(text):
+        blocks = list(HERMES_BLOCK.finditer(text))
+        tail = HERMES_UNCLOSED.search(text, blocks[-1].end() if blocks else 0)
+        for match in blocks + ([tail] if tail else []):
             try:
                 call = _as_call(json.loads(match.group(1)), fmt)
             except ValueError:
                 call = None
+            if call is None and match is tail and calls:
+                content = content.replace(match.group(0), "", 1)
+                continue
             if call is None:
                 return text, []
             calls.append(call)

@@ -115,7 +115,7 @@ def wire_logprobs(events: list[TokenEvent]) -> list[OllamaLogprob] | None:
 
 
 def wire_calls(calls: list[ToolCall]) -> list[OllamaToolCall]:
-    return [OllamaToolCall(OllamaFunctionCall(name=call.name, arguments=call.arguments, index=index))
+    return [OllamaToolCall(function=OllamaFunctionCall(name=call.name, arguments=call.arguments, index=index))
             for index, call in enumerate(calls)]
 
 
