@@ -174,7 +174,7 @@ def completion_logprobs(events: list[TokenEvent], offset: int) -> OpenAICompleti
 
 def wire_calls(calls: list[ToolCall]) -> list[OpenAIToolCall]:
     return [OpenAIToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                           function=OpenAIFunctionCall(call.name, json.dumps(call.arguments)))
+                           function=OpenAIFunctionCall(name=call.name, arguments=json.dumps(call.arguments)))
             for call in calls]
 
 
