@@ -20,12 +20,12 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from gdsllm_kernels import ops
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gdsllm_core import registry
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import ContextOverflowError, UnsupportedQuantError
-from gdsllm_kernels import ops
 from gdsllm_core.layout.store import ModelEntry
 from gdsllm_llama.config import LlamaConfig
 from gdsllm_llama.cpu_layers import CpuLayers
