@@ -6,6 +6,7 @@ README's commands first.
     nox -s gpu        GPU tests (run on the GPU machine)
     nox -s llama      the LLaMA plugin's own tests
     nox -s qwen_moe   the Qwen3.5-MoE plugin's own tests
+    nox -s fuzz       the adversarial suite, 10x the CI examples, with its counts (loopback only)
     nox -s lint       ruff
     nox -s demo       one answer from the bundled default model on the CPU
 """
@@ -49,6 +50,14 @@ def llama(session: nox.Session) -> None:
 def qwen_moe(session: nox.Session) -> None:
     """The Qwen3.5-MoE plugin's tests."""
     pytest(session, "plugins/gdsllm_qwen_moe/tests")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The adversarial suite on a loopback server (schemathesis over both dialects, numeric extremes, deep nesting,
+    a hostile chat template, corrupted manifests) at 10x CI's size; prints request, server-error and hang counts."""
+    session.env["GDSLLM_FUZZ_SCALE"] = session.env.get("GDSLLM_FUZZ_SCALE", "10")
+    pytest(session, "tests/unit/test_fuzz.py", "-s", "-q", "--timeout=1800")
 
 
 @nox.session

@@ -12,8 +12,9 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from gdsllm_kernels import ops  # noqa: E402
 from test_kernels import CUDA, random_weight, reference, rel_error  # noqa: E402  (same folder)
+
+from gdsllm_kernels import ops  # noqa: E402
 
 TOLERANCE = 1e-3  # weights enter the MMA as fp16 (code x scale rounded once); sums are fp32
 

@@ -15,13 +15,12 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
 from gdsllm_kernels import affine_ops  # noqa: E402
 from gdsllm_qwen_moe import affine  # noqa: E402
 from gdsllm_qwen_moe.bench import tiny_shapes  # noqa: E402
 from gdsllm_qwen_moe.forward import QwenMoeForward  # noqa: E402
 from gdsllm_qwen_moe.synthetic import write_synthetic  # noqa: E402
-
-from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
 
 CUDA = torch.device("cuda")
 PLUGIN_TESTS = Path(__file__).resolve().parents[2] / "plugins" / "gdsllm_qwen_moe" / "tests"

@@ -3,6 +3,7 @@ GEMV mode (the instances in gdsllm_kernels.CHECK_INSTANCES): a plain compile of 
 template, so this is what catches an error inside one."""
 
 import pytest
+
 from gdsllm_kernels import CHECK_INSTANCES, KERNEL_DIR, compile_for_arch, kernel_sources
 
 

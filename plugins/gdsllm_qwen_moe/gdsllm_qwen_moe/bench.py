@@ -32,10 +32,7 @@ from pathlib import Path
 
 import torch
 
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.layout.store import ModelStore
-from gdsllm_core.storage.backends import drop_page_cache
-from gdsllm_core.storage.reader import ExtentReader
+from gdsllm_core.api import ExtentReader, LoadOptions, ModelStore, drop_page_cache
 from gdsllm_qwen_moe.experts import ExpertCache, expert_extent
 from gdsllm_qwen_moe.forward import QwenMoeForward
 from gdsllm_qwen_moe.synthetic import qwen35_397b_shapes, write_synthetic

@@ -1,8 +1,8 @@
 """QwenMoeConfig: the Qwen3.5-MoE hyper-parameters, read from an HF or MLX config.json (flat or with text_config)."""
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from gdsllm_core.errors import ConversionError
+from gdsllm_core.api import ConversionError, config_of
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
@@ -60,8 +60,7 @@ class QwenMoeConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "QwenMoeConfig":
         """From the manifest's config (as written by `to_dict`)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return config_of(cls, data)
 
     @classmethod
     def from_hf(cls, raw: dict) -> "QwenMoeConfig":

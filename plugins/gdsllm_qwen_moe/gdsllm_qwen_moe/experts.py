@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core.layout.manifest import ExtentInfo, Manifest
-from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_core.api import ExtentInfo, ExtentReader, Manifest, extent_views
 from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.weights import Weight, group_weights, linear, swiglu_mlp, swiglu_mlp_grouped
 

@@ -4,7 +4,7 @@ device the same ops run there (the affine matrices through the kernels of `gdsll
 Residency: the dense extents (embeddings, each layer's attention / router / shared expert / norms, output) are read
 once, in one batched `ExtentReader` read, and stay resident on the compute device. Experts are never loaded up
 front: `ExpertCache` reads the ones the router picks, per layer and step, keeps them in host RAM under
-`LoadOptions.host_cache` bytes and hands them to the device when used. (The core's `TieredScheduler` reads every
+`LoadOptions.host_cache` bytes and hands them to the device when used. (The core's `TieredResidency` reads every
 extent resident, so this plugin drives `ExtentReader` itself.)
 
 `LoadOptions.extra`: "dtype" (activations: "float32", the default, or "bfloat16"), "dequantize_dense" (dequantize
@@ -23,10 +23,7 @@ from functools import partial
 
 import torch
 
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BadRequestError, ContextOverflowError
-from gdsllm_core.layout.store import ModelEntry
-from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_core.api import BadRequestError, ContextOverflowError, ExtentReader, LoadOptions, ModelEntry, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.decode_graphs import DecodeGraphs, DenseStep

@@ -1,6 +1,6 @@
 """Registrations of the Qwen3.5-MoE plugin."""
 
-from gdsllm_core import hookimpl
+from gdsllm_core.api import hookimpl
 
 ARCHITECTURE = "qwen3_5_moe"
 

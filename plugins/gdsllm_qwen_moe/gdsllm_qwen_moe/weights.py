@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core.layout.manifest import ExtentInfo
+from gdsllm_core.api import ExtentInfo
 from gdsllm_qwen_moe import affine
 
 

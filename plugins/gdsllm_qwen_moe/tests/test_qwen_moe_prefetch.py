@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 import torch
-from gdsllm_qwen_moe.forward import QwenMoeForward
 
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import BadRequestError
+from gdsllm_qwen_moe.forward import QwenMoeForward
 
 pytestmark = pytest.mark.reference
 EVERY_PREDICTION = 64  # a read-ahead limit above any union of top-k here: every predicted expert is read ahead

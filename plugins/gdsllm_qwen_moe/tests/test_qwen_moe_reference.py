@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from gdsllm_qwen_moe.experts import ExpertCache
-from gdsllm_qwen_moe.forward import QwenMoeForward
 from qwen_moe_helpers import convert_into, make_hf_model
 from safetensors.torch import save_file
 
 from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_qwen_moe.experts import ExpertCache
+from gdsllm_qwen_moe.forward import QwenMoeForward
 
 pytestmark = pytest.mark.reference
 

@@ -5,11 +5,11 @@ the two tiers, the stored bytes (pread of the weight file) and the reader's own 
 import os
 
 import torch
+
+from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_qwen_moe.experts import ExpertCache
 from gdsllm_qwen_moe.forward import QwenMoeForward
 from gdsllm_qwen_moe.weights import AffineWeight
-
-from gdsllm_core.engine.forward import LoadOptions
 
 
 class BruteForceTiers:
