@@ -1,7 +1,8 @@
 """Request and response bodies of both dialects, as msgspec Structs.
 
-Field names and meanings follow ollama's `api/types.go` and OpenAI's API reference. Unknown request fields are
-ignored (msgspec's default); a field of the wrong type or out of range is a 400 in the dialect's error shape."""
+Field names and meanings follow ollama's `api/types.go` and OpenAI's API reference. Request bodies list only the
+fields gdsllm honours: any other field is a 400 naming it (`forbid_unknown_fields`), as is a field of the wrong type
+or out of range, in the dialect's error shape. None is ever accepted and ignored."""
 
 from typing import Annotated, Any, Literal
 
@@ -11,12 +12,15 @@ from msgspec import Meta
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
+ChoiceCount = Annotated[int, Meta(ge=1, le=16)]  # n: the choices of one request, sampled together
 
 
 # ---- Ollama ------------------------------------------------------------------------------------------------------
 
-class OllamaOptions(msgspec.Struct, kw_only=True):
-    """The `options` map: the sampling and context knobs gdsllm honours (others are ignored)."""
+class OllamaOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `options` map: the sampling and context knobs gdsllm honours (any other is refused)."""
 
     temperature: NonNegativeFloat | None = None
     top_k: Annotated[int, Meta(ge=0)] | None = None
@@ -28,9 +32,11 @@ class OllamaOptions(msgspec.Struct, kw_only=True):
     num_ctx: PositiveInt | None = None
     repeat_penalty: NonNegativeFloat | None = None
     repeat_last_n: Annotated[int, Meta(ge=-1)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
 
 
-class OllamaGenerateRequest(msgspec.Struct, kw_only=True):
+class OllamaGenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
     prompt: str = ""
     system: str | None = None
@@ -42,15 +48,31 @@ class OllamaGenerateRequest(msgspec.Struct, kw_only=True):
     images: list[str] | None = None
     truncate: bool = False
     context: list[int] | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
-class OllamaMessage(msgspec.Struct, kw_only=True):
+class OllamaFunctionCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    arguments: dict[str, Any] = {}
+    index: int | None = None
+
+
+class OllamaToolCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    function: OllamaFunctionCall
+
+
+class OllamaMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
 
 
-class OllamaChatRequest(msgspec.Struct, kw_only=True):
+class OllamaChatRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
     messages: list[OllamaMessage] = []
     stream: bool = True
@@ -59,6 +81,9 @@ class OllamaChatRequest(msgspec.Struct, kw_only=True):
     keep_alive: float | str | None = None
     tools: list[dict[str, Any]] | None = None
     truncate: bool = False
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 class OllamaModelRequest(msgspec.Struct, kw_only=True):
@@ -72,9 +97,23 @@ class OllamaModelRequest(msgspec.Struct, kw_only=True):
         return self.model or self.name
 
 
-class OllamaResponseMessage(msgspec.Struct):
+class OllamaResponseMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str
+    tool_calls: list[OllamaToolCall] | None = None
+
+
+class OllamaTokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class OllamaLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[OllamaTokenLogprob]
 
 
 class OllamaGenerateResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -91,6 +130,7 @@ class OllamaGenerateResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     eval_duration: int | None = None
     prompt_truncated: bool | None = None
     context: list[int] | None = None
+    logprobs: list[OllamaLogprob] | None = None
 
 
 class OllamaChatResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -106,6 +146,7 @@ class OllamaChatResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     eval_count: int | None = None
     eval_duration: int | None = None
     prompt_truncated: bool | None = None
+    logprobs: list[OllamaLogprob] | None = None
 
 
 class OllamaModelDetails(msgspec.Struct, kw_only=True):
@@ -164,23 +205,39 @@ class OllamaError(msgspec.Struct):
 
 # ---- OpenAI ------------------------------------------------------------------------------------------------------
 
-class OpenAIContentPart(msgspec.Struct, kw_only=True):
+class OpenAIContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One part of a message's content list; only `{"type": "text", "text": ...}` is supported."""
 
     type: Literal["text"]
     text: str
 
 
-class OpenAIMessage(msgspec.Struct, kw_only=True):
+class OpenAIFunctionCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A called function: `arguments` is a JSON object as text."""
+
+    name: str
+    arguments: str
+
+
+class OpenAIToolCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: OpenAIFunctionCall
+
+
+class OpenAIMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[OpenAIContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[OpenAIToolCall] | None = None
+    tool_call_id: str | None = None
 
 
-class OpenAIStreamOptions(msgspec.Struct, kw_only=True):
+class OpenAIStreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
-class OpenAISampling(msgspec.Struct, kw_only=True):
+class OpenAISampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str
@@ -190,19 +247,55 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     top_p: Probability | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = None
+    n: ChoiceCount | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
 
 
-class OpenAIChatRequest(OpenAISampling, kw_only=True):
+class OpenAIJsonSchema(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class OpenAIResponseFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`text` (free), `json_object` (any JSON object) or `json_schema` (an object valid against the schema; with
+    or without `strict`, the schema is enforced while sampling)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: OpenAIJsonSchema | None = None
+
+
+class OpenAINamedFunction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+
+
+class OpenAINamedToolChoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"] = "function"
+    function: OpenAINamedFunction
+
+
+class OpenAIChatRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=True):
     messages: list[OpenAIMessage]
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
+    response_format: OpenAIResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["auto", "none", "required"] | OpenAINamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
-class OpenAICompletionRequest(OpenAISampling, kw_only=True):
-    prompt: str | list[str]
+class OpenAICompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=True):
+    """`prompt`: a text, a list of texts, a list of token ids, or a list of lists of token ids (one choice each)."""
+
+    prompt: str | list[str | int | list[int]]
     max_tokens: PositiveInt | None = 16
     echo: bool = False
+    logprobs: TopLogprobs | None = None
 
 
 class OpenAIUsage(msgspec.Struct):
@@ -211,16 +304,34 @@ class OpenAIUsage(msgspec.Struct):
     total_tokens: int
 
 
-class OpenAIResponseMessage(msgspec.Struct):
+class OpenAITopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class OpenAITokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[OpenAITopLogprob]
+
+
+class OpenAIChoiceLogprobs(msgspec.Struct):
+    content: list[OpenAITokenLogprob]
+
+
+class OpenAIResponseMessage(msgspec.Struct, omit_defaults=True):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[OpenAIToolCall] | None = None
 
 
 class OpenAIChatChoice(msgspec.Struct):
     index: int
     message: OpenAIResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: OpenAIChoiceLogprobs | None = None
 
 
 class OpenAIChatCompletion(msgspec.Struct, kw_only=True):
@@ -232,16 +343,24 @@ class OpenAIChatCompletion(msgspec.Struct, kw_only=True):
     usage: OpenAIUsage
 
 
+class OpenAIToolCallDelta(msgspec.Struct, kw_only=True):
+    index: int
+    id: str
+    type: str = "function"
+    function: OpenAIFunctionCall
+
+
 class OpenAIDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[OpenAIToolCallDelta] | None = None
 
 
 class OpenAIChunkChoice(msgspec.Struct):
     index: int
     delta: OpenAIDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: OpenAIChoiceLogprobs | None = None
 
 
 class OpenAIChatChunk(msgspec.Struct, kw_only=True):
@@ -253,11 +372,20 @@ class OpenAIChatChunk(msgspec.Struct, kw_only=True):
     usage: OpenAIUsage | None = None
 
 
+class OpenAICompletionLogprobs(msgspec.Struct):
+    """The legacy completions shape: per token its text, log-probability, top alternatives and text offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class OpenAICompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: OpenAICompletionLogprobs | None = None
 
 
 class OpenAICompletion(msgspec.Struct, kw_only=True):

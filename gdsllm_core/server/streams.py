@@ -1,6 +1,7 @@
 """The bridge between the routes and the engine: submit off the event loop, iterate a generation's events, and
 cancel the generation as soon as nobody is listening any more (client gone, server shutting down)."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -110,30 +111,75 @@ async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
             generation.cancel()
 
 
-async def collect(generation: Generation, receive: Receive) -> tuple[str, TokenEvent | None]:
-    """The whole text and the last event of a non-streamed generation; the generation is cancelled (and None
-    returned as the last event) if the client disconnects while it runs. The engine's errors are re-raised as
-    they are (not wrapped in an exception group)."""
-    parts: list[str] = []
-    last: TokenEvent | None = None
-    failure: Exception | None = None
+async def collect_all(generations: list[Generation], receive: Receive) -> list[list[TokenEvent]]:
+    """Every event of each non-streamed generation, run together; all are cancelled (and an empty list returned
+    for each unfinished one) if the client disconnects while they run. The engine's errors are re-raised as they
+    are (not wrapped in an exception group)."""
+    collected: list[list[TokenEvent]] = [[] for _ in generations]
+    failures: list[Exception] = []
     async with anyio.create_task_group() as group:
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
             group.cancel_scope.cancel()
 
-        group.start_soon(watch_disconnect)
+        async def consume(index: int, generation: Generation) -> None:
+            try:
+                async for event in events(generation):
+                    collected[index].append(event)
+            except Exception as exc:
+                failures.append(exc)
+                group.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as consumers:
+            for index, generation in enumerate(generations):
+                consumers.start_soon(consume, index, generation)
+            group.start_soon(watch_disconnect)
+        group.cancel_scope.cancel()
+    if failures:
+        raise failures[0]
+    return [events_ if events_ and events_[-1].done else [] for events_ in collected]
+
+
+async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(index, event) of several generations as their events come; all are cancelled if the consumer stops."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def forward(index: int, generation: Generation) -> None:
         try:
             async for event in events(generation):
-                parts.append(event.text)
-                last = event
+                queue.put_nowait((index, event))
         except Exception as exc:
-            failure = exc
-        group.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    return "".join(parts), last if last is not None and last.done else None
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(forward(index, generation)) for index, generation in enumerate(generations)]
+    try:
+        finished = 0
+        while finished < len(generations):
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            finished += item.done
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for generation in generations:
+            generation.cancel()
+
+
+async def submit_all(engine: Engine, requests: list[GenerateRequest],
+                     field_names: Mapping[str, str] = {}) -> list[Generation]:
+    """Submit several requests (they decode in the same batches); if one is refused, those submitted are cancelled."""
+    generations: list[Generation] = []
+    try:
+        for request in requests:
+            generations.append(await submit(engine, request, field_names))
+    except BaseException:
+        for generation in generations:
+            generation.cancel()
+        raise
+    return generations
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

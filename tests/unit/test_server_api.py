@@ -223,7 +223,7 @@ def test_ollama_generate_streams_ndjson_with_counters_on_the_last_object(client,
 
 def test_ollama_generate_without_stream_is_one_object(client, engine):
     response = client.post(urls.OLLAMA_GENERATE, json={"model": MODEL, "prompt": "one two three", "stream": False,
-                                                       "raw": True, "unknown_field": [1, 2]})
+                                                       "raw": True})
     assert response.status_code == 200
     body = response.json()
     assert body["response"] == "one two three" and body["done"] and body["done_reason"] == "stop"
@@ -232,7 +232,8 @@ def test_ollama_generate_without_stream_is_one_object(client, engine):
 
 def test_ollama_options_reach_the_engine(client, engine):
     options = {"temperature": 0, "top_k": 7, "top_p": 0.5, "min_p": 0.1, "seed": 42, "num_predict": 3,
-               "stop": ["never"], "num_ctx": 64, "repeat_penalty": 1.3, "repeat_last_n": -1, "mirostat": 2}
+               "stop": ["never"], "num_ctx": 64, "repeat_penalty": 1.3, "repeat_last_n": -1, "presence_penalty": 0.5,
+               "frequency_penalty": -0.25}
     response = client.post(urls.OLLAMA_GENERATE, json={"model": MODEL, "prompt": "a b c d e f", "stream": False,
                                                        "options": options})
     body = response.json()
@@ -241,6 +242,7 @@ def test_ollama_options_reach_the_engine(client, engine):
     sampling = request.sampling
     assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.seed) == (0, 7, 0.5, 0.1, 42)
     assert (sampling.repeat_penalty, sampling.repeat_last_n) == (1.3, -1)
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -0.25)
     assert (request.max_tokens, request.stop, request.num_ctx) == (3, ["never"], 64)
 
 
@@ -304,7 +306,11 @@ def test_ollama_delete_removes_the_model(client, store):
     ({"model": MODEL, "prompt": "x", "options": {"top_p": 2}}, "top_p"),
     ({"model": MODEL, "prompt": 5}, "prompt"),
     ({"prompt": "x"}, "model"),
-    ({"model": MODEL, "prompt": "x", "format": "json"}, "format"),
+    ({"model": MODEL, "prompt": "x", "format": "yaml"}, "format"),
+    ({"model": MODEL, "prompt": "x", "suffix": "y"}, "suffix"),
+    ({"model": MODEL, "prompt": "x", "think": True}, "think"),
+    ({"model": MODEL, "prompt": "x", "options": {"mirostat": 1}}, "mirostat"),
+    ({"model": MODEL, "prompt": "x", "top_logprobs": 3}, "top_logprobs"),
     ({"model": MODEL, "prompt": "x", "keep_alive": "soon"}, "keep_alive"),
     ({"model": MODEL, "prompt": "x", "images": ["aGk="]}, "images"),
     ({"model": MODEL, "prompt": "x", "options": {"num_predict": 0}}, "num_predict"),
@@ -403,7 +409,14 @@ def test_openai_models(client):
 
 
 @pytest.mark.parametrize("body, status, param", [
-    ({"n": 2}, 400, "n"),
+    ({"n": 17}, 400, "n"),
+    ({"user": "u1"}, 400, "user"),
+    ({"audio": {"voice": "x"}}, 400, "audio"),
+    ({"top_logprobs": 2}, 400, "top_logprobs"),
+    ({"logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"presence_penalty": 3}, 400, "presence_penalty"),
+    ({"response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ({"messages": [{"role": "user", "content": "x", "refusal": None}]}, 400, "messages[0].refusal"),
     ({"temperature": "warm"}, 400, "temperature"),
     ({"temperature": 3}, 400, "temperature"),
     ({"max_tokens": 0}, 400, "max_tokens"),
