@@ -263,7 +263,7 @@ class Engine:
             if name not in self._tokenizers:
                 self.load(name)
                 load_ns = time.perf_counter_ns() - started
-            tokenizer, max_context = self._tokenizers[name]
+            tokenizer, max_context, _ = self._tokenizers[name]
             n_ctx = min(num_ctx or settings.default_num_ctx(), max_context)
             inputs = []
             for index, text in enumerate(texts):

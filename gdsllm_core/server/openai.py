@@ -36,6 +36,7 @@ from gdsllm_core.server.schemas import (
     OpenAIMessage,
     OpenAIModel,
     OpenAIModelList,
+    OpenAIPromptTokensDetails,
     OpenAIResponseFormat,
     OpenAIResponseMessage,
     OpenAISampling,
@@ -140,9 +141,10 @@ def usage_of(finals: list[TokenEvent | None], prompts: int = 1) -> OpenAIUsage:
     """Usage of a request's choices: each of its `prompts` counted once, every completion token."""
     done = [event for event in finals if event is not None]
     per_prompt = len(done) // prompts if done and len(done) % prompts == 0 else 1
-    prompt = sum(event.prompt_tokens for event in done[::per_prompt]) if done else 0
+    cached = sum(event.cached_tokens for event in done[::per_prompt]) if done else 0
+    prompt = sum(event.prompt_tokens for event in done[::per_prompt]) + cached if done else 0
     completion = sum(event.completion_tokens for event in done)
-    return OpenAIUsage(prompt, completion, prompt + completion)
+    return OpenAIUsage(prompt, completion, prompt + completion, OpenAIPromptTokensDetails(cached) if cached else None)
 
 
 def include_usage(data: OpenAISampling) -> bool:

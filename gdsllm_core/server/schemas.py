@@ -298,10 +298,15 @@ class OpenAICompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_field
     logprobs: TopLogprobs | None = None
 
 
-class OpenAIUsage(msgspec.Struct):
-    prompt_tokens: int
+class OpenAIPromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache (not computed again)
+
+
+class OpenAIUsage(msgspec.Struct, omit_defaults=True):
+    prompt_tokens: int  # every prompt token, cached ones included (OpenAI's convention)
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: OpenAIPromptTokensDetails | None = None
 
 
 class OpenAITopLogprob(msgspec.Struct):
