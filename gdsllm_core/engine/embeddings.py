@@ -68,6 +68,9 @@ class EmbedJob:
 
     def run(self, forward) -> None:
         try:
+            if not callable(getattr(forward, "hidden_states", None)):  # ForwardPass.hidden_states is optional
+                raise BadRequestError(f"model {self.model!r} cannot embed: its forward pass gives no hidden states",
+                                      "use a model whose plugin supports embeddings")
             vectors = []
             for ids in self.inputs:
                 hidden = forward.hidden_states(torch.tensor(ids, dtype=torch.long, device=forward.device))

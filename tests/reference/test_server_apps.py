@@ -4,6 +4,7 @@ calls and tool-message round trips (the prompt checked against transformers' own
 log-probabilities against the model's log-softmax computed from an independent forward pass."""
 
 import json
+import os
 import threading
 import time
 
@@ -38,7 +39,10 @@ class City(BaseModel):
 
 @pytest.fixture(scope="module")
 def served(smollm2_store, smollm2):
+    """The server, with the prefix cache off: prompt counts are compared with a whole prompt tokenized."""
     tools_model = add_tools_model(smollm2_store, smollm2.name)
+    saved = os.environ.get("GDSLLM_PREFIX_CACHE")
+    os.environ["GDSLLM_PREFIX_CACHE"] = "0"
     app = create_app(store=smollm2_store, read_token_from_env=False)
     port = PORT
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -51,6 +55,10 @@ def served(smollm2_store, smollm2):
     yield {"base": f"http://127.0.0.1:{port}", "plain": smollm2.name, "tools": tools_model, "store": smollm2_store}
     server.should_exit = True
     thread.join(timeout=60)
+    if saved is None:
+        os.environ.pop("GDSLLM_PREFIX_CACHE", None)
+    else:
+        os.environ["GDSLLM_PREFIX_CACHE"] = saved
 
 
 @pytest.fixture
