@@ -20,7 +20,7 @@ from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.quant.ggml import check_supported
 from gdsllm_llama.config import GGUF_ARCHITECTURE, LlamaConfig
 from gdsllm_llama.layout import LlamaLayout
-from gdsllm_llama.tokenizer_gguf import build_tokenizer
+from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"  # LLaMA 3.1 GGUFs: per-frequency divisors of the rope inverse frequencies

@@ -6,7 +6,7 @@ import io
 import pytest
 import sentencepiece as spm
 from gdsllm_llama.gguf_convert import read_metadata
-from gdsllm_llama.tokenizer_gguf import build_tokenizer
+from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
 from gguf import GGUFReader, GGUFWriter
 from tokenizers import Tokenizer
 

@@ -1,4 +1,4 @@
-"""Build an HF `tokenizers` tokenizer.json from a GGUF's `tokenizer.ggml.*` metadata.
+"""Build an HF `tokenizers` tokenizer.json from a GGUF's `tokenizer.ggml.*` metadata (shared by every plugin that reads GGUF).
 
 Two vocabularies occur in LLaMA-family GGUFs:
 - `gpt2`: byte-level BPE with merges (LLaMA 3, SmolLM2, ...); the split regex follows `tokenizer.ggml.pre`.
