@@ -75,9 +75,17 @@ def detect_converter(path: Path) -> str:
         converter = resolve(target)
         if getattr(converter, "detect", None) and converter.detect(Path(path)):
             return candidate
+    from gdsllm_core.convert.gguf_file import gguf_architecture
+    from gdsllm_core.convert.hf_folder import config_architectures
+
+    path = Path(path)
+    found = gguf_architecture(path) if path.is_file() else ", ".join(config_architectures(path)) or None
+    what = f"{path} (architecture {found})" if found else str(path)
+    installed = ", ".join(name for name, _plugin in plugins.pm.list_name_plugin()) or "none"
     known = ", ".join(sorted(collect("converters"))) or "none"
     archs = ", ".join(sorted(collect("forward_passes"))) or "none"
     raise UnknownArchitectureError(
-        f"no installed converter recognises {path} (converters: {known}; architectures: {archs})",
+        f"no installed plugin converts {what} (installed plugins: {installed}; converters: {known}; "
+        f"architectures: {archs})",
         "point at a GGUF file or a folder with config.json and *.safetensors, or install the plugin for this model",
     )

@@ -14,13 +14,13 @@ import numpy as np
 from gguf import GGUFReader
 
 from gdsllm_core.convert import ConvertOptions
+from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.qtypes import tensor_nbytes
 from gdsllm_core.layout.writer import ModelWriter
 from gdsllm_core.quant.ggml import check_supported
 from gdsllm_llama.config import GGUF_ARCHITECTURE, LlamaConfig
 from gdsllm_llama.layout import LlamaLayout
-from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"  # LLaMA 3.1 GGUFs: per-frequency divisors of the rope inverse frequencies

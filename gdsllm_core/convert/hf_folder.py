@@ -1,0 +1,71 @@
+"""Reading an HF safetensors folder for a converter: which shard holds each tensor, and the tensors themselves."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from gdsllm_core.convert import read_json
+from gdsllm_core.errors import ConversionError
+from gdsllm_core.layout.qtypes import FLOAT_QTYPES
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def config_architectures(folder: Path) -> list[str]:
+    """config.json's `architectures` ([] when there is no readable config.json): what converters detect on."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return []
+    try:
+        return list(json.loads(config_path.read_text()).get("architectures") or [])
+    except ValueError:
+        return []
+
+
+def shard_files(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> the shard holding it; a missing shard is an error naming it."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map") or {}
+        missing = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
+        if missing:
+            raise ConversionError(f"{folder} lacks the shard(s) {', '.join(missing)} listed in {INDEX_FILE}",
+                                  "download the missing files (or the whole checkpoint) again")
+        return {name: folder / file for name, file in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{folder} has no *.safetensors files", "download the model's weights")
+    located = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            located.update({name: file for name in handle.keys()})
+    return located
+
+
+class SafetensorsFolder:
+    """The tensors of a checkpoint folder by HF name, each shard opened once (a context manager)."""
+
+    def __init__(self, folder: Path):
+        self.located = shard_files(Path(folder))
+        self._handles: dict[Path, object] = {}
+
+    def __enter__(self) -> "SafetensorsFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+
+    def names(self) -> list[str]:
+        return list(self.located)
+
+    def get(self, hf_name: str) -> torch.Tensor:
+        """The tensor, which must be float32, float16 or bfloat16 (anything else is an error naming it)."""
+        file = self.located[hf_name]
+        handle = self._handles.get(file) or self._handles.setdefault(file, safe_open(file, framework="pt"))
+        tensor = handle.get_tensor(hf_name)
+        if tensor.dtype not in FLOAT_QTYPES:
+            raise ConversionError(f"tensor {hf_name} in {file.name} has dtype {tensor.dtype}",
+                                  "expected float32, float16 or bfloat16")
+        return tensor
