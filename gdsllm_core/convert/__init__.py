@@ -31,6 +31,21 @@ def read_json(path: Path) -> dict:
         raise ConversionError(f"cannot read {path}: {exc}", "the checkpoint is incomplete: re-download it") from exc
 
 
+def write_extents(writer: ModelWriter, groups: dict[str, list[str]], entry_of: Callable[[str], tuple],
+                  options: ConvertOptions) -> None:
+    """Write each extent of `groups` (extent name -> tensor names, in write order); `entry_of(name)` gives the
+    writer's (name, qtype, shape, data) of a tensor. Reports progress per tensor."""
+    total, done = sum(len(members) for members in groups.values()), 0
+    for extent_name, members in groups.items():
+        entries = []
+        for name in members:
+            entries.append(entry_of(name))
+            done += 1
+            if options.progress:
+                options.progress(name, done, total)
+        writer.add_extent(extent_name, entries)
+
+
 class Converter(Protocol):
     name: str
 

@@ -5,7 +5,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGUFReader, LlamaFileType
 
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.qtypes import tensor_nbytes
@@ -75,3 +75,16 @@ def read_gguf(source: Path) -> tuple[dict, dict[str, GgufTensor]]:
                                   "the file is truncated: re-download it")
         tensors[tensor.name] = GgufTensor(tensor.name, qtype, shape, tensor.data)
     return meta, tensors
+
+
+def file_type_name(meta: dict, tensors: dict[str, GgufTensor]) -> str:
+    """The file's quant as its publisher named it (`general.file_type`: Q4_K_M, IQ4_XS, ...), else the most common
+    type among its matrices."""
+    file_type = meta.get("general.file_type")
+    if file_type is not None:
+        try:
+            return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+        except ValueError:
+            pass
+    kinds = [t.qtype for t in tensors.values() if len(t.shape) > 1]
+    return max(set(kinds), key=kinds.count) if kinds else ""

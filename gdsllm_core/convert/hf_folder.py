@@ -1,4 +1,5 @@
-"""Reading an HF safetensors folder for a converter: which shard holds each tensor, and the tensors themselves."""
+"""Reading an HF safetensors folder for a converter: which shard holds each tensor, the tensors themselves, and
+each tensor as the writer takes it (kept in its float dtype or quantized with `--quant`)."""
 
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from safetensors import safe_open
 from gdsllm_core.convert import read_json
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.qtypes import FLOAT_QTYPES
+from gdsllm_core.quant.quantize import QUANTIZABLE, block_values, quantize
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -69,3 +71,30 @@ class SafetensorsFolder:
             raise ConversionError(f"tensor {hf_name} in {file.name} has dtype {tensor.dtype}",
                                   "expected float32, float16 or bfloat16")
         return tensor
+
+
+def quant_option(quant: str | None) -> str | None:
+    """`--quant` as a GGML type name (None: keep the dtype); an unsupported one is an error naming it."""
+    if quant is None:
+        return None
+    if quant.upper() not in QUANTIZABLE:
+        raise ConversionError(f"--quant {quant} is not supported for safetensors input",
+                              f"use one of {', '.join(q.lower() for q in QUANTIZABLE)}, or none to keep the dtype")
+    return quant.upper()
+
+
+def tensor_entry(name: str, tensor: torch.Tensor, quant: str | None, head: bool = False,
+                 keep_float: bool = False) -> tuple:
+    """(name, qtype, shape, data) for the writer: vectors as F32; matrices in their dtype, or quantized to `quant`
+    (Q8_0 for the embeddings and head, `head`, as llama.cpp keeps them; Q5_0, then the float dtype, for rows that
+    are not a whole number of blocks); `keep_float` keeps a matrix as it is (e.g. a MoE router)."""
+    shape = list(tensor.shape)
+    if tensor.dim() == 1:
+        return name, "F32", shape, tensor.float()
+    if quant is None or keep_float:
+        return name, FLOAT_QTYPES[tensor.dtype], shape, tensor.contiguous()
+    qtype = "Q8_0" if head and quant != "Q8_0" else quant
+    for candidate in (qtype, "Q5_0"):
+        if shape[-1] % block_values(candidate) == 0:
+            return name, candidate, shape, quantize(tensor, candidate)
+    return name, FLOAT_QTYPES[tensor.dtype], shape, tensor.contiguous()

@@ -8,35 +8,18 @@ quantized with `--quant` (embeddings and head at Q8_0, routers kept as they are)
 
 from pathlib import Path
 
-import torch
-from gguf import LlamaFileType
-
-from gdsllm_core.convert import ConvertOptions, read_json
-from gdsllm_core.convert.gguf_file import gguf_architecture, is_gguf, read_gguf
+from gdsllm_core.convert import ConvertOptions, read_json, write_extents
+from gdsllm_core.convert.gguf_file import file_type_name, gguf_architecture, is_gguf, read_gguf
 from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
-from gdsllm_core.convert.hf_folder import SafetensorsFolder, config_architectures
+from gdsllm_core.convert.hf_folder import SafetensorsFolder, config_architectures, quant_option, tensor_entry
 from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer, token_ids
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout.qtypes import FLOAT_QTYPES
 from gdsllm_core.layout.writer import ModelWriter
-from gdsllm_core.quant.quantize import QUANTIZABLE, block_values, quantize
 from gdsllm_qwen3 import names
 from gdsllm_qwen3.config import ARCHITECTURES, HF_ARCHITECTURES, QwenConfig
 
 _HEAD_TENSORS = ("token_embd.weight", "output.weight")
-_KEEP_FLOAT = ("ffn_gate_inp",)  # routers: small, and their precision decides which experts run
-
-
-def _write(writer: ModelWriter, groups: dict[str, list[str]], entry_of, options: ConvertOptions) -> None:
-    total, done = sum(len(members) for members in groups.values()), 0
-    for extent_name, members in groups.items():
-        entries = []
-        for name in members:
-            entries.append(entry_of(name))
-            done += 1
-            if options.progress:
-                options.progress(name, done, total)
-        writer.add_extent(extent_name, entries)
 
 
 def _layer_of(name: str) -> int:
@@ -73,22 +56,10 @@ class QwenGgufConverter:
                                       tied="output.weight" not in entries, sparse_layers=sparse)
         groups = names.group(entries, config)
         tokenizer, files = build_tokenizer(meta)
-        _write(writer, groups, entries.__getitem__, options)
+        write_extents(writer, groups, entries.__getitem__, options)
         writer.finish(architecture=config.architecture, config=config.to_dict(), tokenizer=tokenizer, files=files,
-                      quant=_file_type(meta, tensors),
+                      quant=file_type_name(meta, tensors),
                       source={"format": "gguf", "file": source.name, "name": meta.get("general.name", "")})
-
-
-def _file_type(meta: dict, tensors) -> str:
-    """The quant as the publisher named it (`general.file_type`), else the most common matrix type."""
-    file_type = meta.get("general.file_type")
-    if file_type is not None:
-        try:
-            return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
-        except ValueError:
-            pass
-    kinds = [t.qtype for t in tensors.values() if len(t.shape) > 1]
-    return max(set(kinds), key=kinds.count) if kinds else ""
 
 
 class QwenHfConverter:
@@ -105,10 +76,7 @@ class QwenHfConverter:
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
         raw_config = read_json(source / "config.json")
         config = QwenConfig.from_hf(raw_config)
-        quant = options.quant.upper() if options.quant else None
-        if quant is not None and quant not in QUANTIZABLE:
-            raise ConversionError(f"--quant {options.quant} is not supported for safetensors input",
-                                  f"use one of {', '.join(q.lower() for q in QUANTIZABLE)}, or none to keep the dtype")
+        quant = quant_option(options.quant)
         tokenizer, files = read_hf_tokenizer(source, token_ids(raw_config.get("eos_token_id")),
                                               raw_config.get("bos_token_id"))
         with SafetensorsFolder(source) as folder:
@@ -130,9 +98,10 @@ class QwenHfConverter:
                 tensor = loaders[name]()
                 if tensor.dim() > 1:
                     seen.add(FLOAT_QTYPES[tensor.dtype])
-                return tensor_entry(name, tensor, quant)
+                return tensor_entry(name, tensor, quant, head=name in _HEAD_TENSORS,
+                                    keep_float=name.endswith(".ffn_gate_inp.weight"))  # routers stay as they are
 
-            _write(writer, groups, entry_of, options)
+            write_extents(writer, groups, entry_of, options)
         writer.finish(architecture=config.architecture, config=config.to_dict(), tokenizer=tokenizer, files=files,
                       quant=quant or "/".join(sorted(seen)),
                       source={"format": "hf-safetensors", "folder": source.name,
@@ -154,18 +123,3 @@ def _split_fused(folder: SafetensorsFolder, hf_name: str, target: str) -> dict:
         else:
             loaders[f"{prefix}.ffn_down.weight"] = (lambda t=fused[expert]: t)
     return loaders
-
-
-def tensor_entry(name: str, tensor: torch.Tensor, quant: str | None) -> tuple:
-    """(name, qtype, shape, data) for the writer: vectors as F32, matrices in their dtype or quantized."""
-    shape = list(tensor.shape)
-    if tensor.dim() == 1:
-        return name, "F32", shape, tensor.float()
-    if quant is None or any(f".{part}." in name for part in _KEEP_FLOAT):
-        return name, FLOAT_QTYPES[tensor.dtype], shape, tensor.contiguous()
-    qtype = "Q8_0" if name in _HEAD_TENSORS and quant != "Q8_0" else quant
-    if shape[-1] % block_values(qtype):
-        qtype = "Q5_0" if shape[-1] % block_values("Q5_0") == 0 else None
-        if qtype is None:
-            return name, FLOAT_QTYPES[tensor.dtype], shape, tensor.contiguous()
-    return name, qtype, shape, quantize(tensor, qtype)
