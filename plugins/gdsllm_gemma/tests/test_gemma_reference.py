@@ -6,8 +6,8 @@ GGUF's own weights (dequantized by gguf-py, norms less llama.cpp's + 1)."""
 import pytest
 import torch
 from gdsllm_gemma.forward import GemmaForward
+from gemma_testing import VARIANTS
 
-from conftest import VARIANTS
 from gdsllm_core import testing
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions

@@ -6,8 +6,8 @@ weights (dequantized by gguf-py): its rounding is the file's, not the forward pa
 import pytest
 import torch
 from gdsllm_qwen3.forward import QwenForward
+from qwen3_testing import ARCHS
 
-from conftest import ARCHS
 from gdsllm_core import testing
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions
