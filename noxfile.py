@@ -52,6 +52,29 @@ def qwen_moe(session: nox.Session) -> None:
 
 
 @nox.session
+def llamacpp(session: nox.Session) -> None:
+    """Tests marked `llamacpp` (quantized files made by llama-quantize). Uses GDSLLM_LLAMACPP_BIN when set; else
+    builds llama.cpp's CPU tools from the llama-cpp-python sdist (../shared/tools/llamacpp-src.sh) into
+    GDSLLM_LLAMACPP_CACHE (default ~/.cache/gdsllm/llamacpp), once."""
+    import os
+    from pathlib import Path
+
+    if not os.environ.get("GDSLLM_LLAMACPP_BIN"):
+        cache = Path(os.environ.get("GDSLLM_LLAMACPP_CACHE", Path.home() / ".cache" / "gdsllm" / "llamacpp"))
+        tree, binaries = cache / "build-src" / "llama.cpp", cache / "build-src" / "llama.cpp" / "build" / "bin"
+        if not (binaries / "llama-quantize").is_file():
+            session.run("bash", "-c", f"WITH_CONVERT=1 ../shared/tools/llamacpp-src.sh {cache} && "
+                        f"mkdir -p {cache}/build-src && tar xzf {cache}/llama.cpp-src.tgz -C {cache}/build-src", external=True)
+            session.run("cmake", "-S", str(tree), "-B", str(tree / "build"), "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release",
+                        external=True)
+            session.run("cmake", "--build", str(tree / "build"), "-j2", "--target", "llama-quantize", external=True)
+        session.env["GDSLLM_LLAMACPP_BIN"] = str(binaries)
+        session.env.setdefault("GDSLLM_LLAMACPP_DIR", str(tree))
+    pytest(session, "-m", "llamacpp", "plugins/gdsllm_qwen3/tests", "plugins/gdsllm_gemma/tests")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the core, the plugins and the tests."""
     session.run("ruff", "check", "gdsllm_core", "plugins", "tests", "noxfile.py")

@@ -8,7 +8,8 @@
    (bytes the step read / the ceiling);
 4. decode with every expert in pinned host RAM (warmed first);
 5. llama.cpp `llama-bench --n-cpu-moe 48 -ngl 99` on the same file when LLAMA_BENCH names a CUDA build.
-Prints one JSON line per figure. Usage: python3 benchmarks/qwen3moe_bench.py WORKDIR [--tg 16] [--layers 48]"""
+Prints one JSON line per figure. Usage: python3 benchmarks/qwen3moe_bench.py WORKDIR [--tg 16] [--layers 48] [--prepare-only]
+(on the GPU machine: benchmarks/device_models.sh)"""
 
 import argparse
 import json
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--tg", type=int, default=16)
     parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--prepare-only", action="store_true", help="write and convert the GGUF, measure nothing")
     args = parser.parse_args()
     from gdsllm_qwen3 import plugin
 
@@ -179,6 +181,9 @@ def main() -> None:
     if name not in [m.name for m in store.list()]:
         convert(gguf_path, store, name)
     entry = store.get(name)
+    if args.prepare_only:
+        print(json.dumps({"converted": str(entry.path)}), flush=True)
+        return
     ceiling = storage_ceiling(entry)
     print(json.dumps({"storage_ceiling_gbps": ceiling}), flush=True)
     cold = decode(entry, host_cache=0, tg=args.tg)
