@@ -6,9 +6,18 @@ README's commands first.
     nox -s gpu        GPU tests (run on the GPU machine)
     nox -s llama      the LLaMA plugin's own tests
     nox -s qwen_moe   the Qwen3.5-MoE plugin's own tests
+    nox -s qwen3      the Qwen2/Qwen3/Qwen3-MoE plugin's own tests
+    nox -s gemma      the Gemma 3 plugin's own tests
+    nox -s llamacpp   tests that need llama.cpp's llama-quantize (builds llama.cpp once)
+    nox -s fuzz       the adversarial suite, 10x the CI examples, with its counts (loopback only)
     nox -s lint       ruff
     nox -s demo       one answer from the bundled default model on the CPU
 """
+
+import os
+import sys
+import tarfile
+from pathlib import Path
 
 import nox
 
@@ -24,7 +33,7 @@ def pytest(session: nox.Session, *args: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU tests: unit, reference and both plugins' (GPU tests are skipped)."""
-    pytest(session, "-m", "not gpu", "--timeout=900")
+    pytest(session, "-m", "not gpu and not llamacpp", "--timeout=900")
 
 
 @nox.session
@@ -52,26 +61,57 @@ def qwen_moe(session: nox.Session) -> None:
 
 
 @nox.session
-def llamacpp(session: nox.Session) -> None:
-    """Tests marked `llamacpp` (quantized files made by llama-quantize). Uses GDSLLM_LLAMACPP_BIN when set; else
-    builds llama.cpp's CPU tools from the llama-cpp-python sdist (../shared/tools/llamacpp-src.sh) into
-    GDSLLM_LLAMACPP_CACHE (default ~/.cache/gdsllm/llamacpp), once."""
-    import os
-    from pathlib import Path
+def qwen3(session: nox.Session) -> None:
+    """The Qwen2/Qwen3/Qwen3-MoE plugin's tests."""
+    pytest(session, "plugins/gdsllm_qwen3/tests")
 
-    if not os.environ.get("GDSLLM_LLAMACPP_BIN"):
-        cache = Path(os.environ.get("GDSLLM_LLAMACPP_CACHE", Path.home() / ".cache" / "gdsllm" / "llamacpp"))
-        tree, binaries = cache / "build-src" / "llama.cpp", cache / "build-src" / "llama.cpp" / "build" / "bin"
-        if not (binaries / "llama-quantize").is_file():
-            session.run("bash", "-c", f"WITH_CONVERT=1 ../shared/tools/llamacpp-src.sh {cache} && "
-                        f"mkdir -p {cache}/build-src && tar xzf {cache}/llama.cpp-src.tgz -C {cache}/build-src", external=True)
-            session.run("cmake", "-S", str(tree), "-B", str(tree / "build"), "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release",
-                        external=True)
-            session.run("cmake", "--build", str(tree / "build"), "-j2", "--target", "llama-quantize", external=True)
-        session.env["GDSLLM_LLAMACPP_BIN"] = str(binaries)
-        session.env.setdefault("GDSLLM_LLAMACPP_DIR", str(tree))
-    pytest(session, "-m", "llamacpp", "plugins/gdsllm_qwen3/tests", "plugins/gdsllm_gemma/tests")
+
+@nox.session
+def gemma(session: nox.Session) -> None:
+    """The Gemma 3 plugin's tests."""
+    pytest(session, "plugins/gdsllm_gemma/tests")
+
+
+LLAMACPP_SDIST = "llama-cpp-python==0.3.36"  # the llama.cpp its wheel vendors: the same as the tests' converter
+LLAMACPP_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gdsllm-tests" / "llama.cpp-build"
+
+
+def llamacpp_binaries(session: nox.Session) -> str:
+    """build/bin of a CPU build of llama.cpp: GDSLLM_LLAMACPP_BIN, else one made once into the user's cache from
+    the sdist on PyPI (3-11 minutes on 2 cores)."""
+    if os.environ.get("GDSLLM_LLAMACPP_BIN"):
+        return os.environ["GDSLLM_LLAMACPP_BIN"]
+    source, binaries = LLAMACPP_CACHE / "llama.cpp", LLAMACPP_CACHE / "llama.cpp" / "build" / "bin"
+    if not (binaries / "llama-quantize").is_file():
+        LLAMACPP_CACHE.mkdir(parents=True, exist_ok=True)
+        session.run(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d",
+                    str(LLAMACPP_CACHE), LLAMACPP_SDIST)
+        with tarfile.open(next(LLAMACPP_CACHE.glob("llama_cpp_python-*.tar.gz"))) as archive:
+            root = archive.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            members = [m for m in archive.getmembers() if m.name.startswith(root)]
+            for member in members:
+                member.name = "llama.cpp/" + member.name[len(root):]
+            archive.extractall(LLAMACPP_CACHE, members=members, filter="data")
+        session.run("cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", external=True)
+        session.run("cmake", "--build", str(source / "build"), "-j", str(os.cpu_count() or 2), "--target",
+                    "llama-quantize", external=True)
+    return str(binaries)
+
+
+@nox.session
+def llamacpp(session: nox.Session) -> None:
+    """The tests that need llama.cpp's llama-quantize (marker `llamacpp`: K-quant files it wrote)."""
+    session.env["GDSLLM_LLAMACPP_BIN"] = llamacpp_binaries(session)
+    pytest(session, "-m", "llamacpp")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The adversarial suite on a loopback server (schemathesis over both dialects, numeric extremes, deep nesting,
+    a hostile chat template, corrupted manifests) at 10x CI's size; prints request, server-error and hang counts."""
+    session.env["GDSLLM_FUZZ_SCALE"] = session.env.get("GDSLLM_FUZZ_SCALE", "10")
+    pytest(session, "tests/unit/test_fuzz.py", "-s", "-q", "--timeout=1800")
 
 
 @nox.session

@@ -1,8 +1,8 @@
-"""The core's own registrations: the default residency scheduler."""
+"""The core's own registrations: the default residency."""
 
 from gdsllm_core.hookspecs import hookimpl
 
 
 @hookimpl
-def register_schedulers(register):
-    register("tiered", "gdsllm_core.scheduler:TieredScheduler")
+def register_residencies(register):
+    register("tiered", "gdsllm_core.runtime.residency:TieredResidency")

@@ -31,8 +31,18 @@ class ConversionError(GdsllmError):
     pass
 
 
+class UnsupportedTokenizerError(ConversionError):
+    """A checkpoint's tokenizer (type or pre-tokenizer) that gdsllm cannot rebuild faithfully."""
+
+
 class CorruptModelError(GdsllmError):
     """A weight file is truncated, or its bytes do not match the manifest's checksum."""
+
+    http_status = 500
+
+
+class StorageReadError(GdsllmError):
+    """Reading a model's weights failed (an I/O error or a short read): the generation that needed them ends."""
 
     http_status = 500
 
@@ -43,6 +53,14 @@ class ContextOverflowError(GdsllmError):
 
 class BadRequestError(GdsllmError):
     pass
+
+
+class InvalidFieldError(BadRequestError):
+    """A request field has a value gdsllm cannot honour; `param` names the field (OpenAI reports it)."""
+
+    def __init__(self, param: str, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.param = param
 
 
 class BackendUnavailableError(GdsllmError):

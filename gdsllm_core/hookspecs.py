@@ -18,13 +18,8 @@ def detect_format(path):
 
 
 @hookspec
-def register_weight_layouts(register):
-    """Register weight layouts: register(architecture, "module:Class"); a layout groups tensors into extents."""
-
-
-@hookspec
-def register_schedulers(register):
-    """Register residency schedulers: register(name, "module:Class"); see `scheduler.Scheduler`."""
+def register_residencies(register):
+    """Register residencies: register(name, "module:Class"); see `runtime.protocols.Residency`."""
 
 
 @hookspec

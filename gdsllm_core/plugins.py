@@ -36,7 +36,7 @@ def load_plugins() -> None:
         return
     _loaded = True
     wanted = settings.load_plugins()
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for entry_point in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
         if wanted is not None and entry_point.name not in wanted:
             continue
         if pm.get_plugin(entry_point.name) is not None:

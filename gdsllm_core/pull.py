@@ -3,7 +3,9 @@
 Downloads are resumable byte by byte: each file is written to `<cache>/<repo>/blobs/<etag>.part` and continued with
 an HTTP Range request on the next pull; complete files are checked against their SHA-256 ETag and kept (keyed by
 ETag), then hard-linked under `snapshots/<commit>/<path>`. Only what the converter needs is fetched: config,
-tokenizer and safetensors files, or one GGUF file picked by its quant name (`user/repo:Q4_K_M`, as ollama does).
+tokenizer and safetensors files, or one GGUF model picked by its quant name (`user/repo:Q4_K_M`, as ollama does):
+one file, or every part of a split one (`-00001-of-0000N`). Before a GGUF's weights are fetched, its header is read
+through HTTP range requests so that a model no installed plugin converts is refused first.
 """
 
 import errno
@@ -19,8 +21,16 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from gdsllm_core import __version__, pidfile, registry, settings
-from gdsllm_core.convert import ConvertOptions, convert
-from gdsllm_core.errors import BadRequestError, DownloadError, GdsllmError, ModelNotFoundError, UnsupportedQuantError
+from gdsllm_core.convert import ConvertOptions, convert, unknown_gguf_error
+from gdsllm_core.convert.gguf_file import IncompleteHeader, parse_header
+from gdsllm_core.errors import (
+    BadRequestError,
+    DownloadError,
+    GdsllmError,
+    ModelNotFoundError,
+    UnknownArchitectureError,
+    UnsupportedQuantError,
+)
 from gdsllm_core.layout.store import ModelEntry, ModelStore, check_name
 from gdsllm_core.layout.writer import TEMP_PREFIX
 
@@ -31,9 +41,10 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "vocab.json", "merges.txt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_GGUF_QUANT = "Q4_K_M"  # what ollama picks when a GGUF repo is pulled without a tag
-SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 RESUME_CHUNK_BYTES = 1 << 20
+HEADER_PROBE_BYTES = 1 << 20  # first range request for a GGUF header (doubled until the header fits)
 
 
 class DownloadBar(Protocol):
@@ -104,30 +115,40 @@ def gguf_quants(gguf_files: list[str]) -> list[str]:
     return sorted({token for name in gguf_files for token in _quant_tokens(name) if known.match(token)})
 
 
-def select_gguf(files: list[str], quant: str | None, repo_id: str) -> str | None:
-    """The one GGUF file to fetch, or None when the repo has no GGUF (then safetensors are used)."""
+def select_gguf(files: list[str], quant: str | None, repo_id: str) -> list[str]:
+    """The GGUF file to fetch, or every part of a split one in order; [] when the repo has no GGUF (then
+    safetensors are used)."""
     ggufs = [name for name in files if name.lower().endswith(".gguf") and "mmproj" not in name.lower()]
     if not ggufs:
         if quant:
             raise UnsupportedQuantError(f"{repo_id} has no GGUF files, so there is no {quant} file to pick",
                                         f"pull `{repo_id}` without `:{quant}`; add `--quant q8_0` to re-quantize")
-        return None
-    wanted = quant or (None if len(ggufs) == 1 else DEFAULT_GGUF_QUANT)
-    matches = ggufs if wanted is None else [name for name in ggufs if wanted in _quant_tokens(name)]
+        return []
+    models = {SPLIT_GGUF.sub("", name): name for name in ggufs}  # one entry per model, split or not
+    wanted = quant or (None if len(models) == 1 else DEFAULT_GGUF_QUANT)
+    matches = [name for name in ggufs if wanted is None or wanted in _quant_tokens(name)]
     if not matches:
         available = ", ".join(gguf_quants(ggufs)) or ", ".join(ggufs)
         hint = f"pick one with `gdsllm pull {repo_id}:<QUANT>`"
         if quant:
             raise UnsupportedQuantError(f"{repo_id} has no GGUF file for {quant} (available: {available})", hint)
         raise UnsupportedQuantError(f"{repo_id} holds several GGUF files (available: {available})", hint)
-    if any(SPLIT_GGUF.search(match) for match in matches):
-        raise UnsupportedQuantError(f"the {wanted or 'GGUF'} model of {repo_id} is split into several files "
-                                    f"({', '.join(sorted(matches)[:3])}…), which gdsllm cannot convert yet",
-                                    "pick a quant stored as one file, or merge the parts with llama.cpp's gguf-split")
-    if len(matches) > 1:
-        raise UnsupportedQuantError(f"{repo_id} has several GGUF files matching {wanted}: {', '.join(matches)}",
+    stems = sorted({SPLIT_GGUF.sub("", name) for name in matches})
+    if len(stems) > 1:
+        raise UnsupportedQuantError(f"{repo_id} has several GGUF models matching {wanted}: {', '.join(stems)}",
                                     "give the quant name exactly as it appears in one file name")
-    return matches[0]
+    split = SPLIT_GGUF.search(matches[0])
+    if split is None:
+        return matches
+    count = int(split.group(2))
+    parts = [f"{stems[0]}-{no:05d}-of-{count:05d}.gguf" for no in range(1, count + 1)]
+    by_lower = {name.lower(): name for name in matches}
+    missing = [part for part in parts if part.lower() not in by_lower]
+    if missing:
+        raise DownloadError(f"{repo_id} lacks part{'s' if len(missing) > 1 else ''} {', '.join(missing)} of its "
+                            f"split {wanted or 'GGUF'} model", "the upload is incomplete: pick another quant or "
+                            "report it to the repo's owner")
+    return [by_lower[part.lower()] for part in parts]
 
 
 def select_safetensors(files: list[str], index: dict | None, repo_id: str) -> list[str]:
@@ -206,6 +227,39 @@ class HubClient:
         target.parent.mkdir(parents=True, exist_ok=True)
         _link(blob, target)
         return target
+
+    def fetch_header(self, repo_id: str, commit: str, filename: str) -> Path:
+        """A stand-in for a remote GGUF, for the converters' `detect`: its header, fetched with HTTP range requests,
+        in a sparse file of the real size (zeros where the weights would be), under `probe/<commit>/`."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, http_backoff
+
+        url = hf_hub_url(repo_id, filename, revision=commit, endpoint=self.endpoint)
+        probe = self.repo_dir(repo_id) / "probe" / commit / filename
+        with self._translate_errors(repo_id, filename):
+            meta = get_hf_file_metadata(url, token=self._token_arg(), endpoint=self.endpoint,
+                                        library_name="gdsllm", library_version=__version__)
+            headers = build_hf_headers(token=self._token_arg(), library_name="gdsllm", library_version=__version__)
+            if urlparse(meta.location).netloc != urlparse(self.endpoint).netloc:
+                headers.pop("authorization", None)
+            wanted = HEADER_PROBE_BYTES
+            while True:
+                response = http_backoff("GET", meta.location, headers={**headers, "Range": f"bytes=0-{wanted - 1}"})
+                response.raise_for_status()
+                data = response.content[:wanted]
+                try:
+                    parse_header(data, filename)
+                    break
+                except IncompleteHeader as more:
+                    if len(data) < wanted or (meta.size is not None and wanted >= meta.size):
+                        raise DownloadError(f"{filename} in {repo_id} ends inside its GGUF header",
+                                            "the upload is truncated: pick another quant") from None
+                    wanted = max(more.needed, 2 * wanted)
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(data)
+            handle.truncate(max(meta.size or 0, len(data)))
+        return probe
 
     def _download(self, meta, blob: Path, filename: str, progress: PullProgress | None) -> None:
         from huggingface_hub import constants as hub_constants
@@ -397,14 +451,15 @@ def pull(source: str, store: ModelStore | None = None, name: str | None = None, 
     client = client or HubClient()
     commit, files = client.repo_files(repo_id)
     has_checkpoint = "config.json" in files and any("/" not in f and f.endswith(".safetensors") for f in files)
-    gguf = select_gguf(files, parsed.quant, repo_id) if parsed.quant or not has_checkpoint else None
+    gguf_parts = select_gguf(files, parsed.quant, repo_id) if parsed.quant or not has_checkpoint else []
     name = name or default_model_name(repo_id, parsed.quant)
     if store.exists(name) and not force:
         raise AlreadyPulled(name)
     if progress:
         progress.message(f"pulling {repo_id} ({commit[:12]}) → {name}")
-    if gguf is not None:
-        checkpoint = client.fetch(repo_id, commit, gguf, progress)
+    if gguf_parts:
+        _check_gguf_converter(client, repo_id, commit, gguf_parts[0])  # before any weights are downloaded
+        checkpoint = [client.fetch(repo_id, commit, part, progress) for part in gguf_parts][0]
     else:
         index = None
         if SAFETENSORS_INDEX in files:
@@ -423,6 +478,17 @@ def pull(source: str, store: ModelStore | None = None, name: str | None = None, 
             client.fetch(repo_id, commit, filename, progress)
         checkpoint = _stage(staged, snapshot, wanted)
     return convert(checkpoint, store, name=name, options=options, overwrite=force)
+
+
+def _check_gguf_converter(client: HubClient, repo_id: str, commit: str, filename: str) -> None:
+    """Refuse a remote GGUF that no installed plugin converts, from its header alone."""
+    probe = client.fetch_header(repo_id, commit, filename)
+    try:
+        registry.detect_converter(probe)
+    except UnknownArchitectureError as exc:
+        raise unknown_gguf_error(probe, f"{repo_id}/{filename}") from exc
+    finally:
+        shutil.rmtree(probe.parents[len(Path(filename).parts) - 1], ignore_errors=True)
 
 
 def _stage(folder: Path, snapshot: Path, files: list[str]) -> Path:

@@ -1,4 +1,4 @@
-"""Look-ups over what plugins registered: converters, layouts, schedulers, forward passes."""
+"""Look-ups over what plugins registered: converters, layouts, residencies, forward passes."""
 
 import importlib
 from collections.abc import Callable
@@ -9,19 +9,20 @@ from gdsllm_core.errors import PluginError, UnknownArchitectureError
 
 
 def collect(kind: str) -> dict[str, tuple[object, str]]:
-    """name -> (target, plugin name) for one kind of registration; the first registration of a name wins."""
+    """name -> (target, plugin name) for one kind of registration, through pluggy's hook `register_<kind>`. The
+    order is deterministic: plugins in registration order (entry points sorted by name, then core's defaults), and
+    the first registration of a name wins."""
     plugins.load_plugins()
     found: dict[str, tuple[object, str]] = {}
-    for plugin in plugins.pm.get_plugins():
-        hook_impl = getattr(plugin, f"register_{kind}", None)
-        if hook_impl is None:
-            continue
-        plugin_name = plugins.pm.get_name(plugin) or getattr(plugin, "__name__", "?")
+    caller = getattr(plugins.pm.hook, f"register_{kind}")
+    # pluggy calls the most recently registered implementation first: walk them oldest first instead
+    for impl in caller.get_hookimpls():
+        plugin_name = impl.plugin_name
 
         def register(name: str, target: object, _plugin=plugin_name) -> None:
             found.setdefault(name, (target, _plugin))
 
-        hook_impl(register=register)
+        impl.function(register=register)
     return found
 
 
@@ -53,12 +54,8 @@ def get_forward_pass(architecture: str) -> Callable:
     return _lookup("forward_passes", architecture, "forward pass for architecture")
 
 
-def get_weight_layout(architecture: str) -> Callable:
-    return _lookup("weight_layouts", architecture, "weight layout for architecture")
-
-
-def get_scheduler(name: str) -> Callable:
-    return _lookup("schedulers", name, "scheduler")
+def get_residency(name: str) -> Callable:
+    return _lookup("residencies", name, "residency")
 
 
 def get_converter(name: str) -> Callable:
@@ -75,11 +72,13 @@ def detect_converter(path: Path) -> str:
         converter = resolve(target)
         if getattr(converter, "detect", None) and converter.detect(Path(path)):
             return candidate
-    from gdsllm_core.convert.gguf_file import gguf_architecture
-    from gdsllm_core.convert.hf_folder import config_architectures
-
     path = Path(path)
-    found = gguf_architecture(path) if path.is_file() else ", ".join(config_architectures(path)) or None
+    config = path / "config.json"
+    if config.is_file():
+        from gdsllm_core.convert import read_json
+
+        read_json(config)  # an unreadable config.json is why nothing recognised the folder: say so
+    found = _architecture_of(path)
     what = f"{path} (architecture {found})" if found else str(path)
     installed = ", ".join(name for name, _plugin in plugins.pm.list_name_plugin()) or "none"
     known = ", ".join(sorted(collect("converters"))) or "none"
@@ -89,3 +88,12 @@ def detect_converter(path: Path) -> str:
         f"architectures: {archs})",
         "point at a GGUF file or a folder with config.json and *.safetensors, or install the plugin for this model",
     )
+
+
+
+def _architecture_of(path: Path) -> str | None:
+    """The architecture a GGUF's header or a folder's config.json names, for the error when no plugin claims it."""
+    from gdsllm_core.convert.gguf_file import gguf_architecture
+    from gdsllm_core.convert.hf_folder import config_architectures
+
+    return gguf_architecture(path) if path.is_file() else ", ".join(config_architectures(path)) or None

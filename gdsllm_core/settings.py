@@ -71,3 +71,16 @@ def load_plugins() -> list[str] | None:
 def default_num_ctx() -> int:
     """GDSLLM_NUM_CTX: the context window of a request that sets no num_ctx (capped by the model's maximum)."""
     return int(os.environ.get("GDSLLM_NUM_CTX") or 4096)
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")  # the names a local browser page is served from
+DEFAULT_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")  # desktop apps, as ollama's
+
+
+def origins() -> list[str]:
+    """Browser origins the server answers (GDSLLM_ORIGINS, comma-separated, `*` a wildcard, as OLLAMA_ORIGINS):
+    always the loopback origins on any port and desktop-app schemes, plus those listed."""
+    listed = [origin.strip() for origin in os.environ.get("GDSLLM_ORIGINS", "").split(",") if origin.strip()]
+    loopback = [f"{scheme}://{host}{port}" for host in LOOPBACK_HOSTS for scheme in ("http", "https")
+                for port in ("", ":*")]
+    return listed + loopback + [f"{scheme}://*" for scheme in DEFAULT_ORIGIN_SCHEMES]

@@ -42,7 +42,7 @@ def bench(model, gguf_file, pp, tg, batch, device, vram_budget, host_cache, vram
     from gdsllm_core.engine.forward import LoadOptions
     from gdsllm_core.errors import BadRequestError
     from gdsllm_core.layout.store import ModelStore
-    from gdsllm_core.scheduler import cpu_layers_option
+    from gdsllm_core.runtime.residency import cpu_layers_option
 
     if bool(model) == bool(gguf_file):
         raise BadRequestError("name a model from the store or pass --gguf FILE (one of the two)",

@@ -8,6 +8,7 @@ from gdsllm_core.bundled import DEFAULT_MODEL
 from gdsllm_core.cli.main import cli, console, err_console
 from gdsllm_core.cli.output import CPU_LAYERS_HELP, load_options
 from gdsllm_core.errors import BadRequestError, ConversionError, GdsllmError
+from gdsllm_core.limits import check_sampling
 
 MULTILINE = '"""'
 HELP = """Available commands:
@@ -38,6 +39,20 @@ def ensure_model(store, name: str | None) -> str:
         if not store.exists(DEFAULT_MODEL):  # another gdsllm converted it at the same time: use that one
             raise
     return DEFAULT_MODEL
+
+
+def read_stdin_text() -> str:
+    """The prompt piped in: UTF-8 text without NUL bytes, else one clear error."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"stdin is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})",
+                              "pipe a text prompt, or pass --prompt") from None
+    if "\0" in text:
+        raise BadRequestError(f"stdin holds binary data (a NUL byte at {text.index(chr(0))})",
+                              "pipe a text prompt, or pass --prompt")
+    return text
 
 
 def read_message(prompt: str = ">>> ") -> str:
@@ -169,15 +184,16 @@ def run(model: str | None, prompt: str | None, system: str | None, max_tokens: i
     from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
 
     options = load_options(vram_budget, host_cache, cpu_layers)
+    sampling = SamplingParams(temperature=temperature, seed=seed)
+    check_sampling(sampling, {"temperature": "--temperature", "seed": "--seed"})
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        prompt = read_stdin_text()
         if not prompt.strip():
             raise BadRequestError("no prompt: stdin is empty and --prompt was not given",
                                   "pass --prompt, pipe a prompt in, or run in a terminal to chat")
     store = ModelStore()
     name = ensure_model(store, model)
     choose_backend(device=options.device)  # a forced GDSLLM_IO that cannot work here fails now, in one line
-    sampling = SamplingParams(temperature=temperature, seed=seed)
 
     def make_request(messages: list) -> GenerateRequest:
         return GenerateRequest(model=name, messages=messages, max_tokens=max_tokens, sampling=sampling)

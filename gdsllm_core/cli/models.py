@@ -41,21 +41,24 @@ def pull(source: str, name: str | None, quantize: str | None, group_size: int | 
 
 @cli.command(name="list")
 def list_models() -> None:
-    """List the models in the store."""
-    from gdsllm_core.layout.store import ModelStore
+    """List the models in the store, damaged ones included (STATUS says what is wrong)."""
+    from gdsllm_core.layout.store import ModelEntry, ModelStore
 
     store = ModelStore()
-    entries = store.list()
+    entries = store.scan()
     if not entries:
         err_console.print(f"no models in {store.root} yet: `gdsllm pull <repo>` fetches one, "
                           "`gdsllm run` sets up the default model", highlight=False)
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "ARCHITECTURE", "QUANT", "SIZE", "MODIFIED"):
-        table.add_column(column, no_wrap=True)
+    for column in ("NAME", "ARCHITECTURE", "QUANT", "SIZE", "MODIFIED", "STATUS"):
+        table.add_column(column, no_wrap=column != "STATUS")
     for entry in entries:
-        table.add_row(entry.name, entry.manifest.architecture, quant_label(entry.manifest),
-                      human_bytes(entry.size_bytes), age(entry.modified))
+        if isinstance(entry, ModelEntry):
+            table.add_row(entry.name, entry.manifest.architecture, quant_label(entry.manifest),
+                          human_bytes(entry.size_bytes), age(entry.modified), "ok")
+        else:
+            table.add_row(entry.name, "?", "?", "?", "?", f"damaged: {entry.problem}")
     console.print(table, highlight=False)
 
 

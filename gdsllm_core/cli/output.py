@@ -138,7 +138,7 @@ def load_options(vram_budget: str | None, host_cache: str | None, cpu_layers: st
     --cpu-layers (0, "auto" or a count)."""
     from gdsllm_core.engine.engine import default_device
     from gdsllm_core.engine.forward import LoadOptions
-    from gdsllm_core.scheduler import cpu_layers_option
+    from gdsllm_core.runtime.residency import cpu_layers_option
 
     return LoadOptions(device=default_device(), vram_budget=parse_size(vram_budget) if vram_budget else None,
                        host_cache=parse_size(host_cache) if host_cache else None,

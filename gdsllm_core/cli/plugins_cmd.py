@@ -8,7 +8,7 @@ from rich.markup import escape
 from gdsllm_core import plugins
 from gdsllm_core.cli.main import cli, console
 
-KIND_LABELS = {"converters": "converters", "weight_layouts": "weight layouts", "schedulers": "schedulers",
+KIND_LABELS = {"converters": "converters", "residencies": "residencies",
                "forward_passes": "architectures"}
 
 

@@ -29,7 +29,7 @@ def serve(model: str | None, preload: bool, host: str, port: int, vram_budget: s
     """Start the Ollama- and OpenAI-compatible API server.
 
     MODEL is what requests that name no model get; --preload loads it before the first request."""
-    from gdsllm_core.server.app import run_server
+    from gdsllm_core.server.app import listen_socket, run_server
 
     options = load_options(vram_budget, host_cache, cpu_layers)  # a bad size or count fails before the pid file
     record = pidfile.read()
@@ -41,13 +41,14 @@ def serve(model: str | None, preload: bool, host: str, port: int, vram_budget: s
         pidfile.remove()
     if preload and not model:
         raise click.UsageError("--preload needs a MODEL to load")
+    sock = listen_socket(host, port)  # a busy port fails here, before the pid file and any model load
     pid = os.getpid()
     path = pidfile.write(pidfile.ServerRecord(pid=pid, start_time=pidfile.process_start_time(pid), host=host,
                                               port=port, model=model or ""))
     err_console.print(f"serving on http://{host}:{port} (pid {pid}, pid file {path}); `gdsllm stop` stops it",
                       highlight=False)
     try:
-        run_server(model, host=host, port=port, preload=preload, options=options)
+        run_server(model, host=host, port=port, preload=preload, options=options, sock=sock)
     finally:
         pidfile.remove(pid=pid)
 

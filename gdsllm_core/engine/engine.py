@@ -5,6 +5,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import logging
 import queue
 import threading
 import time
@@ -20,14 +21,16 @@ from gdsllm_core import registry, settings
 from gdsllm_core.engine.chat_template import render_chat
 from gdsllm_core.engine.detokenizer import IncrementalDetokenizer
 from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.engine.sampling import Sampler, check_params, sample_batch
+from gdsllm_core.engine.sampling import Sampler, sample_batch
 from gdsllm_core.engine.stops import StopMatcher
 from gdsllm_core.engine.tokenizer import Tokenizer
 from gdsllm_core.errors import BadRequestError, ContextOverflowError, GdsllmError, ModelNotFoundError
 from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.limits import check_generate, check_keep_alive
 from gdsllm_core.types import GenerateRequest, TokenEvent
 
 DEFAULT_MAX_BATCH = 32
+log = logging.getLogger("gdsllm.engine")
 
 
 class RunningModel(msgspec.Struct):
@@ -172,7 +175,7 @@ class Engine:
                  keep_alive: float | None = 300.0, max_batch: int = DEFAULT_MAX_BATCH):
         self.store = store or ModelStore()
         self.options = options or LoadOptions(device=default_device())
-        self.keep_alive = keep_alive
+        self.keep_alive = None if keep_alive is None or keep_alive < 0 else check_keep_alive(keep_alive)
         self.max_batch = max_batch
         self._tokenizers: dict[str, tuple[Tokenizer, int]] = {}  # model -> (tokenizer, max context)
         self._model: _Loaded | None = None
@@ -205,7 +208,7 @@ class Engine:
                 self.load(name)
                 load_ns = time.perf_counter_ns() - started
             tokenizer, max_context = self._tokenizers[name]
-            prompt_ids = _prompt_ids(request, tokenizer)
+            prompt_ids = _prompt_ids(request, tokenizer, name)
             n_ctx = min(request.num_ctx or settings.default_num_ctx(), max_context)
             prompt_ids, truncated = _fit_context(prompt_ids, n_ctx, request, max_context, tokenizer.bos_id)
             room = n_ctx - len(prompt_ids)
@@ -231,8 +234,9 @@ class Engine:
                 self._inbox.put(_Command("wake", None))  # let the worker re-check keep_alive
 
     def set_keep_alive(self, seconds: float | None) -> None:
-        """How long the loaded model stays after its last request (None: forever); takes effect at once."""
-        self.keep_alive = seconds
+        """How long the loaded model stays after its last request (None or negative: forever); takes effect at
+        once. A value beyond limits.KEEP_ALIVE_MAX_S is refused (InvalidFieldError)."""
+        self.keep_alive = None if seconds is None or seconds < 0 else check_keep_alive(seconds)
         self._inbox.put(_Command("wake", None))
 
     def load(self, model: str) -> None:
@@ -295,6 +299,7 @@ class Engine:
                 elif not self._waiting:
                     self._maybe_expire()
             except BaseException as exc:  # a bug must end the generations it touched, not the worker
+                log.exception("the engine's worker caught an error; ending the running generations")
                 for sequence in self._active:
                     sequence.generation._put(exc)
                 self._active.clear()
@@ -315,7 +320,7 @@ class Engine:
     def _seconds_to_expiry(self) -> float | None:
         if self._model is None or self.keep_alive is None or self._submits:
             return None
-        return max(0.0, self._last_used + self.keep_alive - time.time())
+        return min(max(0.0, self._last_used + self.keep_alive - time.time()), threading.TIMEOUT_MAX)
 
     def _maybe_expire(self) -> None:
         remaining = self._seconds_to_expiry()
@@ -513,16 +518,12 @@ def _check_request(request: GenerateRequest) -> None:
                               "send either messages or a prompt")
     if request.messages is not None and not request.messages:
         raise BadRequestError("`messages` is empty", "send at least one message")
-    if request.max_tokens is not None and request.max_tokens < 0:
-        raise BadRequestError(f"max_tokens {request.max_tokens} is negative", "use a positive number, or none")
-    if request.num_ctx is not None and request.num_ctx < 2:
-        raise BadRequestError(f"num_ctx {request.num_ctx} is too small", "use at least 2 (or leave it unset)")
     if any(not isinstance(stop, str) or not stop for stop in request.stop):
         raise BadRequestError("stop strings must be non-empty strings", "remove the empty stop string")
-    check_params(request.sampling)
+    check_generate(request)
 
 
-def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer) -> list[int]:
+def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer, model: str) -> list[int]:
     """Token ids of the prompt: the chat template over the messages (or over system + prompt unless `raw`)."""
     if request.messages is not None:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -535,7 +536,7 @@ def _prompt_ids(request: GenerateRequest, tokenizer: Tokenizer) -> list[int]:
                    [{"role": "user", "content": request.prompt}]
     text = request.prompt if messages is None else render_chat(
         messages, tokenizer.chat_template, add_generation_prompt=True,
-        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, model=repr(model))
     ids = tokenizer.encode(text, add_special=True)
     if not ids:
         raise BadRequestError("the prompt is empty", "send some text")
@@ -553,7 +554,8 @@ def _fit_context(ids: list[int], n_ctx: int, request: GenerateRequest, max_conte
             f"the prompt is {len(ids)} tokens but the context window is {n_ctx} tokens "
             f"(num_ctx {request.num_ctx or 'default ' + str(settings.default_num_ctx())}, "
             f"model maximum {max_context}); at least one token must be left to generate",
-            f"shorten the prompt, raise num_ctx (up to {max_context}) or ask for truncation")
+            f"shorten the prompt, or raise the context window up to {max_context}: GDSLLM_NUM_CTX for `gdsllm run` "
+            "and the server's default, `options.num_ctx` in an ollama request; or send `\"truncate\": true`")
     room = min(request.max_tokens or n_ctx // 2, n_ctx // 2) or 1
     keep = n_ctx - room
     head = [bos_id] if bos_id is not None and ids[0] == bos_id else []

@@ -10,7 +10,7 @@ import secrets
 
 import torch
 
-from gdsllm_core.errors import BadRequestError
+from gdsllm_core.limits import check_sampling
 from gdsllm_core.types import SamplingParams
 
 
@@ -35,13 +35,20 @@ def apply_repeat_penalty(logits: torch.Tensor, token_ids: torch.Tensor, penalty)
     penalty = _per_row(penalty, logits, logits.dtype)
     picked = logits.gather(-1, token_ids)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(-1, token_ids, picked)
+    largest = torch.finfo(logits.dtype).max  # an extreme penalty saturates instead of overflowing to inf
+    return logits.scatter(-1, token_ids, picked.clamp(-largest, largest))
 
 
 def apply_temperature(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """logits / temperature; a row that would overflow is divided after subtracting its maximum (the same
+    distribution), so a tiny temperature stays greedy-like instead of turning into inf - inf = NaN."""
     if _all_off(temperature, lambda t: t == 1.0):
         return logits
-    return logits / _per_row(temperature, logits, logits.dtype)
+    temperature = _per_row(temperature, logits, logits.dtype)
+    scaled = logits / temperature
+    overflowed = (torch.isinf(scaled) & ~torch.isinf(logits)).any(dim=-1, keepdim=True)
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    return torch.where(overflowed, shifted, scaled)
 
 
 def apply_top_k(logits: torch.Tensor, top_k) -> torch.Tensor:
@@ -81,30 +88,11 @@ def apply_min_p(logits: torch.Tensor, min_p) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def check_params(params: SamplingParams) -> None:
-    """BadRequestError naming the field when a value is out of range."""
-    problems = []
-    if not params.temperature >= 0:
-        problems.append(f"temperature {params.temperature} (must be >= 0; 0 is greedy)")
-    if params.top_k < 0:
-        problems.append(f"top_k {params.top_k} (must be >= 0; 0 turns it off)")
-    if not 0 < params.top_p <= 1:
-        problems.append(f"top_p {params.top_p} (must be in (0, 1])")
-    if not 0 <= params.min_p <= 1:
-        problems.append(f"min_p {params.min_p} (must be in [0, 1])")
-    if not params.repeat_penalty > 0:
-        problems.append(f"repeat_penalty {params.repeat_penalty} (must be > 0; 1 turns it off)")
-    if params.repeat_last_n < -1:
-        problems.append(f"repeat_last_n {params.repeat_last_n} (must be >= -1)")
-    if problems:
-        raise BadRequestError("invalid sampling options: " + "; ".join(problems), "fix the values in the request")
-
-
 class Sampler:
     """One sequence's sampling state: its parameters and its own random generator."""
 
     def __init__(self, params: SamplingParams):
-        check_params(params)
+        check_sampling(params)
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.greedy = params.temperature == 0

@@ -12,11 +12,12 @@ import torch
 
 from gdsllm_core.errors import ConversionError
 from gdsllm_core.layout import manifest as manifest_mod
-from gdsllm_core.layout.manifest import ExtentInfo, Manifest, TensorInfo, TokenizerInfo
+from gdsllm_core.layout.manifest import ExtentInfo, ExtentRole, Manifest, TensorInfo, TokenizerInfo
 from gdsllm_core.layout.qtypes import ALIGNMENT, align_up, tensor_nbytes
 
 WEIGHTS_FILE = "weights.bin"
 TEMP_PREFIX = ".partial-"
+ASIDE_PREFIX = ".partial-replaced-"  # `.partial-replaced-NAME-PID`: the model a replacement moved aside
 
 
 def as_bytes(data) -> memoryview:
@@ -78,8 +79,12 @@ class ModelWriter:
         if padding:
             self._write(memoryview(bytes(padding)))
 
-    def add_extent(self, name: str, tensors: list[tuple]) -> ExtentInfo:
-        """Append one extent. Each tensor is (name, qtype, shape, data[, extra]); each starts on a 4 KiB boundary."""
+    def add_extent(self, name: str, tensors: list[tuple], role: ExtentRole = ExtentRole.OTHER,
+                   index: int = -1) -> ExtentInfo:
+        """Append one extent. Each tensor is (name, qtype, shape, data[, extra]); each starts on a 4 KiB boundary.
+        `role` says what the extent is to the runtime, `index` its layer (for LAYER and EXPERT extents)."""
+        if role in (ExtentRole.LAYER, ExtentRole.EXPERT) and index < 0:
+            raise ConversionError(f"extent {name!r}: a {role} extent needs its layer index")
         if any(extent.name == name for extent in self.extents):
             raise ConversionError(f"extent {name!r} written twice")
         self._pad()
@@ -97,7 +102,8 @@ class ModelWriter:
                                     offset=self._offset - start, nbytes=len(view), crc32=zlib.crc32(view), extra=extra))
             self._write(view)
         self._pad()
-        extent = ExtentInfo(name=name, file=WEIGHTS_FILE, offset=start, nbytes=self._offset - start, tensors=infos)
+        extent = ExtentInfo(name=name, file=WEIGHTS_FILE, offset=start, nbytes=self._offset - start, tensors=infos,
+                            role=ExtentRole(role), index=index)
         self.extents.append(extent)
         return extent
 
@@ -118,8 +124,12 @@ class ModelWriter:
             if not self.overwrite:
                 self.abort()
                 raise ConversionError(f"model {self.name!r} appeared in {self.root} during conversion")
-            shutil.rmtree(self.final_path)
-        os.rename(self.temp_path, self.final_path)
+            aside = self.root / f"{ASIDE_PREFIX}{self.name}-{os.getpid()}"
+            os.rename(self.final_path, aside)  # a crash from here on leaves the old model aside, recovered later
+            os.rename(self.temp_path, self.final_path)
+            shutil.rmtree(aside)
+        else:
+            os.rename(self.temp_path, self.final_path)
         return manifest
 
     def abort(self) -> None:
@@ -128,4 +138,32 @@ class ModelWriter:
         shutil.rmtree(self.temp_path, ignore_errors=True)
 
 
-__all__ = ["ALIGNMENT", "ModelWriter", "WEIGHTS_FILE", "as_bytes"]
+def recover_replaced(root: Path) -> list[str]:
+    """Undo replacements that a crashed process left half done: a model it moved aside comes back unless its new
+    version is in place (then the old one is deleted). Folders of running processes are left alone. Returns the
+    names of the models brought back."""
+    recovered = []
+    for aside in Path(root).glob(f"{ASIDE_PREFIX}*"):
+        name, _, pid = aside.name[len(ASIDE_PREFIX):].rpartition("-")
+        if not name or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if (Path(root) / name / manifest_mod.MANIFEST_NAME).is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            shutil.rmtree(Path(root) / name, ignore_errors=True)
+            os.rename(aside, Path(root) / name)
+            recovered.append(name)
+    return recovered
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["ALIGNMENT", "ExtentRole", "ModelWriter", "WEIGHTS_FILE", "as_bytes"]

@@ -2,18 +2,21 @@
 
 import logging
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
 import anyio
+import uvicorn
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 
 from gdsllm_core import __version__, settings
+from gdsllm_core.errors import GdsllmError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.server import urls
 from gdsllm_core.server.deps import DEPENDENCIES
@@ -22,7 +25,8 @@ from gdsllm_core.server.guards import PUBLIC, bearer_token_guard
 from gdsllm_core.server.ollama import OllamaController
 from gdsllm_core.server.openai import OpenAIController
 from gdsllm_core.server.schemas import HealthResponse
-from gdsllm_core.server.streams import Engine
+from gdsllm_core.server.security import BrowserGuardMiddleware, cors_config, is_loopback_address
+from gdsllm_core.server.streams import Engine, cancel_open_generations
 
 if TYPE_CHECKING:
     from gdsllm_core.engine.forward import LoadOptions
@@ -67,15 +71,24 @@ def document_streamed_bodies(app: Litestar) -> None:
     """Litestar documents one media type per status: add the NDJSON / SSE bodies the generation routes stream."""
     for path, (media_type, description) in STREAMED_BODIES.items():
         content = app.openapi_schema.paths[path].post.responses["200"].content
-        content[media_type] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, description=description))
+        if media_type == "text/event-stream":  # each event: its `data` field carries one JSON chunk (or [DONE])
+            schema = Schema(type=OpenAPIType.OBJECT, description=description,
+                            properties={"data": Schema(type=OpenAPIType.STRING),
+                                        "event": Schema(type=OpenAPIType.STRING)})
+        else:
+            schema = Schema(type=OpenAPIType.STRING, description=description)
+        content[media_type] = OpenAPIMediaType(schema=schema)
 
 
 def create_app(store: ModelStore | None = None, default_model: str | None = None, preload: bool = False,
                engine_factory: Callable[[], Engine] | None = None, api_token: str | None = None,
-               read_token_from_env: bool = True, options: "LoadOptions | None" = None) -> Litestar:
+               read_token_from_env: bool = True, options: "LoadOptions | None" = None,
+               bind_host: str | None = None) -> Litestar:
     """The server app. `engine_factory` makes the engine in the lifespan (default: the real Engine on `store`);
-    the bearer token is `api_token`, else GDSLLM_API_TOKEN unless `read_token_from_env` is False."""
+    the bearer token is `api_token`, else GDSLLM_API_TOKEN unless `read_token_from_env` is False. Bound to a
+    loopback `bind_host`, requests must name a loopback Host (see server/security.py)."""
     store = store or ModelStore()
+    cors = cors_config()
     token = api_token or (settings.api_token() if read_token_from_env else None)
     state = State({"store": store, "default_model": default_model, "preload": preload, "auth": token is not None,
                    "engine_factory": engine_factory or (lambda: real_engine(store, options)), "engine": None})
@@ -84,6 +97,9 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
         dependencies=DEPENDENCIES,
         guards=[bearer_token_guard(token)] if token else [],
         exception_handlers=EXCEPTION_HANDLERS,
+        cors_config=cors,
+        middleware=[BrowserGuardMiddleware(cors, loopback_only=bind_host is not None
+                                           and is_loopback_address(bind_host))],
         lifespan=[engine_lifespan],
         state=state,
         logging_config=None,  # run_server (uvicorn) owns logging; the app only logs to "gdsllm.server"
@@ -91,6 +107,24 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
     )
     document_streamed_bodies(app)
     return app
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGINT/SIGTERM, first ends every generation being answered (each stream then sends its final chunk:
+    ollama's done object, OpenAI's finish chunk and [DONE]), then shuts down as uvicorn does."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        cancel_open_generations()
+        super().handle_exit(sig, frame)
+
+
+def serve(app: Litestar, sock: socket.socket) -> None:
+    """Serve `app` on the bound `sock` until SIGINT/SIGTERM (open responses get GRACEFUL_SHUTDOWN_S to finish)."""
+    host, port = sock.getsockname()[:2]
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                           log_level="info"))
+    with sock, return_after_stop_signals():
+        server.run(sockets=[sock])
 
 
 @contextmanager
@@ -108,23 +142,48 @@ def return_after_stop_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+class PortUnavailableError(GdsllmError):
+    pass
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now (before any model loads), so that a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortUnavailableError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                                   "another server (a gdsllm or ollama?) uses that port: stop it or pick "
+                                   "another with --port") from None
+    return sock
+
+
+def warn_if_exposed(host: str, token: str | None) -> None:
+    """A loud warning when the server is reachable from other machines with no token."""
+    if not is_loopback_address(host) and not token:
+        log.warning("!" * 100)
+        log.warning("listening on %s WITHOUT A TOKEN: anyone who can reach this machine can run and delete models. "
+                    "Set GDSLLM_API_TOKEN, or serve on 127.0.0.1.", host)
+        log.warning("!" * 100)
+
+
 def run_server(model: str | None, host: str = "127.0.0.1", port: int = 8000, preload: bool = False,
-               store: ModelStore | None = None, options: "LoadOptions | None" = None) -> None:
+               store: ModelStore | None = None, options: "LoadOptions | None" = None,
+               sock: socket.socket | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn finishes open responses for up to GRACEFUL_SHUTDOWN_S seconds, then
     cancels them, which cancels their generations, then closes the engine). `model` is what requests naming no
-    model get, loaded at start with `preload`."""
-    import uvicorn
-
+    model get, loaded at start with `preload`. `sock` is the socket from `listen_socket` (bound here if None)."""
     store = store or ModelStore()
     if model:
         store.get(model)  # fail before binding the port when the model is not there
+    sock = sock or listen_socket(host, port)
     if not logging.getLogger("gdsllm").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("gdsllm").addHandler(handler)
         logging.getLogger("gdsllm").setLevel(logging.INFO)
-    app = create_app(store=store, default_model=model, preload=preload, options=options)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                           log_level="info"))
-    with return_after_stop_signals():
-        server.run()
+    warn_if_exposed(host, settings.api_token())
+    serve(create_app(store=store, default_model=model, preload=preload, options=options, bind_host=host), sock)

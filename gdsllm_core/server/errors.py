@@ -8,19 +8,11 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 
-from gdsllm_core.errors import BadRequestError, ContextOverflowError, GdsllmError, ModelNotFoundError
+from gdsllm_core.errors import ContextOverflowError, GdsllmError, InvalidFieldError, ModelNotFoundError
 from gdsllm_core.server import urls
 from gdsllm_core.server.schemas import OllamaError, OpenAIError, OpenAIErrorBody
 
 log = logging.getLogger("gdsllm.server")
-
-
-class InvalidFieldError(BadRequestError):
-    """A request field has a value gdsllm cannot honour; `param` names the field (OpenAI reports it)."""
-
-    def __init__(self, param: str, message: str, hint: str | None = None):
-        super().__init__(message, hint)
-        self.param = param
 
 
 ERROR_DESCRIPTIONS = {400: "a field is missing, of the wrong type or out of range; the prompt exceeds the context",

@@ -14,6 +14,7 @@ from litestar.response import Stream
 
 from gdsllm_core import __version__
 from gdsllm_core.errors import GdsllmError
+from gdsllm_core.limits import check_keep_alive
 from gdsllm_core.server import catalog, urls
 from gdsllm_core.server.deps import DefaultModelDep, EngineDep, StoreDep
 from gdsllm_core.server.errors import OLLAMA_ERRORS, InvalidFieldError, error_body
@@ -23,6 +24,7 @@ from gdsllm_core.server.schemas import (
     OllamaGenerateRequest,
     OllamaGenerateResponse,
     OllamaListedModel,
+    OllamaModelDetails,
     OllamaModelRequest,
     OllamaOptions,
     OllamaPsResponse,
@@ -52,18 +54,22 @@ log = logging.getLogger("gdsllm.server")
 NDJSON = "application/x-ndjson"
 Chunk = Callable[[str, dict | None], msgspec.Struct]  # (text, done fields or None) -> one response object
 DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+# GenerateRequest's fields as ollama's requests spell them, for the 400s of limits.check_generate
+OPTION_NAMES = {"max_tokens": "options.num_predict",
+                **{field: f"options.{field}" for field in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                                                           "repeat_last_n", "seed", "num_ctx")}}
 DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_keep_alive(value: float | str | None) -> float | None:
     """Seconds from ollama's keep_alive: a number of seconds or a Go duration ("5m", "1h30m", "-1"); negative
     means forever (returned as -1)."""
-    if value is None or isinstance(value, float | int):
-        return None if value is None else (-1.0 if value < 0 else float(value))
-    text = value.strip()
+    if value is None:
+        return None
     try:
-        seconds = float(text)
+        seconds = float(value.strip() if isinstance(value, str) else value)
     except ValueError:
+        text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
         body = text.lstrip("+-")
         parts = DURATION_PART.findall(body)
@@ -71,7 +77,7 @@ def parse_keep_alive(value: float | str | None) -> float | None:
             raise InvalidFieldError("keep_alive", f"keep_alive {value!r} is not a duration",
                                     "use seconds (300) or a duration such as \"5m\", \"1h\", \"-1\"") from None
         seconds = sign * sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
-    return -1.0 if seconds < 0 else seconds
+    return -1.0 if seconds < 0 else check_keep_alive(seconds)
 
 
 def check_format(format_: str | dict | None) -> None:
@@ -206,7 +212,7 @@ class OllamaController(Controller):
     async def _answer(request: Request, engine: Engine, generate: GenerateRequest, chunk: Chunk, stream: bool,
                       keep_alive: float | None) -> Response:
         """Submit, then stream NDJSON or answer with one object (cancelled if the client leaves first)."""
-        generation = await submit(engine, generate)
+        generation = await submit(engine, generate, OPTION_NAMES)
         after = apply_keep_alive(engine, generate.model, keep_alive)
         if stream:
             return Stream(ndjson(generation, chunk, request.url.path, after), media_type=NDJSON)
@@ -250,12 +256,17 @@ class OllamaController(Controller):
         """The loaded models, with their residency statistics."""
         models = []
         for running in engine.running():
-            entry = store.get(running.name)
+            try:
+                entry = store.get(running.name)
+                digest, details = catalog.digest(entry), catalog.details(entry)
+            except GdsllmError:  # deleted or damaged by another process while loaded: still running here
+                entry, digest = None, ""
+                details = OllamaModelDetails(family="", families=[], parameter_size="", quantization_level="")
             models.append(OllamaRunningModel(
                 name=running.name, model=running.name, size=running.size_bytes, size_vram=running.vram_bytes,
-                digest=catalog.digest(entry), details=catalog.details(entry),
+                digest=digest, details=details,
                 expires_at=unix_to_rfc3339(running.expires_at),
-                context_length=getattr(running, "context_length", None) or catalog.context_length(entry),
+                context_length=getattr(running, "context_length", None) or (entry and catalog.context_length(entry)),
                 stats=running.stats))
         return OllamaPsResponse(models)
 

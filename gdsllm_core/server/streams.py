@@ -2,7 +2,7 @@
 cancel the generation as soon as nobody is listening any more (client gone, server shutting down)."""
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -11,6 +11,7 @@ from litestar.types import Receive
 
 from gdsllm_core.errors import ModelNotFoundError
 from gdsllm_core.layout.store import ModelEntry, ModelStore, is_valid_name
+from gdsllm_core.limits import check_generate
 from gdsllm_core.types import GenerateRequest, TokenEvent
 
 
@@ -55,19 +56,33 @@ def find_model(store: ModelStore, name: str) -> ModelEntry:
 
 
 def check_model(store: ModelStore, name: str) -> None:
-    """404 before any generation work when a named model is not in the store ("" is the engine's business)."""
-    if name:
-        find_model(store, name)
+    """404 before any generation work when a named model is not in the store ("" is the engine's business). Only a
+    stat: the manifest is decoded by the engine, off the event loop."""
+    if name and not (is_valid_name(name) and store.exists(name)):
+        raise ModelNotFoundError(f"model {name!r} not found", "see the local models at /api/tags or /v1/models")
 
 
-async def submit(engine: Engine, request: GenerateRequest) -> Generation:
-    """`Engine.submit` may load a model and tokenize: run it on a worker thread."""
+async def submit(engine: Engine, request: GenerateRequest, field_names: Mapping[str, str] = {}) -> Generation:
+    """Check every numeric option's range (a 400 names the field as `field_names` spells it in the dialect), then
+    `Engine.submit`, which may load a model and tokenize, on a worker thread."""
+    check_generate(request, field_names)
     return await anyio.to_thread.run_sync(engine.submit, request)
+
+
+OPEN_GENERATIONS: set[Generation] = set()  # being answered now: a shutdown ends them so their streams close cleanly
+
+
+def cancel_open_generations() -> None:
+    """End every generation being answered: each stops at its next token with a last event ("cancelled"), so every
+    open stream still sends its final chunk. Called when the server is asked to stop."""
+    for generation in list(OPEN_GENERATIONS):
+        generation.cancel()
 
 
 async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
     """The generation's events up to the done one; if the consumer stops early, the generation is cancelled."""
     finished = False
+    OPEN_GENERATIONS.add(generation)
     try:
         async for event in generation:
             finished = event.done
@@ -75,6 +90,7 @@ async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
             if finished:
                 return
     finally:
+        OPEN_GENERATIONS.discard(generation)
         if not finished:
             generation.cancel()
 
@@ -116,7 +132,11 @@ def now_rfc3339() -> str:
 
 
 def unix_to_rfc3339(seconds: float | None) -> str | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    """RFC 3339 of a unix time; None for none, and for one no calendar can hold."""
+    try:
+        return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def unix_now() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gdsllm_core.errors import CorruptModelError
+from gdsllm_core.errors import CorruptModelError, StorageReadError
 from gdsllm_core.layout.manifest import ExtentInfo, Manifest, TensorInfo
 from gdsllm_core.layout.qtypes import PLAIN_DTYPES, raw_row_bytes
 
@@ -173,6 +173,10 @@ def _read_pieces(pieces: queue.SimpleQueue, read_into) -> None:
         handle, file_offset, nbytes, dest, dest_offset, landing = piece
         try:
             read_into(handle, file_offset, nbytes, dest, dest_offset)
+        except OSError as error:  # the disk or the file system: a clear error for whoever waits on the read
+            landing.failed(StorageReadError(
+                f"reading {nbytes} bytes at offset {file_offset} of {getattr(handle, 'path', 'a weight file')} "
+                f"failed: {error.strerror or error}", "check the disk (dmesg) and the file; the request was ended"))
         except BaseException as error:  # handed to whoever waits on the read
             landing.failed(error)
         else:

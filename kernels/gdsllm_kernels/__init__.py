@@ -18,9 +18,11 @@ import torch
 KERNEL_DIR = Path(__file__).resolve().parent
 NVRTC_OPTIONS = ("-std=c++17",)
 # Template instances the compile check builds (every block decoder, each gemv mode, each attention head size).
+IQ_CODES = range(32, 42)  # the I-quants and MXFP4 (ops.QTYPE_CODES)
 CHECK_INSTANCES = {
-    "dequant.cu": tuple(f"dequant<{code},0>" for code in range(15)) + ("dequant<3,1>",),
-    "gemv.cu": tuple(f"gemv<{code},1,1,0,false>" for code in range(15))
+    "dequant.cu": tuple(f"dequant<{code},0>" for code in (*range(15), *IQ_CODES)) + ("dequant<3,1>", "dequant<34,1>"),
+    "gemv.cu": tuple(f"gemv<{code},1,1,0,false>" for code in (*range(15), *IQ_CODES))
+    + tuple(f"gemv<{code},4,2,1,false>" for code in IQ_CODES) + tuple(f"gemv<{code},2,1,2,false>" for code in IQ_CODES)
     + ("gemv<3,1,1,0,true>", "gemv<7,4,2,1,false>", "gemv<13,1,1,2,true>", "gemv<14,1,1,0,false>",
        "gemv<10,2,1,2,false>"),
     "gemv_mma.cu": tuple(f"gemv_mma<{code},{nt},{mode}>" for code in (13, 14) for nt in (1, 2) for mode in (0, 1, 2)),

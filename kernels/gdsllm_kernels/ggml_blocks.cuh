@@ -45,6 +45,19 @@ __device__ __forceinline__ u32 f2h2(float lo, float hi) { return (u32)f2h(lo) | 
 // aligned), then the blocks' fp16 scales. Same row size as the GGUF layout; needs a multiple of 8 blocks per row.
 #define QT_Q4_0R 13
 #define QT_Q8_0R 14
+// The I-quants and MXFP4 (codes from 32: room for more repacked layouts below)
+#define QT_IQ4_NL 32
+#define QT_IQ4_XS 33
+#define QT_IQ3_S 34
+#define QT_IQ3_XXS 35
+#define QT_IQ2_XXS 36
+#define QT_IQ2_XS 37
+#define QT_IQ2_S 38
+#define QT_IQ1_S 39
+#define QT_IQ1_M 40
+#define QT_MXFP4 41
+
+#include "iq_tables.cuh"
 
 __device__ __forceinline__ float ld_half(const u8* p) { return h2f(*reinterpret_cast<const u16*>(p)); }
 
@@ -117,6 +130,16 @@ template <> struct BlockInfo<QT_Q3_K> { static constexpr int values = 256, bytes
 template <> struct BlockInfo<QT_Q4_K> { static constexpr int values = 256, bytes = 144; };
 template <> struct BlockInfo<QT_Q5_K> { static constexpr int values = 256, bytes = 176; };
 template <> struct BlockInfo<QT_Q6_K> { static constexpr int values = 256, bytes = 210; };
+template <> struct BlockInfo<QT_IQ4_NL> { static constexpr int values = 32, bytes = 18; };
+template <> struct BlockInfo<QT_IQ4_XS> { static constexpr int values = 256, bytes = 136; };
+template <> struct BlockInfo<QT_IQ3_S> { static constexpr int values = 256, bytes = 110; };
+template <> struct BlockInfo<QT_IQ3_XXS> { static constexpr int values = 256, bytes = 98; };
+template <> struct BlockInfo<QT_IQ2_XXS> { static constexpr int values = 256, bytes = 66; };
+template <> struct BlockInfo<QT_IQ2_XS> { static constexpr int values = 256, bytes = 74; };
+template <> struct BlockInfo<QT_IQ2_S> { static constexpr int values = 256, bytes = 82; };
+template <> struct BlockInfo<QT_IQ1_S> { static constexpr int values = 256, bytes = 50; };
+template <> struct BlockInfo<QT_IQ1_M> { static constexpr int values = 256, bytes = 56; };
+template <> struct BlockInfo<QT_MXFP4> { static constexpr int values = 32, bytes = 17; };
 
 // Decode chunk c (values 32c .. 32c+31) of `row` (of `chunks` chunks) into w[0..31].
 template <int QT> __device__ __forceinline__ void decode32(const u8* __restrict__ row, int c, int chunks, float* w);
@@ -363,5 +386,152 @@ template <> __device__ __forceinline__ void decode32<QT_Q8_0R>(const u8* __restr
         const u32 words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int k = 0; k < 16; ++k) w[16 * i + k] = d * (float)(signed char)byte_of(words[k >> 2], k & 3);
+    }
+}
+
+// ---- I-quants and MXFP4 (ggml's dequantize_row_iq* / dequantize_row_mxfp4) ----------------------------------------
+// Chunk c of a 256-value type is its sub-block c % 8 of super-block c / 8. Grid points are 4 or 8 bytes of a table
+// entry (iq_tables.cuh); a set sign bit negates the value (after the scale multiplies it, as ggml does).
+
+#define IQ1_DELTA 0.125f
+
+__device__ __forceinline__ float grid_byte(unsigned long long point, int j) { return (float)(u8)(point >> (8 * j)); }
+
+__device__ __forceinline__ float signed_by(float v, u32 signs, int j) { return (signs >> j) & 1u ? -v : v; }
+
+// Eight values of one 8-value grid point times `scale`, signed by 8 sign bits.
+__device__ __forceinline__ void grid8(float* w, unsigned long long point, float scale, u32 signs) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[j] = signed_by(scale * grid_byte(point, j), signs, j);
+}
+
+// Four values of a 4-value grid point (iq3 grids).
+__device__ __forceinline__ void grid4(float* w, u32 point, float scale, u32 signs) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = signed_by(scale * (float)((point >> (8 * j)) & 0xFFu), signs, j);
+}
+
+// 32 values from 16 bytes of 4-bit level indices (low nibbles first) into a 16-entry level table.
+__device__ __forceinline__ void levels32(const u8* q, float d, const signed char* levels, float* w) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const u32 v = q[j];
+        w[j] = d * (float)levels[v & 0xF];
+        w[16 + j] = d * (float)levels[v >> 4];
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ4_NL>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)c * 18;
+    levels32(b + 2, ld_half(b), kvalues_iq4nl, w);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ4_XS>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 136;
+    const int ib = c & 7;
+    const u32 scales_h = *reinterpret_cast<const u16*>(b + 2);
+    const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4);
+    levels32(b + 8 + 16 * ib, ld_half(b) * (float)(ls - 32), kvalues_iq4nl, w);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_MXFP4>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)c * 17;
+    const u32 e = b[0];  // e8m0 exponent; the levels are doubled, so the scale is halved (ggml_e8m0_to_fp32_half)
+    const float d = __uint_as_float(e < 2 ? 0x00200000u << e : (e - 1) << 23);
+    levels32(b + 1, d, kvalues_fp4, w);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ2_XXS>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 66;
+    const u8* q = b + 2 + 8 * (c & 7);
+    const u32 aux = ld_u32_a2(q + 4);  // 4 x 7-bit sign indices, then a 4-bit scale
+    const float db = ld_half(b) * (0.5f + (float)(aux >> 28)) * 0.25f;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) grid8(w + 8 * l, iq2xxs_grid[q[l]], db, ksigns_iq2xs[(aux >> (7 * l)) & 127]);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ2_XS>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 74;
+    const int ib = c & 7;
+    const u16* q = reinterpret_cast<const u16*>(b + 2) + 4 * ib;  // 9-bit grid index, 7-bit sign index
+    const float d = ld_half(b);
+    const u32 sc = b[66 + ib];
+    const float db[2] = {d * (0.5f + (float)(sc & 0xF)) * 0.25f, d * (0.5f + (float)(sc >> 4)) * 0.25f};
+#pragma unroll
+    for (int l = 0; l < 4; ++l) grid8(w + 8 * l, iq2xs_grid[q[l] & 511], db[l / 2], ksigns_iq2xs[q[l] >> 9]);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ2_S>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 82;
+    const int ib = c & 7;
+    const u8* q = b + 2 + 4 * ib;  // low 8 bits of the grid indices; their signs 32 bytes on
+    const u32 qh = b[66 + ib];
+    const float d = ld_half(b);
+    const u32 sc = b[74 + ib];
+    const float db[2] = {d * (0.5f + (float)(sc & 0xF)) * 0.25f, d * (0.5f + (float)(sc >> 4)) * 0.25f};
+#pragma unroll
+    for (int l = 0; l < 4; ++l)
+        grid8(w + 8 * l, iq2s_grid[q[l] | ((qh << (8 - 2 * l)) & 0x300)], db[l / 2], q[32 + l]);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ3_XXS>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 98;
+    const int ib = c & 7;
+    const u8* q = b + 2 + 8 * ib;
+    const u32 aux = ld_u32_a2(b + 66 + 4 * ib);
+    const float db = ld_half(b) * (0.5f + (float)(aux >> 28)) * 0.5f;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+        const u32 signs = ksigns_iq2xs[(aux >> (7 * l)) & 127];
+        grid4(w + 8 * l, iq3xxs_grid[q[2 * l]], db, signs);
+        grid4(w + 8 * l + 4, iq3xxs_grid[q[2 * l + 1]], db, signs >> 4);
+    }
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ3_S>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 110;
+    const int ib = c & 7;
+    const u8* q = b + 2 + 8 * ib;
+    const u32 qh = b[66 + ib];
+    const u8* signs = b + 74 + 4 * ib;
+    const float db = ld_half(b) * (float)(1 + 2 * ((b[106 + ib / 2] >> (4 * (ib & 1))) & 0xF));
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+        grid4(w + 8 * l, iq3s_grid[q[2 * l] | ((qh << (8 - 2 * l)) & 256)], db, signs[l]);
+        grid4(w + 8 * l + 4, iq3s_grid[q[2 * l + 1] | ((qh << (7 - 2 * l)) & 256)], db, (u32)signs[l] >> 4);
+    }
+}
+
+// IQ1 grid points hold bytes -1, 0, 1: value = dl * (point + delta).
+__device__ __forceinline__ void iq1_grid8(float* w, unsigned long long point, float dl, float delta) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[j] = dl * ((float)(signed char)(point >> (8 * j)) + delta);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ1_S>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 50;
+    const int ib = c & 7;
+    const u8* q = b + 2 + 4 * ib;
+    const u32 qh = reinterpret_cast<const u16*>(b + 34)[ib];  // 4 x 3 high index bits, 3-bit scale, delta sign
+    const float dl = ld_half(b) * (float)(2 * ((qh >> 12) & 7) + 1);
+    const float delta = qh & 0x8000u ? -IQ1_DELTA : IQ1_DELTA;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) iq1_grid8(w + 8 * l, iq1s_grid[q[l] | (((qh >> (3 * l)) & 7) << 8)], dl, delta);
+}
+
+template <> __device__ __forceinline__ void decode32<QT_IQ1_M>(const u8* __restrict__ row, int c, int chunks, float* w) {
+    const u8* b = row + (size_t)(c >> 3) * 56;
+    const int ib = c & 7;
+    const u16* sc = reinterpret_cast<const u16*>(b + 48);  // 3-bit scales; the fp16 d in the four top nibbles
+    const u16 d_bits = (u16)((sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000));
+    const float d = h2f(d_bits);
+    const u32 s = sc[ib / 2] >> (6 * (ib & 1));
+    const float dl[2] = {d * (float)(2 * (s & 7) + 1), d * (float)(2 * ((s >> 3) & 7) + 1)};
+    const u8* q = b + 4 * ib;
+    const u8* qh = b + 32 + 2 * ib;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+        const u32 h = qh[l / 2] >> (4 * (l & 1));  // 3 high index bits, then the delta's sign
+        iq1_grid8(w + 8 * l, iq1s_grid[q[l] | ((h & 7) << 8)], dl[l / 2], h & 8 ? -IQ1_DELTA : IQ1_DELTA);
     }
 }

@@ -7,11 +7,15 @@ import torch
 from gdsllm_kernels import launch, ptr
 
 QTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 3, "Q4_1": 4, "Q5_0": 5, "Q5_1": 6, "Q8_0": 7,
-               "Q2_K": 8, "Q3_K": 9, "Q4_K": 10, "Q5_K": 11, "Q6_K": 12, "Q4_0R": 13, "Q8_0R": 14}
+               "Q2_K": 8, "Q3_K": 9, "Q4_K": 10, "Q5_K": 11, "Q6_K": 12, "Q4_0R": 13, "Q8_0R": 14,
+               "IQ4_NL": 32, "IQ4_XS": 33, "IQ3_S": 34, "IQ3_XXS": 35, "IQ2_XXS": 36, "IQ2_XS": 37, "IQ2_S": 38,
+               "IQ1_S": 39, "IQ1_M": 40, "MXFP4": 41}
 # (values per block, bytes per block)
 BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
           "Q5_1": (32, 24), "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
-          "Q5_K": (256, 176), "Q6_K": (256, 210), "Q4_0R": (32, 18), "Q8_0R": (32, 34)}
+          "Q5_K": (256, 176), "Q6_K": (256, 210), "Q4_0R": (32, 18), "Q8_0R": (32, 34),
+          "IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "IQ3_S": (256, 110), "IQ3_XXS": (256, 98), "IQ2_XXS": (256, 66),
+          "IQ2_XS": (256, 74), "IQ2_S": (256, 82), "IQ1_S": (256, 50), "IQ1_M": (256, 56), "MXFP4": (32, 17)}
 # GPU layouts of resident weights (see ggml_blocks.cuh): type -> its repacked type
 REPACKED = {"Q4_0": "Q4_0R", "Q8_0": "Q8_0R"}
 FAST_TYPES = ("Q4_0", "Q4_0R")  # may sum products in fp16 (opt-in, see gemv.cu)

@@ -23,7 +23,6 @@ LAYERS = 6
 def synth(tmp_path_factory):
     """A random Q4_0 LLaMA (benchmarks/synth_llama_gguf.py: 6 layers, d 256, ffn 512, 4 heads / 2 KV heads)."""
     import gdsllm_llama.plugin
-
     from gdsllm_core import plugins
     from gdsllm_core.convert import convert
     from gdsllm_core.layout.store import ModelStore
@@ -86,16 +85,16 @@ def conversation(forward) -> tuple[list[torch.Tensor], list[dict]]:
 
 
 def test_cpu_layers_match_the_all_gpu_path(synth, monkeypatch):
-    import gdsllm_core.scheduler
+    import gdsllm_core.runtime.residency
 
-    monkeypatch.setattr(gdsllm_core.scheduler, "COPY_CHUNK_BYTES", 64 << 10)  # ring copies in many pieces
+    monkeypatch.setattr(gdsllm_core.runtime.residency, "COPY_CHUNK_BYTES", 64 << 10)  # ring copies in many pieces
     layer_bytes = synth.manifest.extent("blk.2").nbytes
     runs = {}
     for cpu_layers in (0, 2):
         forward = forward_of(synth, cpu_layers)
         try:
             runs[cpu_layers] = conversation(forward)
-            placement = forward.scheduler.placement()
+            placement = forward.residency.placement()
             runs_on_cpu = forward.stats().get("cpu_layer_runs", 0)
         finally:
             forward.close()
@@ -116,7 +115,7 @@ def test_auto_keeps_tiny_layers_streamed(synth):
     """A tiny layer copies in microseconds while a CPU pass costs far more: auto places none on the CPU."""
     forward = forward_of(synth, "auto")
     try:
-        assert "cpu" not in forward.scheduler.placement() and forward.cpu_layers is None
+        assert "cpu" not in forward.residency.placement() and forward.cpu_layers is None
     finally:
         forward.close()
 
@@ -128,13 +127,13 @@ def test_cpu_copies_count_against_the_host_budget(synth):
     packed = packed_layer_nbytes(synth.manifest.extent("blk.2"))
     pinned_only = forward_of(synth, 2, host_cache=4 * layer_bytes)
     try:  # the pinned tier fills the budget: no room for CPU copies
-        assert "cpu" not in pinned_only.scheduler.placement()
+        assert "cpu" not in pinned_only.residency.placement()
     finally:
         pinned_only.close()
     one_more = forward_of(synth, 2, host_cache=4 * layer_bytes + packed)
     try:
-        scheduler = one_more.scheduler
-        assert scheduler.placement()["cpu"] == ["blk.4"]  # room for one packed layer
-        assert scheduler._pinned.nbytes + scheduler.cpu_bytes <= 4 * layer_bytes + packed
+        residency = one_more.residency
+        assert residency.placement()["cpu"] == ["blk.4"]  # room for one packed layer
+        assert residency._pinned.nbytes + residency.cpu_bytes <= 4 * layer_bytes + packed
     finally:
         one_more.close()

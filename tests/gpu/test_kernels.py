@@ -13,8 +13,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from gdsllm_kernels import ops  # noqa: E402
 from gdsllm_core.quant.ggml import dequantize as cpu_dequantize  # noqa: E402
+from gdsllm_kernels import ops  # noqa: E402
 
 QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # byte offsets of the fp16 scale fields in one block (ggml-common.h): set to small finite values

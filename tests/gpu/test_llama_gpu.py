@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
-from gdsllm_core.scheduler import RING_SLOTS  # noqa: E402
+from gdsllm_core.runtime.residency import RING_SLOTS  # noqa: E402
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 260, 1345, 28, 2683, 339, 5248, 30]
 STEPS = 32
@@ -20,7 +20,6 @@ STEPS = 32
 @pytest.fixture(scope="module")
 def llama_plugin():
     import gdsllm_llama.plugin
-
     from gdsllm_core import plugins
 
     plugins.ensure_registered(gdsllm_llama.plugin, "llama")
@@ -92,7 +91,7 @@ def test_streamed_tiers_match_resident(smollm2, cpu_run):
     layer_bytes = smollm2.manifest.extent("blk.0").nbytes
     forward = gpu_forward(smollm2, host_cache=10 * layer_bytes, extra={"max_vram_layers": 4})
     try:
-        assert forward.scheduler.stats()["layers"] == {"vram": 4, "host": 10, "storage": 16}
+        assert forward.residency.stats().layers == {"vram": 4, "host": 10, "storage": 16}
         tokens, logits = greedy(forward, steps=8)
         stats = forward.stats()
     finally:
@@ -181,11 +180,11 @@ def test_budgets_are_never_exceeded(smollm2):
     torch.cuda.reset_peak_memory_stats()
     forward = gpu_forward(smollm2, vram_budget=budget, host_cache=host)
     try:
-        stats = forward.scheduler.stats()
-        assert stats["layers"]["vram"] == 5 and stats["layers"]["host"] == 7
+        stats = forward.residency.stats()
+        assert stats.layers["vram"] == 5 and stats.layers["host"] == 7
         greedy(forward, steps=4)
         peak = torch.cuda.max_memory_allocated() - baseline
-        pinned = forward.scheduler._pinned.nbytes
+        pinned = forward.residency._pinned.nbytes
     finally:
         forward.close()
     assert peak <= budget, f"peak {peak} > budget {budget}"
@@ -289,16 +288,16 @@ def test_batched_decode_streamed_in_groups(synthetic_hd64, monkeypatch):
     forward = gpu_forward(synthetic_hd64, host_cache=0, extra={"max_vram_layers": 1})
     calls = []
     try:
-        assert forward.scheduler.stats()["layers"] == {"vram": 1, "host": 0, "storage": 1}
+        assert forward.residency.stats().layers == {"vram": 1, "host": 0, "storage": 1}
 
         def counted(step, ready):
             batch = joining_and_leaving(step, ready)
             calls.append(-(-len(batch) // 5))  # groups of at most 5
             return batch
 
-        before = forward.scheduler.stats()["fetches"]
+        before = forward.residency.stats().fetches
         got = scheduled_decode(forward, prompts, 5, counted)
-        fetches = forward.scheduler.stats()["fetches"] - before
+        fetches = forward.residency.stats().fetches - before
     finally:
         forward.close()
     assert_same_decode(got, want)
@@ -321,7 +320,7 @@ def test_streamed_layer_graphs_match_eager(synthetic_hd128, monkeypatch):
         forward = gpu_forward(synthetic_hd128, host_cache=layer_bytes,
                               extra={"max_vram_layers": 1, "cuda_graphs": graphs})
         try:
-            assert forward.scheduler.stats()["layers"] == {"vram": 1, "host": 1, "storage": 0}
+            assert forward.residency.stats().layers == {"vram": 1, "host": 1, "storage": 0}
             runs[graphs, "all"] = scheduled_decode(forward, prompts[:4], 8, all_at_once)
             runs[graphs, "mixed"] = scheduled_decode(forward, prompts, 6, joining_and_leaving)
             stats[graphs] = forward.stats()

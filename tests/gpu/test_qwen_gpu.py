@@ -15,13 +15,12 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
+from gdsllm_kernels import affine_ops  # noqa: E402
 from gdsllm_qwen_moe import affine  # noqa: E402
 from gdsllm_qwen_moe.bench import tiny_shapes  # noqa: E402
 from gdsllm_qwen_moe.forward import QwenMoeForward  # noqa: E402
 from gdsllm_qwen_moe.synthetic import write_synthetic  # noqa: E402
-
-from gdsllm_core.engine.forward import LoadOptions  # noqa: E402
-from gdsllm_kernels import affine_ops  # noqa: E402
 
 CUDA = torch.device("cuda")
 PLUGIN_TESTS = Path(__file__).resolve().parents[2] / "plugins" / "gdsllm_qwen_moe" / "tests"
@@ -290,8 +289,8 @@ def test_decode_graphs_match_eager_decode(tmp_path, monkeypatch):
         logits, predictions = [], []
         for tokens in feed:
             logits.append(forward.decode(tokens, caches).cpu())
-            predictions.append({layer: v["predicted"] for layer, v in
-                                forward.experts.stats.last_prefetch_by_layer.items()})
+            predictions.append({layer: v.predicted for layer, v in
+                                forward.experts.counters.last_prefetch_by_layer.items()})
         if graphs:
             assert forward.graphs.enabled and forward.graphs.attention_graphs == 2
             assert forward.graphs.captures == 3 + 3  # 3 linear-attention layers; 3 spans of the full-attention one

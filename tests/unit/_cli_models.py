@@ -99,7 +99,6 @@ def shared_tiny(tmp_path_factory) -> tuple[Path, Path]:
 def convert_into(source: Path, root: Path, name: str) -> None:
     """Convert in this process (registering the LLaMA plugin itself where entry points are off in tests)."""
     import gdsllm_llama.plugin
-
     from gdsllm_core import plugins
     from gdsllm_core.convert import convert
     from gdsllm_core.layout.store import ModelStore

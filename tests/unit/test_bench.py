@@ -17,7 +17,9 @@ from gdsllm_core.cli.main import _add_commands, cli
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import BadRequestError
+from gdsllm_core.hookspecs import hookimpl
 from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.runtime.stats import ResidencyStats, TierBytes
 from gdsllm_core.storage.reader import CpuBackend, ExtentReader, extent_views
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,11 +33,11 @@ from qwen_moe_helpers import convert_into, make_hf_model  # noqa: E402
 PP, TG = 5, 3
 
 
-class StreamingScheduler:
-    """Re-reads an extent from storage at every fetch, counted as `bytes_from_storage` like the GPU scheduler's
+class StreamingResidency:
+    """Re-reads an extent from storage at every fetch, counted as `bytes_from_storage` like the GPU residency's
     storage tier: makes the CPU LLaMA forward stream its layers, so bytes per decode step can be observed."""
 
-    def __init__(self, entry, options, reader=None):
+    def __init__(self, entry, placement, reader=None):
         self.reader = ExtentReader(entry.path, entry.manifest, backend=CpuBackend())
         self.extents = {e.name: e for e in entry.manifest.extents}
         self.counters = {"fetches": 0, "bytes_from_storage": 0}
@@ -51,29 +53,33 @@ class StreamingScheduler:
     def prefetch(self, extent_names):
         pass
 
+    def tier(self, extent_name):
+        return "storage"
+
     def stats(self):
-        return {"backend": "cpu", **self.counters}
+        return ResidencyStats(backend="cpu", tiers=TierBytes(), **self.counters)
 
     def close(self):
         self.reader.close()
 
 
-class StreamingSchedulerPlugin:
-    def register_schedulers(self, register):
-        register("bench-test-streaming", StreamingScheduler)
+class StreamingResidencyPlugin:
+    @hookimpl
+    def register_residencies(self, register):
+        register("bench-test-streaming", StreamingResidency)
 
 
 @pytest.fixture(scope="module")
 def registered():
-    """The LLaMA and Qwen-MoE plugins, and the streaming scheduler above, registered with the plugin manager."""
+    """The LLaMA and Qwen-MoE plugins, and the streaming residency above, registered with the plugin manager."""
     import gdsllm_llama.plugin
     import gdsllm_qwen_moe.plugin
 
     plugins.load_plugins()
     added = []
-    scheduler_plugin = StreamingSchedulerPlugin()
+    residency_plugin = StreamingResidencyPlugin()
     for module, name in ((gdsllm_llama.plugin, "llama"), (gdsllm_qwen_moe.plugin, "qwen_moe"),
-                         (scheduler_plugin, "bench-test-streaming")):
+                         (residency_plugin, "bench-test-streaming")):
         if not any(p is module for p in plugins.pm.get_plugins()) and plugins.pm.get_plugin(name) is None:
             plugins.pm.register(module, name=name)
             added.append(module)
@@ -137,7 +143,7 @@ def test_batched_tokens_equal_transformers_and_bytes_per_step_do_not_grow(tiny):
     from gdsllm_llama.forward import LlamaForward
 
     model, entry = tiny
-    forward = LlamaForward(entry, LoadOptions(extra={"scheduler": "bench-test-streaming", "dequant_cache_bytes": 0}))
+    forward = LlamaForward(entry, LoadOptions(extra={"residency": "bench-test-streaming", "dequant_cache_bytes": 0}))
     try:
         result = bench_forward(forward, entry, PP, TG, batches=(1, 3))
     finally:
@@ -189,7 +195,7 @@ def test_moe_expert_cache_figures_equal_the_forward_counters(tmp_path, registere
     forward = QwenMoeForward(entry, LoadOptions(host_cache=6 * expert_bytes))  # a small cache: hits and misses
     try:
         result = bench_forward(forward, entry, pp, tg, batches=(1, 2))
-        counters = forward.experts.stats
+        counters = forward.experts.counters
     finally:
         forward.close()
     total = result["expert_cache"]

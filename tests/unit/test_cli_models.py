@@ -34,8 +34,8 @@ def test_list(store, tmp_path, monkeypatch):
     result = invoke(["list"])
     assert result.exit_code == 0
     header, row = result.stdout.splitlines()
-    assert header.split() == ["NAME", "ARCHITECTURE", "QUANT", "SIZE", "MODIFIED"]
-    assert row.split()[:3] == ["tiny", "llama", "F32"]  # the checkpoint is float32
+    assert header.split() == ["NAME", "ARCHITECTURE", "QUANT", "SIZE", "MODIFIED", "STATUS"]
+    assert row.split()[:3] == ["tiny", "llama", "F32"] and row.split()[-1] == "ok"  # the checkpoint is float32
     assert decimal(folder_bytes(store / "tiny")) in row
     monkeypatch.setenv("GDSLLM_MODEL_ROOT", str(tmp_path / "empty"))
     empty = invoke(["list"])

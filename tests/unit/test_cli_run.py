@@ -122,7 +122,7 @@ def test_env_file_in_the_working_directory_is_read_but_never_overrides(tmp_path,
     env = cli_env(tmp_path)
     del env["GDSLLM_MODEL_ROOT"]
     (tmp_path / ".env").write_text(f"GDSLLM_MODEL_ROOT={root}\n")
-    assert gdsllm(["list"], env, tmp_path).stdout.split()[5:7] == ["tiny", "llama"]
+    assert gdsllm(["list"], env, tmp_path).stdout.split()[6:8] == ["tiny", "llama"]
     env["GDSLLM_MODEL_ROOT"] = str(tmp_path / "empty")
     assert "no models" in gdsllm(["list"], env, tmp_path).stderr
 

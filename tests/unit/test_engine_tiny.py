@@ -17,7 +17,7 @@ from gdsllm_core.engine.engine import Engine, RunningModel, default_device
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import BadRequestError, ContextOverflowError, ModelNotFoundError
 from gdsllm_core.layout import ModelStore, ModelWriter, TokenizerInfo
-from gdsllm_core.scheduler import TieredScheduler
+from gdsllm_core.runtime.residency import Placement, TieredResidency
 from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
 
 ARCH = "tiny-mean-bigram"
@@ -40,7 +40,7 @@ class TinyForward:
 
     def __init__(self, entry, options):
         self.name = entry.name
-        self.scheduler = TieredScheduler(entry, LoadOptions(device="cpu"))
+        self.scheduler = TieredResidency(entry, Placement(device="cpu"))
         self.emb = self.scheduler.fetch("token_embd")["token_embd.weight"]
         self.out = self.scheduler.fetch("output")["output.weight"]
         self.vocab_size = self.emb.shape[0]
@@ -383,7 +383,7 @@ def test_model_lifecycle(tiny):
         assert engine.running() == []
         with pytest.raises(ModelNotFoundError, match="names no model"):
             engine.submit(GenerateRequest(prompt="hi"))
-        with pytest.raises(ModelNotFoundError, match="tiny-zzz.*tiny-a, tiny-b"):
+        with pytest.raises(ModelNotFoundError, match="tiny-zzz.*gdsllm list"):
             engine.submit(GenerateRequest(model="tiny-zzz", prompt="hi"))
         engine.load("tiny-a")
         (running,) = engine.running()

@@ -89,10 +89,13 @@ def test_unsafe_names_are_refused(tmp_path, name):
     assert tmp_path.exists()
 
 
-def test_missing_model_lists_known_ones(tmp_path):
+def test_missing_model_names_neither_the_store_nor_other_models(tmp_path):
+    """Servers show this message to any client: it names the model asked for and `gdsllm list`, nothing else."""
     write_model(tmp_path)
-    with pytest.raises(ModelNotFoundError, match="tiny"):
+    with pytest.raises(ModelNotFoundError) as raised:
         ModelStore(tmp_path).get("other")
+    assert "'other'" in str(raised.value) and "gdsllm list" in str(raised.value)
+    assert "tiny" not in str(raised.value) and str(tmp_path) not in str(raised.value)
 
 
 def test_existing_model_is_not_overwritten(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from _cli_models import assert_one_line_error, assert_same_model, cli_env, convert_into, gdsllm, shared_tiny
 
 from gdsllm_core import pull as pull_mod
-from gdsllm_core.errors import UnsupportedQuantError
+from gdsllm_core.errors import DownloadError, UnsupportedQuantError
 
 GOOD_TOKEN = "hf_good_token"
 
@@ -166,12 +166,13 @@ class FakeHub:
             def _send_bytes(self, repo_id: str, name: str, head: bool, commit: str | None):
                 repo = hub.repos[repo_id]
                 data = repo["files"][name]
-                start = 0
+                start, end = 0, len(data)
                 range_header = self.headers.get("Range")
                 if range_header and not head:
-                    start = int(range_header.removeprefix("bytes=").split("-")[0])
+                    first, _, last = range_header.removeprefix("bytes=").partition("-")
+                    start, end = int(first), min(len(data), int(last) + 1) if last else len(data)
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
                 else:
                     self.send_response(200)
                 self.send_header("ETag", f'"{repo["sha256"][name]}"')
@@ -179,13 +180,13 @@ class FakeHub:
                     self.send_header("X-Repo-Commit", commit)
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Content-Length", str(end - start))
                 self.end_headers()
                 if head:
                     return
                 crash = hub.crash_after.pop((repo_id, name), None)
                 if crash is None:
-                    self.wfile.write(data[start:])
+                    self.wfile.write(data[start:end])
                     return
                 self.wfile.write(data[start:start + crash])
                 self.wfile.flush()
@@ -338,15 +339,91 @@ def test_unsupported_architecture_fails_before_the_weights_download(tmp_path, hu
     assert not any(path.endswith("model.safetensors") for _, path, _ in hub.requests)
 
 
+def tiny_llama_gguf(path: Path, arch: str = "llama", split_max_tensors: int = 0) -> list[Path]:
+    """A one-layer random llama GGUF (Q8_0 matrices, file type Q8_0) written by gguf-py, split into parts of at most
+    `split_max_tensors` tensors if given; returns its files in order."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(5)
+    dim, ffn, vocab = 64, 128, 32
+    writer = GGUFWriter(str(path), arch=arch, split_max_tensors=split_max_tensors)
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", dim),
+                       ("feed_forward_length", ffn), ("head_count", 4), ("head_count_kv", 4)):
+        getattr(writer, f"add_{key}")(value)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(LlamaFileType.MOSTLY_Q8_0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([chr(ord("a") + i) for i in range(26)] + [f"<t{i}>" for i in range(vocab - 26)])
+    writer.add_token_merges([])
+    shapes = {"token_embd": (vocab, dim), "output": (vocab, dim), "blk.0.attn_q": (dim, dim),
+              "blk.0.attn_k": (dim, dim), "blk.0.attn_v": (dim, dim), "blk.0.attn_output": (dim, dim),
+              "blk.0.ffn_gate": (ffn, dim), "blk.0.ffn_up": (ffn, dim), "blk.0.ffn_down": (dim, ffn)}
+    for name, shape in shapes.items():
+        weights = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        writer.add_tensor(f"{name}.weight", quantize(weights, GGMLQuantizationType.Q8_0),
+                          raw_dtype=GGMLQuantizationType.Q8_0)
+    for norm in ("blk.0.attn_norm", "blk.0.ffn_norm", "output_norm"):
+        writer.add_tensor(f"{norm}.weight", rng.uniform(0.5, 1.5, dim).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(path.parent.glob(f"{path.stem}*.gguf"))
+
+
+def stored_tensors(root: Path, name: str) -> dict:
+    from gdsllm_core.layout.store import ModelStore
+
+    entry = ModelStore(root).get(name)
+    return {t.name: (t.qtype, t.shape, t.crc32) for extent in entry.manifest.extents for t in extent.tensors}
+
+
+def test_pull_split_gguf_fetches_and_converts_every_part(tmp_path, hub):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "split").mkdir()
+    single = tiny_llama_gguf(tmp_path / "one" / "Tiny-Q8_0.gguf")[0]
+    parts = tiny_llama_gguf(tmp_path / "split" / "Tiny-Q8_0.gguf", split_max_tensors=5)
+    assert len(parts) == 3
+    hub.add_repo("test-org/Tiny-GGUF", {**{f"Q8_0/{p.name}": p.read_bytes() for p in parts},
+                                        "Tiny-F16.gguf": b"GGUF-not-this-one" * 100})
+    env = cli_env(tmp_path, HF_ENDPOINT=hub.endpoint)
+    result = gdsllm(["pull", "test-org/Tiny-GGUF:Q8_0"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    fetched = {path for method, path, _ in hub.requests if method == "GET" and "/cdn/" in path}
+    assert fetched == {f"/cdn/test-org/Tiny-GGUF/Q8_0/{p.name}" for p in parts}
+    convert_into(single, tmp_path / "direct", "tiny")
+    assert stored_tensors(tmp_path / "models", "Tiny:Q8_0") == stored_tensors(tmp_path / "direct", "tiny")
+    listing = gdsllm(["list"], env, tmp_path)
+    assert "Tiny:Q8_0" in listing.stdout and "Q8_0" in listing.stdout
+
+
+def test_unsupported_gguf_architecture_fails_before_the_weights_download(tmp_path, hub):
+    path = tiny_llama_gguf(tmp_path / "Phi-Q8_0.gguf", arch="phi3")[0]
+    hub.add_repo("test-org/Phi-GGUF", {path.name: path.read_bytes()})
+    result = gdsllm(["pull", "test-org/Phi-GGUF"], cli_env(tmp_path, HF_ENDPOINT=hub.endpoint), tmp_path)
+    assert_one_line_error(result, "architecture 'phi3'", "plugins: ", "llama")
+    gets = [(path, byte_range) for method, path, byte_range in hub.requests if method == "GET" and "/cdn/" in path]
+    assert gets and all(byte_range and byte_range.startswith("bytes=0-") for _, byte_range in gets), gets
+    assert not list((tmp_path / "hf-cache").rglob("blobs/*"))  # nothing downloaded but the header
+
+
 def test_gguf_selection_rules():
     files = ["a/Model-Q4_K_M.gguf", "Model-Q8_0.gguf", "Model.IQ4_XS.gguf", "mmproj-Model-F16.gguf", "README.md"]
-    assert pull_mod.select_gguf(files, "Q8_0", "u/r") == "Model-Q8_0.gguf"
-    assert pull_mod.select_gguf(files, None, "u/r") == "a/Model-Q4_K_M.gguf"  # ollama's default pick
-    assert pull_mod.select_gguf(["x.safetensors", "config.json"], None, "u/r") is None
+    assert pull_mod.select_gguf(files, "Q8_0", "u/r") == ["Model-Q8_0.gguf"]
+    assert pull_mod.select_gguf(files, None, "u/r") == ["a/Model-Q4_K_M.gguf"]  # ollama's default pick
+    assert pull_mod.select_gguf(["x.safetensors", "config.json"], None, "u/r") == []
     with pytest.raises(UnsupportedQuantError, match="IQ4_XS, Q4_K_M, Q8_0"):
         pull_mod.select_gguf(files, "Q5_K_S", "u/r")
-    with pytest.raises(UnsupportedQuantError, match="split into several files"):
-        pull_mod.select_gguf(["M-Q4_0-00001-of-00002.gguf", "M-Q4_0-00002-of-00002.gguf"], "Q4_0", "u/r")
+    split = ["Q4_0/M-Q4_0-00002-of-00003.gguf", "Q4_0/M-Q4_0-00001-of-00003.gguf", "Q4_0/M-Q4_0-00003-of-00003.gguf"]
+    assert pull_mod.select_gguf([*split, "M-Q8_0.gguf"], "Q4_0", "u/r") == sorted(split)  # every part, in order
+    assert pull_mod.select_gguf(split, None, "u/r") == sorted(split)  # one model in three files
+    with pytest.raises(DownloadError, match="lacks part Q4_0/M-Q4_0-00002-of-00003.gguf"):
+        pull_mod.select_gguf([split[1], split[2]], "Q4_0", "u/r")
+    with pytest.raises(UnsupportedQuantError, match="several GGUF models matching Q4_0"):
+        pull_mod.select_gguf([*split, "Other-Q4_0.gguf"], "Q4_0", "u/r")
     with pytest.raises(UnsupportedQuantError, match="no GGUF files"):
         pull_mod.select_gguf(["config.json", "model.safetensors"], "Q4_0", "u/r")
 

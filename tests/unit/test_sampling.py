@@ -128,11 +128,33 @@ def test_sampled_distribution_follows_filtered_probabilities():
     assert torch.allclose(counts.float() / n, expected, atol=0.015)
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-                                         ("min_p", 1.2), ("repeat_penalty", 0.0), ("repeat_last_n", -2)])
-def test_bad_values_name_the_field(field, value):
-    with pytest.raises(BadRequestError, match=field):
-        sampling.check_params(SamplingParams(**{field: value}))
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", 1e-45), ("temperature", float("inf")),
+                                         ("temperature", float("nan")), ("top_k", -1), ("top_p", 1.5),
+                                         ("min_p", 1.2), ("repeat_penalty", 0.0), ("repeat_penalty", 1e-45),
+                                         ("repeat_penalty", float("inf")), ("repeat_last_n", -2), ("seed", 2 ** 64),
+                                         ("seed", -(2 ** 63) - 1)])
+def test_bad_values_name_the_field_and_range(field, value):
+    with pytest.raises(BadRequestError, match=f"^{field} .* must be"):
+        sampling.Sampler(SamplingParams(**{field: value}))
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(logits):
+    """Whatever reaches the sampler: logits / 1e-45 overflows; the distribution must still be the argmax's."""
+    probs = sampling.apply_temperature(logits, 1e-45).softmax(dim=-1)
+    assert torch.isfinite(probs).all()
+    assert torch.equal(probs.argmax(dim=-1), logits.argmax(dim=-1)) and torch.all(probs.amax(dim=-1) == 1)
+    mixed = sampling.apply_temperature(logits, [1e-45, 0.7, 1e-45, 1.3])  # rows that do not overflow are unchanged
+    torch.testing.assert_close(mixed[1], TemperatureLogitsWarper(0.7)(None, logits[1:2].clone())[0])
+
+
+def test_a_tiny_repeat_penalty_saturates_instead_of_overflowing(logits):
+    history = torch.tensor([[3, 7, 250]])
+    penalized = sampling.apply_repeat_penalty(logits[:1], history, 1e-45)
+    reference = logits[:1].double()  # in float64 logit / 1e-45 is finite: the independent answer
+    picked = reference.gather(-1, history)
+    reference = reference.scatter(-1, history, torch.where(picked < 0, picked * 1e-45, picked / 1e-45))
+    assert torch.isfinite(penalized.softmax(dim=-1)).all()
+    assert penalized.argmax() == reference.argmax()
 
 
 @pytest.mark.gpu

@@ -1,10 +1,10 @@
-"""How the GPU scheduler places layers that do not all fit in VRAM (`place_streamed_layers`): the ring's buffers
+"""How the GPU residency places layers that do not all fit in VRAM (`place_streamed_layers`): the ring's buffers
 come out of the VRAM room first, layers fill VRAM, then pinned host RAM, then storage, in order; the deeper ring
 is taken only where some layer lands in host RAM (CPU-computed layers are host-tier ones)."""
 
 from dataclasses import dataclass
 
-from gdsllm_core.scheduler import RING_SLOTS, RING_SLOTS_WITH_CPU, place_streamed_layers
+from gdsllm_core.runtime.residency import RING_SLOTS, RING_SLOTS_WITH_CPU, place_streamed_layers
 
 MB = 1 << 20
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gdsllm_core.errors import ConversionError, UnknownArchitectureError
+from gdsllm_core.api import ConversionError, UnknownArchitectureError, config_of
 
 ARCHITECTURE = "gemma3"  # GGUF `general.architecture`, also gdsllm's architecture name
 HF_ARCHITECTURES = ("Gemma3ForCausalLM",)
@@ -67,8 +67,8 @@ class GemmaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GemmaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        """From a manifest's config, its fields' types checked."""
+        return config_of(cls, data)
 
     @classmethod
     def from_gguf(cls, metadata: dict, n_vocab: int, tied: bool) -> "GemmaConfig":

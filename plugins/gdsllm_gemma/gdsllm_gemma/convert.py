@@ -7,18 +7,33 @@ HF weights keep their dtype (norms as F32) or are quantized with `--quant` (embe
 
 from pathlib import Path
 
-from gdsllm_core.convert import ConvertOptions, read_json, write_extents
-from gdsllm_core.convert.gguf_file import file_type_name, gguf_architecture, is_gguf, read_gguf
-from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
-from gdsllm_core.convert.hf_folder import SafetensorsFolder, config_architectures, quant_option, tensor_entry
-from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer, token_ids
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.qtypes import FLOAT_QTYPES
-from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.api import (
+    FLOAT_QTYPES,
+    ConversionError,
+    ConvertOptions,
+    ModelWriter,
+    SafetensorsFolder,
+    build_tokenizer,
+    config_architectures,
+    gguf_architecture,
+    model_stem,
+    quant_option,
+    read_gguf,
+    read_hf_tokenizer,
+    read_json,
+    tensor_entry,
+    token_ids,
+    write_extents,
+)
 from gdsllm_gemma import names
 from gdsllm_gemma.config import ARCHITECTURE, HF_ARCHITECTURES, HF_MULTIMODAL, GemmaConfig
 
 _HEAD_TENSORS = ("token_embd.weight", "output.weight")
+
+
+def _gguf_entry(name: str, tensor) -> tuple:
+    """The writer's (name, qtype, shape in torch order, raw blocks) of a gguf-py tensor."""
+    return name, tensor.tensor_type.name, [int(d) for d in reversed(tensor.shape.tolist())], tensor.data
 
 
 class GemmaGgufConverter:
@@ -26,30 +41,26 @@ class GemmaGgufConverter:
 
     @staticmethod
     def detect(path: Path) -> bool:
-        return is_gguf(path) and gguf_architecture(path) == ARCHITECTURE
+        return gguf_architecture(path) == ARCHITECTURE
 
     @staticmethod
     def default_name(path: Path) -> str:
-        return Path(path).stem.lower()
+        return model_stem(path).lower()
 
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
         if options.quant:
             raise ConversionError(f"re-quantizing a GGUF ({source.name}) to {options.quant} is not supported",
                                   "convert the GGUF as it is, or convert the original safetensors with --quant")
-        meta, tensors = read_gguf(source)
-        embeddings = tensors.get("token_embd.weight")
-        n_vocab = embeddings.shape[0] if embeddings is not None else len(meta.get("tokenizer.ggml.tokens") or [])
-        config = GemmaConfig.from_gguf(meta, n_vocab=n_vocab, tied="output.weight" not in tensors)
-        groups = names.group(tensors, config.n_layers, config.tied_embeddings)
+        gguf = read_gguf(source)
+        meta, entries = gguf.metadata, {name: _gguf_entry(name, t) for name, t in gguf.tensors.items()}
+        embeddings = entries.get("token_embd.weight")
+        n_vocab = embeddings[2][0] if embeddings is not None else len(meta.get("tokenizer.ggml.tokens") or [])
+        config = GemmaConfig.from_gguf(meta, n_vocab=n_vocab, tied="output.weight" not in entries)
+        groups = names.group(entries, config.n_layers, config.tied_embeddings)
         tokenizer, files = build_tokenizer(meta)
-
-        def entry_of(name: str) -> tuple:
-            tensor = tensors[name]
-            return name, tensor.qtype, tensor.shape, tensor.data
-
-        write_extents(writer, groups, entry_of, options)
+        write_extents(writer, groups, entries.__getitem__, names.extent_role, options)
         writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
-                      quant=file_type_name(meta, tensors),
+                      quant=gguf.quant,
                       source={"format": "gguf", "file": source.name, "name": meta.get("general.name", "")})
 
 
@@ -90,7 +101,7 @@ class GemmaHfConverter:
                     seen.add(FLOAT_QTYPES[tensor.dtype])
                 return tensor_entry(name, tensor, quant, head=name in _HEAD_TENSORS)
 
-            write_extents(writer, groups, entry_of, options)
+            write_extents(writer, groups, entry_of, names.extent_role, options)
         writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
                       quant=quant or "/".join(sorted(seen)),
                       source={"format": "hf-safetensors", "folder": source.name,

@@ -3,7 +3,7 @@
 
 import re
 
-from gdsllm_core.errors import ConversionError
+from gdsllm_core.api import ConversionError, ExtentRole
 
 HF_TO_GGUF: dict[str, str | None] = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -64,3 +64,11 @@ def group(tensor_names, n_layers: int, tied: bool) -> dict[str, list[str]]:
         raise ConversionError(f"the checkpoint lacks {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}",
                               "the checkpoint is incomplete: re-download it")
     return expected
+
+
+def extent_role(extent_name: str) -> tuple[ExtentRole, int]:
+    """(role, layer index) of an extent, as its name says."""
+    parts = extent_name.split(".")
+    if parts[0] == "blk":
+        return (ExtentRole.EXPERT if len(parts) == 4 else ExtentRole.LAYER), int(parts[1])
+    return (ExtentRole.EMBEDDINGS if extent_name == "token_embd" else ExtentRole.HEAD), -1

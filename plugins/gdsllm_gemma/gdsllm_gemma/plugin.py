@@ -1,6 +1,6 @@
 """Registrations of the Gemma 3 plugin."""
 
-from gdsllm_core import hookimpl
+from gdsllm_core.api import hookimpl
 from gdsllm_gemma.config import ARCHITECTURE
 
 

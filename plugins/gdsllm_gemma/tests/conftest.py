@@ -4,10 +4,10 @@ once per session, and their GGUFs made by llama.cpp's converter."""
 from pathlib import Path
 
 import pytest
-from gdsllm_gemma import plugin as gemma_plugin
 from gemma_testing import VARIANTS, make_model
 
 from gdsllm_core import plugins, testing
+from gdsllm_gemma import plugin as gemma_plugin
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,24 +4,33 @@ in manifest.config (as `to_dict()`)."""
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from msgspec import Meta
 
-from gdsllm_core.errors import ConversionError, UnknownArchitectureError
+from gdsllm_core.api import ConversionError, UnknownArchitectureError, config_of
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCHITECTURE = "llama"
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+MAX_LAYERS = 1024  # the largest LLaMA has 126: a manifest claiming more is damaged
+MAX_WIDTH = 1 << 20  # hidden, FFN and vocabulary sizes, and head counts
+
+Layers = Annotated[int, Meta(ge=1, le=MAX_LAYERS)]
+Width = Annotated[int, Meta(ge=1, le=MAX_WIDTH)]
+
+
 @dataclass
 class LlamaConfig:
-    n_layers: int
-    dim: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    vocab_size: int
+    n_layers: Layers
+    dim: Width
+    n_heads: Width
+    n_kv_heads: Width
+    ffn_dim: Width
+    vocab_size: Width
     head_dim: int = 0
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor", ...} as HF writes it
@@ -47,8 +56,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LlamaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        return config_of(cls, data)
 
     @classmethod
     def from_gguf(cls, metadata: dict, n_vocab: int, tied: bool,

@@ -15,7 +15,7 @@ every layer on the GPU), the rows that side lacks are copied over first (`begin_
 
 Batch: CPU time grows with the rows of a step while a PCIe copy does not, so the CPU time per layer is measured at
 load for 1..16 rows and each step takes the CPU layers that make its simulated time shortest
-(`scheduler.plan_cpu_layers`): fewer as the batch grows, none for prefill; the GGUF bytes of CPU-placed layers
+(`runtime.cpu_plan.plan_cpu_layers`): fewer as the batch grows, none for prefill; the GGUF bytes of CPU-placed layers
 stay pinned for that (both copies count against the host budget)."""
 
 import dataclasses
@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gdsllm_core.layout.manifest import ExtentInfo
-from gdsllm_core.scheduler import COPY_CHUNK_BYTES, plan_cpu_layers, simulate_cpu_plan, spread
+from gdsllm_core.api import COPY_CHUNK_BYTES, ExtentInfo, plan_cpu_layers, simulate_cpu_plan, spread
 from gdsllm_llama.config import LlamaConfig
 from gdsllm_llama.forward import LlamaCache, layer_forward, rope_tables
 
@@ -209,11 +208,11 @@ class CpuLayers:
     per layer, the copy stream's GB/s, both under each other's load on host memory) once they drift from the
     figures the plan used; `fixed_count` (set for a requested count) skips that."""
 
-    def __init__(self, config: LlamaConfig, scheduler, layers: dict[int, PackedLayer], seconds: dict[int, float],
+    def __init__(self, config: LlamaConfig, residency, layers: dict[int, PackedLayer], seconds: dict[int, float],
                  copy_s: float, gpu_s: float, layer_bytes: int, fixed_count: int | None = None):
         self.config = config
         self.fixed_count = fixed_count
-        self.scheduler = scheduler
+        self.residency = residency
         self.layers = layers
         self.order = sorted(layers)  # slot of layer i in the CPU caches: its index here
         self._slot = {layer: slot for slot, layer in enumerate(self.order)}
@@ -221,8 +220,8 @@ class CpuLayers:
         self.seconds_in_use: dict[int, float] = {}  # measured while decoding (running average), per row count
         self.copy_s, self.gpu_s = copy_s, gpu_s
         self.layer_bytes = layer_bytes  # GGUF bytes of one layer: what a copy moves
-        self.tiers = scheduler.layer_tiers()  # "vram" / "ring" per layer, for the step simulation
-        self.slots = scheduler.ring_slots
+        self.tiers = residency.layer_tiers()  # "vram" / "ring" per layer, for the step simulation
+        self.slots = residency.ring_slots
         self.inv_freq = config.inv_freq()
         self._kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GPU cache -> _SequenceKv
         self._staging = torch.empty(MAX_CPU_ROWS, config.dim, dtype=torch.float32,
@@ -231,29 +230,29 @@ class CpuLayers:
         self._step: tuple[list, int, int, torch.Tensor, torch.Tensor] | None = None  # caches, n_new, bucket, cos, sin
 
     @classmethod
-    def attach(cls, config: LlamaConfig, entry, scheduler) -> "CpuLayers | None":
-        """Place layers on the CPU as `scheduler.cpu_request` says ("auto": measured balance; a count; 0: none)
+    def attach(cls, config: LlamaConfig, entry, residency) -> "CpuLayers | None":
+        """Place layers on the CPU as `residency.cpu_request` says ("auto": measured balance; a count; 0: none)
         and pack them; None when there are none."""
-        request = getattr(scheduler, "cpu_request", 0)
+        request = residency.cpu_request
         if not request or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return None
-        candidates = scheduler.cpu_candidates(can_run_on_cpu)
+        candidates = residency.cpu_candidates(can_run_on_cpu)
         if not candidates:
             return None
         extents = {e.name: e for e in entry.manifest.extents}
         per_layer = max(packed_layer_nbytes(extents[name]) for name in candidates)
-        limit = min(len(candidates), max(0, scheduler.host_room()) // per_layer)
+        limit = min(len(candidates), max(0, residency.host_room()) // per_layer)
         if limit == 0:
             return None
         first = candidates[0]
-        probe = PackedLayer.from_views(extents[first], scheduler.host_view(first))
+        probe = PackedLayer.from_views(extents[first], residency.host_view(first))
         seconds = measure_layer_seconds(config, probe)
-        copy_s = scheduler.copy_seconds(first)
+        copy_s = residency.copy_seconds(first)
         gpu_s = extents[first].nbytes / (GPU_LAYER_GBPS * 1e9)
         if request == "auto":  # ring copies will go in COPY_CHUNK_BYTES pieces once layers are placed
-            indices = plan_cpu_layers(scheduler.layer_tiers(), [int(name.split(".")[1]) for name in candidates],
+            indices = plan_cpu_layers(residency.layer_tiers(), [int(name.split(".")[1]) for name in candidates],
                                       copy_s, seconds[1] / PLACE_CPU_SPEEDUP + LAYER_OVERHEAD_S, gpu_s,
-                                      scheduler.ring_slots, limit,
+                                      residency.ring_slots, limit,
                                       dma_wait_s=copy_s * min(1.0, COPY_CHUNK_BYTES / extents[first].nbytes))
             names = [f"blk.{i}" for i in indices]
         else:
@@ -261,10 +260,10 @@ class CpuLayers:
         if not names:
             return None
         layers = {int(name.split(".")[1]): (probe if name == first else
-                                            PackedLayer.from_views(extents[name], scheduler.host_view(name)))
+                                            PackedLayer.from_views(extents[name], residency.host_view(name)))
                   for name in names}
-        scheduler.place_on_cpu(names, sum(layer.nbytes for layer in layers.values()))
-        return cls(config, scheduler, layers, seconds, copy_s, gpu_s, extents[first].nbytes,
+        residency.place_on_cpu(names, sum(layer.nbytes for layer in layers.values()))
+        return cls(config, residency, layers, seconds, copy_s, gpu_s, extents[first].nbytes,
                    fixed_count=None if request == "auto" else len(names))
 
     # -- per step -------------------------------------------------------------------------------------------------
@@ -276,13 +275,13 @@ class CpuLayers:
     def _estimates(self, bucket: int) -> tuple[float, float]:
         """(CPU seconds per layer, copy seconds per layer): measured while decoding where available."""
         cpu_s = self.seconds_in_use.get(bucket, self.seconds[bucket]) + LAYER_OVERHEAD_S
-        gbps = self.scheduler.recent_copy_gbps()
+        gbps = self.residency.recent_copy_gbps()
         copy_s = self.layer_bytes / (gbps * 1e9) if gbps else self.copy_s
         return cpu_s, copy_s
 
     def _dma_wait_s(self, copy_s: float) -> float:
         """How long h's copy to the host may wait for a ring copy operation in progress (one chunk of it)."""
-        chunk = getattr(self.scheduler, "copy_chunk_bytes", 0)
+        chunk = self.residency.copy_chunk_bytes
         return copy_s * min(1.0, chunk / self.layer_bytes) if chunk and self.layer_bytes else copy_s
 
     def plan(self, rows: int) -> frozenset[int]:
@@ -312,12 +311,12 @@ class CpuLayers:
 
     def begin_step(self, caches: list, n_new: int) -> frozenset[int]:
         """Before a step adding `n_new` positions to each of `caches` (GPU caches, `length` positions held): pick
-        the layers the CPU computes, point the scheduler's ring past them, and bring each CPU-placed layer's
+        the layers the CPU computes, point the residency's ring past them, and bring each CPU-placed layer's
         keys/values up to date on the side that computes it this step."""
         rows = len(caches) * n_new
-        self.scheduler.recent_copy_gbps()  # collect the copy timings of the last step
+        self.residency.recent_copy_gbps()  # collect the copy timings of the last step
         active = self.plan(rows)
-        self.scheduler.set_cpu_active(frozenset(f"blk.{i}" for i in active))
+        self.residency.set_cpu_active(frozenset(f"blk.{i}" for i in active))
         for cache in caches:
             kv = self._kv.get(cache)
             if kv is None:
@@ -371,14 +370,12 @@ class CpuLayers:
         spent = time.perf_counter_ns() - began
         previous = self.seconds_in_use.get(bucket)
         self.seconds_in_use[bucket] = spent / 1e9 if previous is None else 0.8 * previous + 0.2 * spent / 1e9
-        counters = self.scheduler.counters
-        counters["cpu_layer_runs"] += 1
-        counters["cpu_compute_ns"] += spent
+        self.residency.record_cpu_layer(spent)
 
     def stats(self) -> dict:
         return {"layers": self.order, "packed_bytes": sum(layer.nbytes for layer in self.layers.values()),
                 "seconds_per_layer": self.seconds, "seconds_per_layer_decoding": dict(self.seconds_in_use),
-                "copy_seconds_per_layer": self.copy_s, "copy_gbps_decoding": self.scheduler.recent_copy_gbps(),
+                "copy_seconds_per_layer": self.copy_s, "copy_gbps_decoding": self.residency.recent_copy_gbps(),
                 "fixed_count": self.fixed_count,
                 "plans": {rows: len(plan[0]) for rows, plan in sorted(self._plans.items())}}
 

@@ -1,6 +1,6 @@
 """LlamaForward: the CPU reference forward pass in torch (fp32 throughout).
 
-Weights are fetched per extent (`token_embd`, `blk.{i}`, `output_norm`, `output`) through the residency scheduler
+Weights are fetched per extent (`token_embd`, `blk.{i}`, `output_norm`, `output`) through the residency
 and dequantized with `gdsllm_core.quant.ggml`; the fp32 result is kept per layer (up to a budget) so a token does
 not dequantize everything again.
 
@@ -8,19 +8,14 @@ Rope convention: attn_q / attn_k rows are stored in HF's order (each head's rota
 `rotate_half`), whatever the source; the GGUF converter undoes llama.cpp's interleaving permutation.
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
+import msgspec
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core import registry
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import ContextOverflowError
-from gdsllm_core.layout.manifest import TensorInfo
-from gdsllm_core.layout.store import ModelEntry
-from gdsllm_core.quant import ggml
+from gdsllm_core.api import ContextOverflowError, LoadOptions, ModelEntry, Placement, TensorInfo, get_residency, ggml
 from gdsllm_llama.config import LlamaConfig
 
 _MIN_CACHE_TOKENS = 256
@@ -151,8 +146,8 @@ class LlamaForward:
         self.device = torch.device("cpu")
         self.vocab_size = self.config.vocab_size
         self.max_context = min(self.config.context_length, options.max_context or self.config.context_length)
-        scheduler_cls = registry.get_scheduler(options.extra.get("scheduler", "tiered"))
-        self.scheduler = scheduler_cls(entry, dataclasses.replace(options, device="cpu"))
+        residency_cls = get_residency(options.extra.get("residency", "tiered"))
+        self.residency = residency_cls(entry, Placement(device="cpu"))
         self.cache_budget = options.extra.get("dequant_cache_bytes")
         self.inv_freq = self.config.inv_freq()
         self._layers: dict[int, LayerWeights] = {}
@@ -168,7 +163,7 @@ class LlamaForward:
 
     def _dequantize(self, extent: str, tensor_name: str) -> torch.Tensor:
         info = self._info(extent, tensor_name)
-        raw = self.scheduler.fetch(extent)[tensor_name]
+        raw = self.residency.fetch(extent)[tensor_name]
         return ggml.dequantize(raw, info.qtype).reshape(info.shape)
 
     def layer_weights(self, layer: int) -> LayerWeights:
@@ -177,8 +172,8 @@ class LlamaForward:
         if cached is not None:
             return cached
         extent = f"blk.{layer}"
-        self.scheduler.prefetch([f"blk.{layer + 1}"] if layer + 1 < self.config.n_layers else ["output_norm"])
-        views = self.scheduler.fetch(extent)
+        self.residency.prefetch([f"blk.{layer + 1}"] if layer + 1 < self.config.n_layers else ["output_norm"])
+        views = self.residency.fetch(extent)
         tensors = {t.name.split(".")[2]: ggml.dequantize(views[t.name], t.qtype).reshape(t.shape)
                    for t in self.entry.manifest.extent(extent).tensors}
         weights = LayerWeights.from_tensors(tensors)
@@ -192,7 +187,7 @@ class LlamaForward:
         if self.config.tied_embeddings:
             return self._dense["output"][:, tokens].T
         info = self._info("token_embd", "token_embd.weight")
-        raw = self.scheduler.fetch("token_embd")["token_embd.weight"]
+        raw = self.residency.fetch("token_embd")["token_embd.weight"]
         return ggml.dequantize(raw[tokens], info.qtype).reshape(len(tokens), info.shape[-1])
 
     def new_cache(self, max_tokens: int) -> LlamaCache:
@@ -224,10 +219,10 @@ class LlamaForward:
         return hidden @ self._dense["output"]
 
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "dequantized_layers": len(self._layers),
+        return {**msgspec.to_builtins(self.residency.stats()), "dequantized_layers": len(self._layers),
                 "dequantized_bytes": self._cached_bytes}
 
     def close(self) -> None:
         self._layers.clear()
         self._dense.clear()
-        self.scheduler.close()
+        self.residency.close()

@@ -8,7 +8,7 @@ resident a step of B sequences is the replay of one CUDA graph per B, whichever 
 GPU-computed layer is the replay of its own graph per B and buffer (ring slot) its weights sit in (eagerly, a
 layer's ten launches cost ~0.5 ms of host time: beside CPU-computed layers that time is on the critical path).
 Prefill: each weight is dequantized to fp16 into a reused scratch buffer and multiplied with cuBLAS; attention
-through torch SDPA. Layers come from the tiered scheduler (VRAM, pinned host RAM, storage), which streams
+through torch SDPA. Layers come from the tiered residency (VRAM, pinned host RAM, storage), which streams
 non-resident ones while earlier layers compute.
 
 The residual stream is fp32; activations fed to matrix products and the KV cache are fp16; logits are fp32.
@@ -18,15 +18,20 @@ import math
 import time
 from collections import OrderedDict
 
+import msgspec
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gdsllm_core import registry
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import ContextOverflowError, UnsupportedQuantError
+from gdsllm_core.api import (
+    ContextOverflowError,
+    LoadOptions,
+    ModelEntry,
+    Placement,
+    UnsupportedQuantError,
+    get_residency,
+)
 from gdsllm_kernels import ops
-from gdsllm_core.layout.store import ModelEntry
 from gdsllm_llama.config import LlamaConfig
 from gdsllm_llama.cpu_layers import CpuLayers
 
@@ -61,7 +66,7 @@ def kv_bytes(config: LlamaConfig, tokens: int) -> int:
 
 class LlamaForwardGPU:
     """ForwardPass for architecture "llama" on CUDA. LoadOptions: vram_budget, host_cache, max_context; extra:
-    `scheduler` (default "tiered"), `max_vram_layers`, `ring_slots`, `cuda_graphs` and `repack` (default True),
+    `residency` (default "tiered"), `max_vram_layers`, `ring_slots`, `cuda_graphs` and `repack` (default True),
     `fast_gemv` (default False: Q4_0 partial sums in fp16, see kernels/gemv.cu)."""
 
     def __init__(self, entry: ModelEntry, options: LoadOptions | None = None):
@@ -86,14 +91,14 @@ class LlamaForwardGPU:
         self._head_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
         self._head_extent = "token_embd" if c.tied_embeddings else "output"
         self._prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
-        reserved = self._reserved_bytes()
-        extra = {**options.extra, "reserved_vram_bytes": reserved}
-        scheduler_cls = registry.get_scheduler(options.extra.get("scheduler", "tiered"))
+        residency_cls = get_residency(options.extra.get("residency", "tiered"))
+        placement = Placement(device=str(self.device), vram_budget=options.vram_budget, host_cache=options.host_cache,
+                              reserved_vram_bytes=self._reserved_bytes(),
+                              max_vram_layers=options.extra.get("max_vram_layers"),
+                              ring_slots=options.extra.get("ring_slots"), cpu_layers=options.extra.get("cpu_layers", 0))
         with torch.cuda.device(self.device):
-            self.scheduler = scheduler_cls(entry, LoadOptions(device=str(self.device), vram_budget=options.vram_budget,
-                                                              host_cache=options.host_cache,
-                                                              max_context=options.max_context, extra=extra))
-            self.cpu_layers = CpuLayers.attach(c, entry, self.scheduler)  # host-tier layers the CPU may compute
+            self.residency = residency_cls(entry, placement)
+            self.cpu_layers = CpuLayers.attach(c, entry, self.residency)  # host-tier layers the CPU may compute
             self._allocate_workspace()
             self.repacked_bytes = self._repack_resident() if options.extra.get("repack", True) else 0
         self.last_step: dict = {}
@@ -146,16 +151,15 @@ class LlamaForwardGPU:
         """Rewrite resident Q4_0/Q8_0 matrices into the GPU layout once (aligned 16-byte code loads in the
         kernels); streamed layers keep the GGUF layout. Returns the bytes repacked."""
         scratch = self._scratch.view(torch.uint8)
-        tiers = getattr(self.scheduler, "tier", {})
         done = 0
         for extent in self.entry.manifest.extents:
-            if tiers.get(extent.name, "vram") != "vram":
+            if self.residency.tier(extent.name) != "vram":
                 continue
             tensors = [t for t in extent.tensors if ops.can_repack(t.qtype, t.shape[-1])
                        and t.nbytes <= scratch.numel()]
             if not tensors:
                 continue
-            views = self.scheduler.fetch(extent.name)
+            views = self.residency.fetch(extent.name)
             for t in tensors:
                 self._qtypes[t.name] = ops.repack(views[t.name], t.qtype, t.shape[-1], scratch)
                 done += t.nbytes
@@ -177,8 +181,8 @@ class LlamaForwardGPU:
 
     def _layer(self, i: int) -> tuple[dict[str, torch.Tensor], bool]:
         extent = f"blk.{i}"
-        views = self.scheduler.fetch(extent)
-        resident = getattr(self.scheduler, "tier", {}).get(extent, "vram") == "vram"
+        views = self.residency.fetch(extent)
+        resident = self.residency.tier(extent) == "vram"
         return views, resident
 
     def _dequant(self, views: dict[str, torch.Tensor], name: str, cols: int) -> torch.Tensor:
@@ -286,13 +290,13 @@ class LlamaForwardGPU:
                 graph.replay()
             else:
                 self._decode_layer(i, w, resident, B)
-        fixed = self.scheduler.fetch("output_norm")
+        fixed = self.residency.fetch("output_norm")
         ops.rmsnorm(h, self._norm(fixed, "output_norm.weight", True), c.rms_eps, out=xn)
-        self._gemv_group(self.scheduler.fetch(self._head_extent), [self._head_name], xn, [self._logits[:B]],
+        self._gemv_group(self.residency.fetch(self._head_extent), [self._head_name], xn, [self._logits[:B]],
                          fast=False)
 
     def _embed(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
-        table = self.scheduler.fetch("token_embd")["token_embd.weight"]
+        table = self.residency.fetch("token_embd")["token_embd.weight"]
         ops.dequantize(table, self._qtypes["token_embd.weight"], self.config.dim, out=out, rows=tokens,
                        dtype=torch.float32)
 
@@ -302,12 +306,11 @@ class LlamaForwardGPU:
         self._decode_layers(B)
 
     def _all_resident(self) -> bool:
-        tiers = getattr(self.scheduler, "tier", None)
-        return tiers is not None and all(t == "vram" for t in tiers.values())
+        return all(self.residency.tier(e.name) == "vram" for e in self.entry.manifest.extents)
 
     def _graph_for(self, B: int) -> torch.cuda.CUDAGraph | None:
         """The captured step for B sequences (made on first use, after one eager step on the current inputs, which
-        the replay then repeats), or None where graphs do not apply: some layers stream through the scheduler."""
+        the replay then repeats), or None where graphs do not apply: some layers stream through the residency."""
         if not (self.use_graphs and self._all_resident()):
             return None
         graph = self._graphs.get(B)
@@ -336,7 +339,7 @@ class LlamaForwardGPU:
         if len(caches) > DECODE_BATCH:
             return torch.cat([self.decode(tokens[i:i + DECODE_BATCH], caches[i:i + DECODE_BATCH])
                               for i in range(0, len(caches), DECODE_BATCH)])
-        began, counters = time.perf_counter(), dict(self.scheduler.stats())
+        began, counters = time.perf_counter(), self.residency.stats()
         B = len(caches)
         with torch.cuda.device(self.device):
             for cache in caches:
@@ -401,16 +404,16 @@ class LlamaForwardGPU:
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, V] of hidden rows h [T, D] fp32 (GEMV over the quantized head)."""
         c = self.config
-        norm = self._norm(self.scheduler.fetch("output_norm"), "output_norm.weight", True)
+        norm = self._norm(self.residency.fetch("output_norm"), "output_norm.weight", True)
         xn = ops.rmsnorm(h.contiguous(), norm, c.rms_eps)
         logits = torch.empty(h.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
-        self._gemv_group(self.scheduler.fetch(self._head_extent), [self._head_name], xn, [logits], fast=False)
+        self._gemv_group(self.residency.fetch(self._head_extent), [self._head_name], xn, [logits], fast=False)
         return logits
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: LlamaGpuCache, all_logits: bool = False) -> torch.Tensor:
         tokens = tokens.reshape(-1).to(self.device, torch.int64)
-        began, counters = time.perf_counter(), dict(self.scheduler.stats())
+        began, counters = time.perf_counter(), self.residency.stats()
         cache.reserve(tokens.numel())
         outputs = []
         with torch.cuda.device(self.device):
@@ -431,17 +434,17 @@ class LlamaForwardGPU:
     def new_cache(self, max_tokens: int) -> LlamaGpuCache:
         return LlamaGpuCache(self.config, min(max_tokens, self.max_context), self.device)
 
-    def _record_step(self, tokens: int, began: float, before: dict) -> None:
-        after = self.scheduler.stats()
+    def _record_step(self, tokens: int, began: float, before) -> None:
+        after = self.residency.stats()
         self.last_step = {
             "tokens": tokens, "host_seconds": time.perf_counter() - began,
-            "io_wait_s": (after.get("io_wait_ns", 0) - before.get("io_wait_ns", 0)) / 1e9,
-            "bytes_from_host": after.get("bytes_from_host", 0) - before.get("bytes_from_host", 0),
-            "bytes_from_storage": after.get("bytes_from_storage", 0) - before.get("bytes_from_storage", 0),
+            "io_wait_s": (after.io_wait_ns - before.io_wait_ns) / 1e9,
+            "bytes_from_host": after.bytes_from_host - before.bytes_from_host,
+            "bytes_from_storage": after.bytes_from_storage - before.bytes_from_storage,
         }
 
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "last_step": self.last_step, "cuda_graphs": self.use_graphs,
+        return {**msgspec.to_builtins(self.residency.stats()), "last_step": self.last_step, "cuda_graphs": self.use_graphs,
                 "cuda_graph_batches": sorted(self._graphs), "cuda_graph_layers": len(self._layer_graphs),
                 "cpu_layers": self.cpu_layers.stats() if self.cpu_layers else None,
                 "repacked_bytes": self.repacked_bytes, "vram_allocated": torch.cuda.memory_allocated(self.device)}
@@ -449,7 +452,7 @@ class LlamaForwardGPU:
     def close(self) -> None:
         if self.cpu_layers:
             self.cpu_layers.close()
-        self.scheduler.close()
+        self.residency.close()
         self._norms.clear()
         self._graphs.clear()
         self._layer_graphs.clear()

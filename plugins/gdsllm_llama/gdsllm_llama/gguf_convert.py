@@ -6,48 +6,34 @@ the two halves of each head, `rotate_half`), so those rows are permuted back her
 whole quant blocks and keeps the bytes exact). Tokenizer and chat template come from `tokenizer.ggml.*`.
 """
 
-import struct
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
 
-from gdsllm_core.convert import ConvertOptions
-from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.qtypes import tensor_nbytes
-from gdsllm_core.layout.writer import ModelWriter
-from gdsllm_core.quant.ggml import check_supported
+from gdsllm_core.api import (
+    GGUF_MAGIC,
+    ConversionError,
+    ConvertOptions,
+    GdsllmError,
+    ModelWriter,
+    build_tokenizer,
+    model_stem,
+    read_gguf,
+    read_header,
+)
 from gdsllm_llama.config import GGUF_ARCHITECTURE, LlamaConfig
 from gdsllm_llama.layout import LlamaLayout
 
-GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"  # LLaMA 3.1 GGUFs: per-frequency divisors of the rope inverse frequencies
-_STRING_TYPE = 8
 
 
 def gguf_architecture(path: Path) -> str | None:
-    """`general.architecture` read from the header without parsing the whole file (None if not found early)."""
+    """`general.architecture` from the header (None if the header cannot be read: convert then says why)."""
     try:
-        with open(path, "rb") as handle:
-            if handle.read(4) != GGUF_MAGIC:
-                return None
-            handle.read(4 + 8)  # version, tensor count
-            (n_kv,) = struct.unpack("<Q", handle.read(8))
-            for _ in range(min(n_kv, 16)):
-                (key_len,) = struct.unpack("<Q", handle.read(8))
-                key = handle.read(key_len).decode("utf-8", "replace")
-                (value_type,) = struct.unpack("<I", handle.read(4))
-                if value_type != _STRING_TYPE:
-                    return None
-                (value_len,) = struct.unpack("<Q", handle.read(8))
-                value = handle.read(value_len).decode("utf-8", "replace")
-                if key == "general.architecture":
-                    return value
-    except (OSError, struct.error):
+        return read_header(path).architecture
+    except (OSError, GdsllmError):
         return None
-    return None
 
 
 def unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
@@ -76,26 +62,14 @@ class GgufConverter:
 
     @staticmethod
     def default_name(path: Path) -> str:
-        return Path(path).stem.lower()
+        return model_stem(path).lower()
 
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
         if options.quant:
             raise ConversionError(f"re-quantizing a GGUF ({source.name}) to {options.quant} is not supported",
                                   "convert the GGUF as it is, or convert the original safetensors with --quant")
-        try:
-            reader = GGUFReader(source)
-        except Exception as exc:
-            raise ConversionError(f"cannot read GGUF {source}: {type(exc).__name__}: {exc}",
-                                  "the file is truncated or corrupt: re-download it") from exc
-        meta = read_metadata(reader)
-        tensors = {tensor.name: tensor for tensor in reader.tensors}
-        for tensor in tensors.values():
-            check_supported(tensor.tensor_type.name, f"tensor {tensor.name} in {source.name}")
-            shape = [int(d) for d in reversed(tensor.shape.tolist())]
-            expected = tensor_nbytes(tensor.tensor_type.name, shape)
-            if tensor.data.nbytes != expected:
-                raise ConversionError(f"tensor {tensor.name} in {source} has {tensor.data.nbytes} of its "
-                                      f"{expected} bytes", "the file is truncated: re-download it")
+        gguf = read_gguf(source)
+        meta, tensors = gguf.metadata, dict(gguf.tensors)
         freq_factors = tensors.pop(ROPE_FREQS, None)
         config = LlamaConfig.from_gguf(
             meta, n_vocab=len(meta.get("tokenizer.ggml.tokens") or []), tied="output.weight" not in tensors,
@@ -117,9 +91,8 @@ class GgufConverter:
                 done += 1
                 if options.progress:
                     options.progress(name, done, total)
-            writer.add_extent(extent_name, entries)
-        counts = Counter(t.tensor_type.name for t in tensors.values() if len(t.shape) > 1)
+            writer.add_extent(extent_name, entries, *LlamaLayout.role_of(extent_name))
         writer.finish(architecture=GGUF_ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
-                      quant=counts.most_common(1)[0][0] if counts else "",
-                      source={"format": "gguf", "file": source.name, "name": meta.get("general.name", "")})
+                      quant=gguf.quant,
+                      source={"format": "gguf", "file": gguf.path.name, "name": meta.get("general.name", "")})
 

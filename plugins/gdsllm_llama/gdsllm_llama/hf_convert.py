@@ -11,12 +11,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gdsllm_core.convert import ConvertOptions, read_json
-from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer, token_ids
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.qtypes import FLOAT_QTYPES
-from gdsllm_core.layout.writer import ModelWriter
-from gdsllm_core.quant.quantize import QUANTIZABLE, block_values, quantize
+from gdsllm_core.api import (
+    FLOAT_QTYPES,
+    QUANTIZABLE,
+    ConversionError,
+    ConvertOptions,
+    ModelWriter,
+    block_values,
+    quantize,
+    read_hf_tokenizer,
+    read_json,
+    token_ids,
+)
 from gdsllm_llama.config import GGUF_ARCHITECTURE, HF_ARCHITECTURES, LlamaConfig
 from gdsllm_llama.layout import LlamaLayout
 from gdsllm_llama.names import gguf_name
@@ -97,7 +103,7 @@ class HfSafetensorsConverter:
                     done += 1
                     if options.progress:
                         options.progress(name, done, total)
-                writer.add_extent(extent_name, entries)
+                writer.add_extent(extent_name, entries, *LlamaLayout.role_of(extent_name))
         finally:
             handles.clear()
         writer.finish(architecture=GGUF_ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,

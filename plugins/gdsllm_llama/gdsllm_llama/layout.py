@@ -3,7 +3,7 @@
 
 from collections.abc import Iterable
 
-from gdsllm_core.errors import ConversionError
+from gdsllm_core.api import ConversionError, ExtentRole
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                  "ffn_down")
@@ -21,6 +21,13 @@ class LlamaLayout:
         if parts[0] in ("token_embd", "output_norm", "output"):
             return parts[0]
         raise ConversionError(f"tensor {tensor_name!r} does not belong to any LLaMA extent")
+
+    @staticmethod
+    def role_of(extent_name: str) -> tuple[ExtentRole, int]:
+        """(role, layer index or -1) the layout declares for one of its extents."""
+        if extent_name.startswith("blk."):
+            return ExtentRole.LAYER, int(extent_name.split(".")[1])
+        return (ExtentRole.EMBEDDINGS if extent_name == "token_embd" else ExtentRole.HEAD), -1
 
     @staticmethod
     def extent_order(n_layers: int, tied: bool) -> list[str]:

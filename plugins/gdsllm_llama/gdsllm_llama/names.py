@@ -2,7 +2,7 @@
 
 import re
 
-from gdsllm_core.errors import ConversionError
+from gdsllm_core.api import ConversionError
 
 HF_TO_GGUF: dict[str, str | None] = {
     "model.embed_tokens.weight": "token_embd.weight",

@@ -1,6 +1,6 @@
 """Registrations of the LLaMA plugin."""
 
-from gdsllm_core import hookimpl
+from gdsllm_core.api import hookimpl
 
 ARCHITECTURE = "llama"
 
@@ -9,11 +9,6 @@ ARCHITECTURE = "llama"
 def register_converters(register):
     register("gguf", "gdsllm_llama.gguf_convert:GgufConverter")
     register("hf-safetensors", "gdsllm_llama.hf_convert:HfSafetensorsConverter")
-
-
-@hookimpl
-def register_weight_layouts(register):
-    register(ARCHITECTURE, "gdsllm_llama.layout:LlamaLayout")
 
 
 @hookimpl

@@ -10,7 +10,9 @@ from gguf.constants import GGML_QUANT_SIZES
 
 # byte offsets of the fp16 scale fields in one block of each type (ggml-common.h)
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+               "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_S": (0,), "IQ3_XXS": (0,), "IQ2_XXS": (0,), "IQ2_XS": (0,),
+               "IQ2_S": (0,), "IQ1_S": (0,), "MXFP4": ()}  # MXFP4: a one-byte exponent, finite for any value
 
 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -39,9 +41,13 @@ def llamacpp_permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_llama_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, str]], *, n_layers: int, dim: int,
                      n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int, rope_theta: float = 10000.0,
-                     rms_eps: float = 1e-5, context_length: int = 256, tokenizer: dict | None = None) -> Path:
-    """A llama-architecture GGUF: `tensors` maps names to (data, qtype); quantized data are raw uint8 blocks."""
-    writer = GGUFWriter(str(path), arch="llama")
+                     rms_eps: float = 1e-5, context_length: int = 256, tokenizer: dict | None = None,
+                     file_type: int | None = None, split_max_tensors: int = 0) -> Path:
+    """A llama-architecture GGUF: `tensors` maps names to (data, qtype); quantized data are raw uint8 blocks.
+    With `split_max_tensors`, gguf-py splits it into parts (`<stem>-00001-of-0000N.gguf`)."""
+    writer = GGUFWriter(str(path), arch="llama", split_max_tensors=split_max_tensors)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     writer.add_block_count(n_layers)
     writer.add_context_length(context_length)
     writer.add_embedding_length(dim)

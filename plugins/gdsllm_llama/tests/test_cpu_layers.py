@@ -1,10 +1,20 @@
 """CPU-computed layers (gdsllm_llama.cpu_layers): Q4_0/Q4_1 blocks packed for torch's CPU int4 kernel against
 gguf-py's dequantization, packed layers against the fp32 CPU reference forward, the KV hand-over between the GPU
-layout and the CPU caches, and the placement arithmetic (gdsllm_core.scheduler)."""
+layout and the CPU caches, and the placement arithmetic (gdsllm_core.runtime.cpu_plan)."""
 
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from llama_testing import random_blocks, write_llama_gguf
+
+from gdsllm_core.convert import convert
+from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_core.errors import BadRequestError
+from gdsllm_core.layout.store import ModelStore
+from gdsllm_core.runtime.cpu_plan import plan_cpu_layers, simulate_step_seconds, spread
+from gdsllm_core.runtime.residency import cpu_layers_option
 from gdsllm_llama.cpu_layers import (
     LAYER_OVERHEAD_S,
     CpuLayers,
@@ -14,15 +24,6 @@ from gdsllm_llama.cpu_layers import (
     packed_layer_nbytes,
 )
 from gdsllm_llama.forward import LlamaForward, rms_norm
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
-from llama_testing import random_blocks, write_llama_gguf
-
-from gdsllm_core.convert import convert
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BadRequestError
-from gdsllm_core.layout.store import ModelStore
-from gdsllm_core.scheduler import cpu_layers_option, plan_cpu_layers, simulate_step_seconds, spread
 
 if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
     pytest.skip("this torch has no CPU int4 kernel", allow_module_level=True)
@@ -99,7 +100,7 @@ def tiny(request, tmp_path_factory):
 
 
 def packed_layers(entry, forward) -> dict[int, PackedLayer]:
-    return {i: PackedLayer.from_views(entry.manifest.extent(f"blk.{i}"), forward.scheduler.fetch(f"blk.{i}"))
+    return {i: PackedLayer.from_views(entry.manifest.extent(f"blk.{i}"), forward.residency.fetch(f"blk.{i}"))
             for i in range(LAYERS)}
 
 
@@ -145,7 +146,9 @@ class FakeGpuCache:
         self.v = torch.zeros(shape, dtype=torch.float16)
 
 
-class FakeScheduler:
+class FakeResidency:
+    copy_chunk_bytes = 0
+
     def __init__(self):
         self.counters = {"cpu_layer_runs": 0, "cpu_compute_ns": 0}
         self.active: list[frozenset[str]] = []
@@ -159,6 +162,10 @@ class FakeScheduler:
 
     def recent_copy_gbps(self) -> float | None:
         return self.gbps
+
+    def record_cpu_layer(self, nanoseconds: int) -> None:
+        self.counters["cpu_layer_runs"] += 1
+        self.counters["cpu_compute_ns"] += nanoseconds
 
     def layer_tiers(self) -> list[str]:
         return ["ring"] * LAYERS
@@ -181,7 +188,7 @@ def test_kv_moves_between_gpu_layout_and_cpu_layers(tiny):
     gpu.k[:, :T] = ref_cache.k[:, :, :T].transpose(1, 2).half()
     gpu.v[:, :T] = ref_cache.v[:, :, :T].transpose(1, 2).half()
     gpu.length = T
-    scheduler = FakeScheduler()
+    scheduler = FakeResidency()
     cpu = CpuLayers(config, scheduler, packed_layers(entry, reference), seconds={1: 1e-4}, copy_s=1e-3, gpu_s=0.0,
                     layer_bytes=entry.manifest.extent("blk.0").nbytes, fixed_count=LAYERS)
     active = cpu.begin_step([gpu], 1)
@@ -206,7 +213,7 @@ def test_auto_replans_from_speeds_measured_while_decoding(tiny):
     """Auto placement plans from the load-time figures, then from what decoding measures once a speed drifts by
     more than 15 %: slow copies send both layers to the CPU, fast copies none; a small drift changes nothing."""
     entry, reference = tiny
-    scheduler = FakeScheduler()
+    scheduler = FakeResidency()
     cpu = CpuLayers(reference.config, scheduler, packed_layers(entry, reference), seconds={1: 3e-3}, copy_s=1e-3,
                     gpu_s=0.0, layer_bytes=10**6)
     assert cpu.plan(1) == frozenset()  # 3.9 ms a CPU layer against 1 ms a copy: stream both

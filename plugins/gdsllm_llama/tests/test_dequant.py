@@ -3,19 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from gdsllm_llama.gguf_convert import unpermute_rows
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from llama_testing import random_blocks, store_is_empty, write_llama_gguf
 
 from gdsllm_core.convert import convert
-from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import GdsllmError, UnknownArchitectureError, UnsupportedQuantError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.quant import ggml
-from gdsllm_core.scheduler import TieredScheduler
+from gdsllm_core.runtime.residency import Placement, TieredResidency
+from gdsllm_llama.gguf_convert import unpermute_rows
 
-ALL_TYPES = list(ggml.SUPPORTED_TYPES)
+ALL_TYPES = [qtype for qtype in ggml.SUPPORTED_TYPES if qtype != "IQ1_M"]  # IQ1_M: tests/unit/test_quant_iq.py
 
 
 def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
@@ -46,13 +45,14 @@ def test_dequantize_chunking_and_typed_input():
     assert torch.equal(ggml.dequantize(halves, "F16"), halves.float())
 
 
-@pytest.mark.parametrize("qtype", ["IQ2_XXS", "Q8_1", "TQ1_0", "nonsense"])
+@pytest.mark.parametrize("qtype", ["Q8_K", "Q8_1", "TQ1_0", "nonsense"])
 def test_unknown_type_names_it(qtype):
     with pytest.raises(UnsupportedQuantError, match=qtype):
         ggml.dequantize(torch.zeros(1, 66, dtype=torch.uint8), qtype)
 
 
-# Two one-layer llama GGUFs that between them hold every supported type (K-quants need rows of 256 values).
+# One-layer llama GGUFs that between them hold every supported type but IQ1_M (K- and I-quants need rows of 256
+# values; IQ1_M, whose scale random bytes may make a NaN, is tested in tests/unit/test_quant_iq.py).
 DIM, FFN, VOCAB = 256, 512, 64
 FILES = [
     {"token_embd.weight": "Q5_0", "output.weight": "Q5_1", "blk.0.attn_q.weight": "Q2_K",
@@ -61,6 +61,9 @@ FILES = [
     {"token_embd.weight": "Q8_0", "output.weight": "F16", "blk.0.attn_q.weight": "BF16",
      "blk.0.attn_k.weight": "Q8_0", "blk.0.attn_v.weight": "F32", "blk.0.attn_output.weight": "Q6_K",
      "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q5_K", "blk.0.ffn_down.weight": "Q3_K"},
+    {"token_embd.weight": "IQ4_NL", "output.weight": "IQ4_XS", "blk.0.attn_q.weight": "IQ3_S",
+     "blk.0.attn_k.weight": "IQ3_XXS", "blk.0.attn_v.weight": "IQ2_XXS", "blk.0.attn_output.weight": "IQ2_XS",
+     "blk.0.ffn_gate.weight": "IQ2_S", "blk.0.ffn_up.weight": "IQ1_S", "blk.0.ffn_down.weight": "MXFP4"},
 ]
 SHAPES = {"token_embd.weight": (VOCAB, DIM), "output.weight": (VOCAB, DIM), "blk.0.attn_q.weight": (DIM, DIM),
           "blk.0.attn_k.weight": (DIM // 2, DIM), "blk.0.attn_v.weight": (DIM // 2, DIM),
@@ -78,13 +81,13 @@ def _one_layer_gguf(path, types, rng, override: dict | None = None):
                             vocab_size=VOCAB)
 
 
-@pytest.mark.parametrize("file_index", [0, 1])
+@pytest.mark.parametrize("file_index", range(len(FILES)))
 def test_gguf_converter_keeps_blocks_and_dequantizes_exactly(tmp_path, file_index):
     rng = np.random.default_rng(10 + file_index)
     path = _one_layer_gguf(tmp_path / "tiny.gguf", FILES[file_index], rng)
     entry = convert(path, ModelStore(tmp_path / "models"), "tiny")
     reader = GGUFReader(path)
-    scheduler = TieredScheduler(entry, LoadOptions())
+    scheduler = TieredResidency(entry, Placement())
     try:
         stored = {}
         for extent in entry.manifest.extents:
@@ -107,11 +110,11 @@ def test_gguf_converter_keeps_blocks_and_dequantizes_exactly(tmp_path, file_inde
 
 def test_gguf_with_unsupported_type_is_refused(tmp_path):
     rng = np.random.default_rng(3)
-    iq_block_bytes = 66  # IQ2_XXS: 256 values in 66 bytes
-    bad = rng.integers(0, 256, size=(FFN, DIM // 256 * iq_block_bytes), dtype=np.uint8)
-    path = _one_layer_gguf(tmp_path / "iq.gguf", FILES[0], rng, {"blk.0.ffn_up.weight": (bad, "IQ2_XXS")})
+    ternary_block_bytes = 66  # TQ2_0: 256 values in 66 bytes
+    bad = rng.integers(0, 256, size=(FFN, DIM // 256 * ternary_block_bytes), dtype=np.uint8)
+    path = _one_layer_gguf(tmp_path / "tq.gguf", FILES[0], rng, {"blk.0.ffn_up.weight": (bad, "TQ2_0")})
     root = tmp_path / "models"
-    with pytest.raises(UnsupportedQuantError, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS"):
+    with pytest.raises(UnsupportedQuantError, match=r"blk\.0\.ffn_up\.weight.*TQ2_0"):
         convert(path, ModelStore(root), "iq")
     assert store_is_empty(root)
 

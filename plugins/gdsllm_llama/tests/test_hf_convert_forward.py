@@ -6,9 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from gdsllm_llama.forward import LlamaForward
-from gdsllm_llama.hf_convert import HfSafetensorsConverter
-from gdsllm_llama.names import gguf_name
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
@@ -27,7 +24,10 @@ from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import ContextOverflowError, ConversionError, UnknownArchitectureError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.layout.writer import ModelWriter
-from gdsllm_core.scheduler import TieredScheduler
+from gdsllm_core.runtime.residency import Placement, TieredResidency
+from gdsllm_llama.forward import LlamaForward
+from gdsllm_llama.hf_convert import HfSafetensorsConverter
+from gdsllm_llama.names import gguf_name
 
 PROMPT = [3, 17, 99, 254, 42, 7, 128, 5, 64]
 STEPS = 16
@@ -107,7 +107,7 @@ def test_quantize_at_conversion_matches_gguf_py(tmp_path, quant):
     entry = convert(tmp_path / "hf", ModelStore(tmp_path / "models"), "tiny", ConvertOptions(quant=quant))
     state = model.state_dict()
     hf_names = {gguf_name(name): name for name in state}
-    scheduler = TieredScheduler(entry, LoadOptions())
+    scheduler = TieredResidency(entry, Placement())
     try:
         for extent in entry.manifest.extents:
             views = scheduler.fetch(extent.name)

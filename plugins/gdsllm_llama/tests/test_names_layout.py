@@ -1,10 +1,10 @@
 """The HF -> GGUF name map and the grouping of tensors into extents."""
 
 import pytest
-from gdsllm_llama.layout import LAYER_TENSORS, LlamaLayout
-from gdsllm_llama.names import gguf_name
 
 from gdsllm_core.errors import ConversionError
+from gdsllm_llama.layout import LAYER_TENSORS, LlamaLayout
+from gdsllm_llama.names import gguf_name
 
 
 def test_hf_names_map_to_gguf_names():

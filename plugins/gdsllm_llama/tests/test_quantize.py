@@ -4,8 +4,6 @@ converted with --quant q4_k computes what transformers computes on those dequant
 import numpy as np
 import pytest
 import torch
-from gdsllm_llama.forward import LlamaForward
-from gdsllm_llama.names import gguf_name
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
@@ -17,7 +15,9 @@ from gdsllm_core.errors import UnsupportedQuantError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.quant import ggml
 from gdsllm_core.quant.quantize import quantize
-from gdsllm_core.scheduler import TieredScheduler
+from gdsllm_core.runtime.residency import Placement, TieredResidency
+from gdsllm_llama.forward import LlamaForward
+from gdsllm_llama.names import gguf_name
 
 Q4_K = GGMLQuantizationType.Q4_K
 
@@ -59,7 +59,7 @@ def test_convert_with_q4_k_matches_transformers_on_the_same_weights(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     entry = convert(tmp_path / "hf", ModelStore(tmp_path / "models"), "tiny", ConvertOptions(quant="q4_k"))
     restored = {}
-    scheduler = TieredScheduler(entry, LoadOptions())
+    scheduler = TieredResidency(entry, Placement())
     try:
         for extent in entry.manifest.extents:
             views = scheduler.fetch(extent.name)

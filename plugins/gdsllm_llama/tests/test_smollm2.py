@@ -4,11 +4,11 @@ against transformers loading the same GGUF."""
 import jinja2
 import pytest
 import torch
-from gdsllm_llama.forward import LlamaForward
 from llama_testing import hf_logits_with_cache, relative_error
 from tokenizers import Tokenizer
 
 from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_llama.forward import LlamaForward
 
 
 def chat_ids(entry, question: str) -> list[int]:

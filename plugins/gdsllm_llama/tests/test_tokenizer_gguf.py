@@ -5,11 +5,11 @@ import io
 
 import pytest
 import sentencepiece as spm
-from gdsllm_llama.gguf_convert import read_metadata
 from gguf import GGUFReader, GGUFWriter
 from tokenizers import Tokenizer
 
 from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
+from gdsllm_llama.gguf_convert import read_metadata
 
 TEXTS = [
     "Hello world!",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gdsllm_core.errors import ConversionError, UnknownArchitectureError
+from gdsllm_core.api import ConversionError, UnknownArchitectureError, config_of
 
 QWEN2, QWEN3, QWEN3MOE = "qwen2", "qwen3", "qwen3moe"
 ARCHITECTURES = (QWEN2, QWEN3, QWEN3MOE)  # GGUF `general.architecture` values, also gdsllm's architecture names
@@ -61,8 +61,8 @@ class QwenConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QwenConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        """From a manifest's config, its fields' types checked."""
+        return config_of(cls, data)
 
     @classmethod
     def from_gguf(cls, metadata: dict, n_vocab: int, tied: bool, sparse_layers: list[int]) -> "QwenConfig":

@@ -8,18 +8,33 @@ quantized with `--quant` (embeddings and head at Q8_0, routers kept as they are)
 
 from pathlib import Path
 
-from gdsllm_core.convert import ConvertOptions, read_json, write_extents
-from gdsllm_core.convert.gguf_file import file_type_name, gguf_architecture, is_gguf, read_gguf
-from gdsllm_core.convert.gguf_tokenizer import build_tokenizer
-from gdsllm_core.convert.hf_folder import SafetensorsFolder, config_architectures, quant_option, tensor_entry
-from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer, token_ids
-from gdsllm_core.errors import ConversionError
-from gdsllm_core.layout.qtypes import FLOAT_QTYPES
-from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.api import (
+    FLOAT_QTYPES,
+    ConversionError,
+    ConvertOptions,
+    ModelWriter,
+    SafetensorsFolder,
+    build_tokenizer,
+    config_architectures,
+    gguf_architecture,
+    model_stem,
+    quant_option,
+    read_gguf,
+    read_hf_tokenizer,
+    read_json,
+    tensor_entry,
+    token_ids,
+    write_extents,
+)
 from gdsllm_qwen3 import names
 from gdsllm_qwen3.config import ARCHITECTURES, HF_ARCHITECTURES, QwenConfig
 
 _HEAD_TENSORS = ("token_embd.weight", "output.weight")
+
+
+def _gguf_entry(name: str, tensor) -> tuple:
+    """The writer's (name, qtype, shape in torch order, raw blocks) of a gguf-py tensor."""
+    return name, tensor.tensor_type.name, [int(d) for d in reversed(tensor.shape.tolist())], tensor.data
 
 
 def _layer_of(name: str) -> int:
@@ -31,34 +46,35 @@ class QwenGgufConverter:
 
     @staticmethod
     def detect(path: Path) -> bool:
-        return is_gguf(path) and gguf_architecture(path) in ARCHITECTURES
+        return gguf_architecture(path) in ARCHITECTURES
 
     @staticmethod
     def default_name(path: Path) -> str:
-        return Path(path).stem.lower()
+        return model_stem(path).lower()
 
     def convert(self, source: Path, writer: ModelWriter, options: ConvertOptions) -> None:
         if options.quant:
             raise ConversionError(f"re-quantizing a GGUF ({source.name}) to {options.quant} is not supported",
                                   "convert the GGUF as it is, or convert the original safetensors with --quant")
-        meta, tensors = read_gguf(source)
-        entries: dict[str, tuple] = {}
-        for tensor in tensors.values():
-            parts = tensor.name.split(".")
+        gguf = read_gguf(source)
+        meta, entries = gguf.metadata, {}
+        for tensor_name, tensor in gguf.tensors.items():
+            _, qtype, shape, data = _gguf_entry(tensor_name, tensor)
+            parts = tensor_name.split(".")
             if len(parts) == 4 and parts[0] == "blk" and parts[2] in names.FUSED_EXPERTS:
-                for expert in range(tensor.shape[0]):
+                for expert in range(shape[0]):
                     name = f"{names.expert_extent(int(parts[1]), expert)}.{names.FUSED_EXPERTS[parts[2]]}.weight"
-                    entries[name] = (name, tensor.qtype, tensor.shape[1:], tensor.data[expert])
+                    entries[name] = (name, qtype, shape[1:], data[expert])
             else:
-                entries[tensor.name] = (tensor.name, tensor.qtype, tensor.shape, tensor.data)
+                entries[tensor_name] = (tensor_name, qtype, shape, data)
         sparse = sorted({_layer_of(name) for name in entries if name.endswith(".ffn_gate_inp.weight")})
         config = QwenConfig.from_gguf(meta, n_vocab=len(meta.get("tokenizer.ggml.tokens") or []),
                                       tied="output.weight" not in entries, sparse_layers=sparse)
         groups = names.group(entries, config)
         tokenizer, files = build_tokenizer(meta)
-        write_extents(writer, groups, entries.__getitem__, options)
+        write_extents(writer, groups, entries.__getitem__, names.extent_role, options)
         writer.finish(architecture=config.architecture, config=config.to_dict(), tokenizer=tokenizer, files=files,
-                      quant=file_type_name(meta, tensors),
+                      quant=gguf.quant,
                       source={"format": "gguf", "file": source.name, "name": meta.get("general.name", "")})
 
 
@@ -101,7 +117,7 @@ class QwenHfConverter:
                 return tensor_entry(name, tensor, quant, head=name in _HEAD_TENSORS,
                                     keep_float=name.endswith(".ffn_gate_inp.weight"))  # routers stay as they are
 
-            write_extents(writer, groups, entry_of, options)
+            write_extents(writer, groups, entry_of, names.extent_role, options)
         writer.finish(architecture=config.architecture, config=config.to_dict(), tokenizer=tokenizer, files=files,
                       quant=quant or "/".join(sorted(seen)),
                       source={"format": "hf-safetensors", "folder": source.name,

@@ -12,9 +12,7 @@ from concurrent.futures import as_completed
 
 import torch
 
-from gdsllm_core.layout.manifest import Manifest
-from gdsllm_core.quant import ggml
-from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_core.api import ExtentReader, Manifest, extent_views, ggml
 from gdsllm_qwen3.names import EXPERT_TENSORS, expert_extent
 
 

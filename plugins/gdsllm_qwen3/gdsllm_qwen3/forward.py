@@ -13,11 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BadRequestError, ContextOverflowError
-from gdsllm_core.layout.store import ModelEntry
-from gdsllm_core.quant import ggml
-from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_core.api import (
+    BadRequestError,
+    ContextOverflowError,
+    ExtentReader,
+    LoadOptions,
+    ModelEntry,
+    extent_views,
+    ggml,
+)
 from gdsllm_qwen3.config import QwenConfig
 from gdsllm_qwen3.experts import ExpertStore
 

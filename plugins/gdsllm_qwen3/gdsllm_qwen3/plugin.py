@@ -1,6 +1,6 @@
 """Registrations of the Qwen2 / Qwen3 / Qwen3-MoE plugin."""
 
-from gdsllm_core import hookimpl
+from gdsllm_core.api import hookimpl
 from gdsllm_qwen3.config import ARCHITECTURES
 
 

@@ -4,10 +4,10 @@ converter accepts them), saved once per session, and their GGUFs made by llama.c
 from pathlib import Path
 
 import pytest
-from gdsllm_qwen3 import plugin as qwen3_plugin
 from qwen3_testing import ARCHS, add_tokenizer, make_model
 
 from gdsllm_core import plugins, testing
+from gdsllm_qwen3 import plugin as qwen3_plugin
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -32,7 +32,7 @@ def test_unknown_gguf_architecture_names_the_installed_plugins(tmp_path):
     path = write_gguf(tmp_path / "phi.gguf", "phi3")
     with pytest.raises(UnknownArchitectureError) as error:
         convert(path, ModelStore(tmp_path / "store"), "phi")
-    assert "architecture phi3" in str(error.value) and "qwen3" in str(error.value)
+    assert "architecture 'phi3'" in str(error.value) and "qwen3" in str(error.value)
     assert "qwen3moe" in str(error.value)  # the architectures the plugins run
 
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from gdsllm_qwen3.forward import QwenForward
 from qwen3_testing import ARCHS
 
 from gdsllm_core import testing
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.layout.store import ModelStore
+from gdsllm_qwen3.forward import QwenForward
 
 PROMPT = [3, 17, 99, 254, 42, 7, 128, 5, 64, 300, 511]
 BF16_TOLERANCE = 3e-2  # relative to the largest logit: bf16 weights and activations through 2 layers

@@ -5,14 +5,13 @@ built tools: `nox -s llamacpp`."""
 
 import pytest
 import torch
-from gdsllm_qwen3.forward import QwenForward
 from qwen3_testing import ARCHS, add_tokenizer, make_model
 
 from gdsllm_core import testing
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.layout.store import ModelStore
-from gdsllm_core.quant.ggml import SUPPORTED_TYPES
+from gdsllm_qwen3.forward import QwenForward
 
 pytestmark = pytest.mark.llamacpp
 TRAIN_STEPS = 200
@@ -87,8 +86,6 @@ def greedy_ours(entry, prompt: list[int]) -> list[int]:
 def test_quantized_greedy_tokens_match_transformers(arch, kind, trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    if kind == "IQ4_XS" and "IQ4_XS" not in SUPPORTED_TYPES:
-        pytest.skip("IQ4_XS dequantization is not in gdsllm_core.quant.ggml yet")
     folder, f16, prompt = trained[arch]
     quantized = testing.llama_quantize(f16, tmp_path / f"{arch}-{kind}.gguf", kind)
     entry = convert(quantized, ModelStore(tmp_path / "store"), arch)

@@ -3,11 +3,11 @@ picked (transformers' own router logits say which) times an expert's bytes, less
 
 import pytest
 import torch
-from gdsllm_qwen3.forward import QwenForward
 
 from gdsllm_core.convert import convert
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.layout.store import ModelStore
+from gdsllm_qwen3.forward import QwenForward
 
 PROMPT = [3, 17, 99, 254, 42, 7, 128, 5, 64, 300, 511]
 STEPS = 8

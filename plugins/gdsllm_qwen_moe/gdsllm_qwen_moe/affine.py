@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from gdsllm_core.errors import UnsupportedQuantError
+from gdsllm_core.api import UnsupportedQuantError
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)  # every width mx.quantize accepts
 SUPPORTED_GROUP_SIZES = (32, 64, 128)

@@ -30,13 +30,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import torch
 
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.layout.store import ModelStore
-from gdsllm_core.storage.backends import drop_page_cache
-from gdsllm_core.storage.reader import ExtentReader
-from gdsllm_qwen_moe.experts import ExpertCache, expert_extent
+from gdsllm_core.api import ExtentReader, LoadOptions, ModelStore, drop_page_cache
+from gdsllm_qwen_moe.experts import expert_extent, expert_residency
 from gdsllm_qwen_moe.forward import QwenMoeForward
 from gdsllm_qwen_moe.synthetic import qwen35_397b_shapes, write_synthetic
 
@@ -157,12 +155,12 @@ def cold_decode(forwards: dict[str, QwenMoeForward], weights: Path, steps: int,
 
 def _cold_step(forward: QwenMoeForward, weights: Path, cache, token: int, layers: int, expert_bytes: int):
     """One timed cold decode step (`cache` advanced) and its compute-only re-run: (row, logits)."""
-    stats = forward.experts.stats
+    stats = forward.experts.counters
     before = copy.deepcopy(cache)
     drop_page_cache(weights)
     read_before, misses_before = stats.bytes_read, stats.misses
     wait_before = stats.read_ns + stats.prefetch_wait_ns
-    ahead_before = forward.experts.as_dict()["prefetch"]
+    ahead_before = msgspec.structs.asdict(forward.experts.stats().prefetch)
     _sync(forward.device)
     began = time.perf_counter()
     logits = forward.decode(torch.tensor([token]), [cache])
@@ -171,7 +169,7 @@ def _cold_step(forward: QwenMoeForward, weights: Path, cache, token: int, layers
     read = stats.bytes_read - read_before
     requested = (stats.misses - misses_before) * expert_bytes  # routed to; all misses when cold
     waited = stats.read_ns + stats.prefetch_wait_ns - wait_before
-    ahead = {k: v - ahead_before[k] for k, v in forward.experts.as_dict()["prefetch"].items()}
+    ahead = {k: v - ahead_before[k] for k, v in msgspec.structs.asdict(forward.experts.stats().prefetch).items()}
     forward.experts.vram.budget_bytes = 1 << 40  # warm re-run: same routing, every expert now in VRAM
     forward.decode(torch.tensor([token]), [copy.deepcopy(before)])  # fills the cache
     _sync(forward.device)
@@ -189,8 +187,8 @@ def _cold_step(forward: QwenMoeForward, weights: Path, cache, token: int, layers
 def _reads_only(forward: QwenMoeForward, weights: Path, layers: int, expert_bytes: int) -> dict:
     """The experts of `forward`'s last step read cold by its reader, one layer's batch after the other."""
     manifest = forward.entry.manifest
-    groups = [[manifest.extent(expert_extent(layer, e)) for e in read["ids"]]
-              for layer, read in sorted(forward.experts.stats.last_read_by_layer.items())]
+    groups = [[manifest.extent(expert_extent(layer, e)) for e in read.ids]
+              for layer, read in sorted(forward.experts.counters.last_read_by_layer.items())]
     buffers = [torch.empty(expert_bytes, dtype=torch.uint8, pin_memory=forward.device.type == "cuda")
                for _ in range(max(len(group) for group in groups))]
     elapsed = _cold_read_seconds(forward.reader, weights, groups, buffers)
@@ -251,7 +249,7 @@ def zipf_trace(forward: QwenMoeForward, tokens: int, budget_bytes: int, exponent
     ranks = torch.arange(1, config.num_experts + 1, dtype=torch.float64)
     weights = ranks.pow(-exponent)
     orders = [torch.randperm(config.num_experts, generator=generator) for _ in range(config.num_hidden_layers)]
-    cache = ExpertCache(forward.reader, forward.entry.manifest, budget_bytes, forward.device, vram_budget_bytes)
+    cache = expert_residency(forward.reader, forward.entry.manifest, budget_bytes, forward.device, vram_budget_bytes)
     began = time.perf_counter()
     for _ in range(tokens):
         for layer in range(config.num_hidden_layers):
@@ -260,15 +258,15 @@ def zipf_trace(forward: QwenMoeForward, tokens: int, budget_bytes: int, exponent
     _sync(forward.device)
     elapsed = time.perf_counter() - began
     expert_bytes = forward.entry.manifest.extent("blk.0.expert.0").nbytes
-    stats = cache.as_dict()
+    stats = cache.stats()
     cache.close()
     cold_per_token = config.num_hidden_layers * config.num_experts_per_tok * expert_bytes
     return {"tokens": tokens, "host_budget_bytes": budget_bytes, "vram_budget_bytes": vram_budget_bytes,
-            "exponent": exponent, "hit_rate": stats["hit_rate"], "vram_hit_rate": stats["vram"]["hit_rate"],
-            "host_hit_rate": stats["host"]["hit_rate"], "bytes_read_per_token": stats["storage"]["bytes_read"] / tokens,
+            "exponent": exponent, "hit_rate": stats.hit_rate, "vram_hit_rate": stats.vram.hit_rate,
+            "host_hit_rate": stats.host.hit_rate, "bytes_read_per_token": stats.storage.bytes_read / tokens,
             "cold_bytes_per_token": cold_per_token,
-            "cold_bytes_per_token_x_miss_rate": cold_per_token * (1 - stats["hit_rate"]),
-            "seconds_per_token": elapsed / tokens, "read_seconds_per_token": stats["storage"]["read_ns"] / 1e9 / tokens}
+            "cold_bytes_per_token_x_miss_rate": cold_per_token * (1 - stats.hit_rate),
+            "seconds_per_token": elapsed / tokens, "read_seconds_per_token": stats.storage.read_ns / 1e9 / tokens}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,12 +1,13 @@
 """QwenMoeConfig: the Qwen3.5-MoE hyper-parameters, read from an HF or MLX config.json (flat or with text_config)."""
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from gdsllm_core.errors import ConversionError
+from gdsllm_core.api import ConversionError, config_of
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+GGUF_ARCHITECTURE = "qwen35moe"  # general.architecture of llama.cpp's Qwen3.5-MoE GGUFs
 
 
 @dataclass
@@ -33,6 +34,9 @@ class QwenMoeConfig:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
+    # value heads in llama.cpp's tiled order (GGUF with fewer key than value heads): value head j is served by key
+    # head j % linear_num_key_heads, not by j // (value heads per key head) as in HF's grouped order
+    linear_value_heads_tiled: bool = False
 
     # derived sizes
     @property
@@ -60,8 +64,7 @@ class QwenMoeConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "QwenMoeConfig":
         """From the manifest's config (as written by `to_dict`)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return config_of(cls, data)
 
     @classmethod
     def from_hf(cls, raw: dict) -> "QwenMoeConfig":
@@ -98,6 +101,46 @@ class QwenMoeConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
             eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         )
+
+
+    @classmethod
+    def from_gguf(cls, meta: dict, vocab_size: int, tied: bool) -> "QwenMoeConfig":
+        """From a `qwen35moe` GGUF's metadata (as llama.cpp's convert_hf_to_gguf.py writes it); the layers of the
+        multi-token-prediction head (`nextn_predict_layers`, after the text layers) are left out."""
+        def need(key: str):
+            full = f"{GGUF_ARCHITECTURE}.{key}"
+            if full not in meta:
+                raise ConversionError(f"the GGUF has no {full!r}", "is this a Qwen3.5-MoE GGUF written by llama.cpp?")
+            return meta[full]
+
+        n_layers = int(need("block_count")) - int(meta.get(f"{GGUF_ARCHITECTURE}.nextn_predict_layers", 0))
+        recurrent = meta.get(f"{GGUF_ARCHITECTURE}.attention.recurrent_layers")
+        if recurrent is not None:
+            layer_types = [LINEAR_ATTENTION if r else FULL_ATTENTION for r in list(recurrent)[:n_layers]]
+        else:
+            interval = int(need("full_attention_interval"))
+            layer_types = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(n_layers)]
+        head_dim = int(need("attention.key_length"))
+        kv_heads = need("attention.head_count_kv")
+        if isinstance(kv_heads, list):  # per layer (0 for the linear-attention ones)
+            kv_heads = max(kv_heads)
+        value_heads, key_heads = int(need("ssm.time_step_rank")), int(need("ssm.group_count"))
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            vocab_size=vocab_size, hidden_size=int(need("embedding_length")), num_hidden_layers=n_layers,
+            num_attention_heads=int(need("attention.head_count")), num_key_value_heads=int(kv_heads),
+            head_dim=head_dim, linear_conv_kernel_dim=int(need("ssm.conv_kernel")),
+            linear_key_head_dim=int(need("ssm.state_size")), linear_value_head_dim=int(need("ssm.inner_size")) // value_heads,
+            linear_num_key_heads=key_heads, linear_num_value_heads=value_heads,
+            moe_intermediate_size=int(need("expert_feed_forward_length")),
+            shared_expert_intermediate_size=int(need("expert_shared_feed_forward_length")),
+            num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+            layer_types=layer_types, rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(meta.get(f"{GGUF_ARCHITECTURE}.rope.freq_base", 10000.0)),
+            partial_rotary_factor=int(need("rope.dimension_count")) / head_dim,
+            max_position_embeddings=int(meta.get(f"{GGUF_ARCHITECTURE}.context_length", 32768)),
+            tie_word_embeddings=tied, eos_token_ids=[] if eos is None else [int(eos)],
+            linear_value_heads_tiled=value_heads != key_heads)
 
 
 def _need(config: dict, key: str):

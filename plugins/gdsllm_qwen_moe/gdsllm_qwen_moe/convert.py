@@ -12,11 +12,15 @@ from pathlib import Path
 
 import torch
 
-from gdsllm_core.convert import ConvertOptions
-from gdsllm_core.convert.hf_tokenizer import read_hf_tokenizer
-from gdsllm_core.errors import ConversionError, UnsupportedQuantError
-from gdsllm_core.layout.qtypes import FLOAT_QTYPES
-from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.api import (
+    FLOAT_QTYPES,
+    ConversionError,
+    ConvertOptions,
+    ExtentRole,
+    ModelWriter,
+    UnsupportedQuantError,
+    read_hf_tokenizer,
+)
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.names import TensorSpec, dense_specs, expert_specs, global_specs
 from gdsllm_qwen_moe.source import CheckpointSource, Plan, is_checkpoint
@@ -32,16 +36,17 @@ def stored_name(spec: TensorSpec) -> str:
     return spec.name if spec.kind == "vector" else spec.name + ".weight"
 
 
-def extent_layout(config) -> list[tuple[str, list[TensorSpec]]]:
-    """Every extent in file order with the specs it holds."""
+def extent_layout(config) -> list[tuple[str, ExtentRole, int, list[TensorSpec]]]:
+    """Every extent in file order: (name, role, layer index or -1, the specs it holds)."""
     extents = global_specs(config)
-    layout = [("token_embd", extents["token_embd"])]
+    layout = [("token_embd", ExtentRole.EMBEDDINGS, -1, extents["token_embd"])]
     for layer in range(config.num_hidden_layers):
-        layout.append((f"blk.{layer}", dense_specs(config, layer)))
-        layout += [(f"blk.{layer}.expert.{e}", expert_specs(config, layer, e)) for e in range(config.num_experts)]
-    layout.append(("output_norm", extents["output_norm"]))
+        layout.append((f"blk.{layer}", ExtentRole.LAYER, layer, dense_specs(config, layer)))
+        layout += [(f"blk.{layer}.expert.{e}", ExtentRole.EXPERT, layer, expert_specs(config, layer, e))
+                   for e in range(config.num_experts)]
+    layout.append(("output_norm", ExtentRole.HEAD, -1, extents["output_norm"]))
     if "output" in extents:
-        layout.append(("output", extents["output"]))
+        layout.append(("output", ExtentRole.HEAD, -1, extents["output"]))
     return layout
 
 
@@ -80,20 +85,21 @@ class QwenMoeConverter:
         with CheckpointSource(source) as checkpoint:
             config = checkpoint.config
             layout = extent_layout(config)
-            plans = [(name, [checkpoint.plan(spec) for spec in specs]) for name, specs in layout]  # checks everything
-            total = sum(len(p) for _, p in plans)
+            plans = [(name, role, index, [checkpoint.plan(spec) for spec in specs])
+                     for name, role, index, specs in layout]  # checks everything
+            total = sum(len(p) for *_, p in plans)
             done = 0
-            for extent_name, extent_plans in plans:
+            for extent_name, role, index, extent_plans in plans:
                 tensors = []
                 for plan in extent_plans:
                     tensors += self._stored(checkpoint, plan, bits, cast, group_size)
                     done += 1
-                writer.add_extent(extent_name, tensors)
+                writer.add_extent(extent_name, tensors, role, index)
                 if options.progress:
                     options.progress(extent_name, done, total)
             tokenizer, files = read_hf_tokenizer(Path(source), config.eos_token_ids, bos_id=None)
             quant = (f"affine{bits}-g{group_size}" if bits else "mlx-affine" if checkpoint.quantization
-                     else options.quant.lower() if cast else checkpoint.dtype(plans[0][1][0].weight.key).lower())
+                     else options.quant.lower() if cast else checkpoint.dtype(plans[0][3][0].weight.key).lower())
             writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=tokenizer, files=files,
                           quant=quant, source={"path": str(Path(source).resolve()), "skipped": checkpoint.skipped,
                                                "skipped_note": "mtp.* (multi-token prediction) and vision tensors "

@@ -3,9 +3,9 @@ device the same ops run there (the affine matrices through the kernels of `gdsll
 
 Residency: the dense extents (embeddings, each layer's attention / router / shared expert / norms, output) are read
 once, in one batched `ExtentReader` read, and stay resident on the compute device. Experts are never loaded up
-front: `ExpertCache` reads the ones the router picks, per layer and step, keeps them in host RAM under
-`LoadOptions.host_cache` bytes and hands them to the device when used. (The core's `TieredScheduler` reads every
-extent resident, so this plugin drives `ExtentReader` itself.)
+front: core's expert residency (`experts.expert_residency`) reads the ones the router picks, per layer and step,
+keeps them in host RAM under `LoadOptions.host_cache` bytes and hands them to the device when used. (The core's
+`TieredResidency` reads every extent resident, so this plugin drives `ExtentReader` itself.)
 
 `LoadOptions.extra`: "dtype" (activations: "float32", the default, or "bfloat16"), "dequantize_dense" (dequantize
 the resident affine matrices once at load instead of at each use: default on CUDA), "prefill_chunk" (prompt tokens
@@ -21,18 +21,16 @@ loading less VRAM_RESERVE; 0 on the CPU)."""
 from dataclasses import dataclass, field
 from functools import partial
 
+import msgspec
 import torch
 
-from gdsllm_core.engine.forward import LoadOptions
-from gdsllm_core.errors import BadRequestError, ContextOverflowError
-from gdsllm_core.layout.store import ModelEntry
-from gdsllm_core.storage.reader import ExtentReader, extent_views
+from gdsllm_core.api import BadRequestError, ContextOverflowError, ExtentReader, LoadOptions, ModelEntry, extent_views
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, rms_norm
 from gdsllm_qwen_moe.config import QwenMoeConfig
 from gdsllm_qwen_moe.decode_graphs import DecodeGraphs, DenseStep
-from gdsllm_qwen_moe.experts import ExpertCache, moe_block, predict_experts, predicted
+from gdsllm_qwen_moe.experts import expert_residency, moe_block, predict_experts, predicted
 from gdsllm_qwen_moe.linear_attn import gated_deltanet
-from gdsllm_qwen_moe.weights import AffineWeight, Weight, dense, embedding_rows, group_weights, linear
+from gdsllm_qwen_moe.weights import QuantizedWeight, Weight, dense, embedding_rows, group_weights, linear
 
 DEFAULT_HOST_CACHE = 4 << 30  # bytes of experts kept in host RAM when LoadOptions.host_cache is None
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # LoadOptions.extra["dtype"]
@@ -100,10 +98,11 @@ class QwenMoeForward:
         for i, extent in enumerate(dense_extents):
             self.weights.update(group_weights(extent, extent_views(extent, arena[offsets[i]:offsets[i + 1]])))
         if options.extra.get("dequantize_dense", self.device.type == "cuda"):  # trade memory for speed once
-            self.weights = {name: dense(w, self.dtype) if isinstance(w, AffineWeight) and name != "token_embd.weight"
+            self.weights = {name: dense(w, self.dtype) if isinstance(w, QuantizedWeight) and name != "token_embd.weight"
                             else w for name, w in self.weights.items()}
         budget = DEFAULT_HOST_CACHE if options.host_cache is None else options.host_cache
-        self.experts = ExpertCache(self.reader, entry.manifest, budget, self.device, self._vram_tier_bytes(options))
+        self.experts = expert_residency(self.reader, entry.manifest, budget, self.device,
+                                        self._vram_tier_bytes(options))
         self.prefill_chunk = int(options.extra.get("prefill_chunk", PREFILL_CHUNK))
         self.graphs = (DecodeGraphs(self.config, self.weights, self.prefetch_limit if self.prefetch else 0)
                        if self.device.type == "cuda" and options.extra.get("cuda_graphs", True) else None)
@@ -222,7 +221,7 @@ class QwenMoeForward:
 
     # reporting ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        experts = self.experts.as_dict()
+        experts = msgspec.to_builtins(self.experts.stats())
         tokens = self.tokens_processed
         on_gpu = self.device.type == "cuda"
         per_token = {"vram_hits": experts["vram"]["hits"] / tokens if tokens else 0.0,
@@ -240,7 +239,7 @@ class QwenMoeForward:
         self.graphs = None
         self.weights.clear()
         self.experts.close()
-        self.experts = ExpertCache(self.reader, self.entry.manifest, 0)
+        self.experts = expert_residency(self.reader, self.entry.manifest, 0)
         self.reader.close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

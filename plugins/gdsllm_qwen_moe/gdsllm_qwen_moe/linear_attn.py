@@ -86,7 +86,9 @@ def gated_deltanet(x: torch.Tensor, w: dict[str, Weight], prefix: str, config: Q
     k = k.reshape(batch, length, n_k, d_k).float()
     v = v.reshape(batch, length, n_v, d_v).float()
     q, k = l2norm(q), l2norm(k)
-    if n_v != n_k:  # each q/k head serves n_v / n_k consecutive value heads
+    if n_v != n_k and config.linear_value_heads_tiled:  # value head j is served by q/k head j % n_k
+        q, k = (t.repeat(1, 1, n_v // n_k, 1) for t in (q, k))
+    elif n_v != n_k:  # each q/k head serves n_v / n_k consecutive value heads
         q, k = (t.repeat_interleave(n_v // n_k, dim=2) for t in (q, k))
     q = q * d_k ** -0.5
     if length == 1:

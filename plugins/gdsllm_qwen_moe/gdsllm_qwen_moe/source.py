@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gdsllm_core.convert import read_json
-from gdsllm_core.errors import ConversionError, UnsupportedQuantError
+from gdsllm_core.api import ConversionError, UnsupportedQuantError, read_json
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.config import MODEL_TYPES, QwenMoeConfig
 from gdsllm_qwen_moe.names import LAYER_NAMES, TensorSpec, skipped_kind, strip_prefix, to_internal

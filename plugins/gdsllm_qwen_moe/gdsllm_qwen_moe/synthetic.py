@@ -4,9 +4,7 @@ bytes differ per extent only in position, which is all a storage benchmark needs
 
 import torch
 
-from gdsllm_core.layout.manifest import TokenizerInfo
-from gdsllm_core.layout.store import ModelEntry, ModelStore
-from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_core.api import ModelEntry, ModelStore, ModelWriter, TokenizerInfo
 from gdsllm_qwen_moe import affine
 from gdsllm_qwen_moe.config import FULL_ATTENTION, LINEAR_ATTENTION, QwenMoeConfig
 from gdsllm_qwen_moe.convert import ARCHITECTURE, affine_entries, extent_layout, stored_name
@@ -52,7 +50,7 @@ def write_synthetic(root, name: str, config: QwenMoeConfig, bits: int = 4, group
     generator = torch.Generator().manual_seed(seed)
     payloads: dict[int, list[tuple]] = {}
     with ModelWriter(root, name, overwrite=overwrite) as writer:
-        for extent_name, specs in extent_layout(config):
+        for extent_name, role, index, specs in extent_layout(config):
             if ".expert." in extent_name:
                 variant = int(extent_name.rsplit(".", 1)[1]) % PAYLOAD_VARIANTS
                 if variant not in payloads:  # kept with names relative to the extent: "ffn_gate.weight", ...
@@ -66,7 +64,7 @@ def write_synthetic(root, name: str, config: QwenMoeConfig, bits: int = 4, group
                         tensors += _random_affine(spec, 8 if spec.kind == "router" else bits, group_size, generator)
                     else:
                         tensors.append(_float_entry(spec, generator))
-            writer.add_extent(extent_name, tensors)
+            writer.add_extent(extent_name, tensors, role, index)
         writer.finish(architecture=ARCHITECTURE, config=config.to_dict(), tokenizer=TokenizerInfo(kind="none", file=""),
                       quant=f"affine{bits}-g{group_size}", source={"synthetic": True, "seed": seed})
     return ModelStore(root).get(name)

@@ -1,13 +1,15 @@
-"""Stored tensors as the forward pass uses them: plain tensors, or `AffineWeight` (packed words + scales + biases,
-dequantized when used). On a CUDA device affine matrices go through the kernels of `gdsllm_kernels.affine_ops`:
-the fused dequantize + GEMV for up to 8 rows of activations, else dequantize-to-float then torch's matmul."""
+"""Stored tensors as the forward pass uses them: plain tensors, `AffineWeight` (packed words + scales + biases) or
+`GgmlWeight` (GGML blocks from a GGUF), the last two dequantized when used. On a CUDA device affine matrices go
+through the kernels of `gdsllm_kernels.affine_ops` (the fused dequantize + GEMV for up to 8 rows of activations,
+else dequantize-to-float then torch's matmul); GGML experts computed in half precision through the GEMV kernels of
+`gdsllm_kernels.ops`, other GGML matrices dequantized by its kernel."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from gdsllm_core.layout.manifest import ExtentInfo
+from gdsllm_core.api import PLAIN_DTYPES, ExtentInfo, ggml
 from gdsllm_qwen_moe import affine
 
 
@@ -42,7 +44,34 @@ class AffineWeight:
                                  self.group_size, dtype)
 
 
-Weight = torch.Tensor | AffineWeight
+@dataclass
+class GgmlWeight:
+    """A matrix [rows, cols] in GGML blocks as a GGUF stores it (K-quants, Q8_0, ...): `raw` uint8 [rows,
+    row_bytes], dequantized when used (bit-exact with gguf-py on the CPU: `gdsllm_core.quant.ggml`)."""
+
+    raw: torch.Tensor
+    qtype: str
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.cols
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(slice(None), dtype)
+
+    def rows(self, index: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Only the rows `index` (an embedding lookup, a block of rows), dequantized."""
+        raw = self.raw[index]
+        if raw.is_cuda:
+            from gdsllm_kernels import ops
+
+            return ops.dequantize(raw.contiguous(), self.qtype, self.cols, dtype=torch.float32).to(dtype)
+        return ggml.dequantize(raw, self.qtype).to(dtype)
+
+
+Weight = torch.Tensor | AffineWeight | GgmlWeight
+QuantizedWeight = (AffineWeight, GgmlWeight)  # the kinds dequantized when used
 DEQUANT_BLOCK_VALUES = 1 << 24  # values dequantized at once by `linear` (int64 codes: 128 MiB)
 CUDA_DEQUANT_BLOCK_VALUES = 1 << 26  # the same on a GPU (the kernel writes floats alone: 128 MiB of bf16)
 
@@ -68,21 +97,23 @@ def group_weights(extent: ExtentInfo, views: dict[str, torch.Tensor]) -> dict[st
             stem = info.name.removesuffix(".weight")
             grouped[info.name] = AffineWeight(views[info.name].view(torch.int32), views[stem + ".scales"], views[stem + ".biases"],
                                               spec["bits"], spec["group_size"])
+        elif info.qtype not in PLAIN_DTYPES:
+            grouped[info.name] = GgmlWeight(views[info.name], info.qtype, info.shape[-1])
         elif not info.name.endswith((".scales", ".biases")):
             grouped[info.name] = views[info.name]
     return grouped
 
 
 def dense(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return weight.dense(dtype) if isinstance(weight, AffineWeight) else weight.to(dtype)
+    return weight.dense(dtype) if isinstance(weight, QuantizedWeight) else weight.to(dtype)
 
 
 def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """x @ weight.T in x's dtype; an affine matrix goes through the fused GEMV on a GPU where it applies, else is
     dequantized a block of rows at a time (bounded memory)."""
-    if not isinstance(weight, AffineWeight):
+    if not isinstance(weight, QuantizedWeight):
         return F.linear(x, weight.to(x.dtype))
-    if x.is_cuda:
+    if x.is_cuda and isinstance(weight, AffineWeight):
         out = _cuda_gemv(x, weight)
         if out is not None:
             return out
@@ -95,7 +126,7 @@ def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
 
 
 def embedding_rows(weight: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if isinstance(weight, AffineWeight):
+    if isinstance(weight, QuantizedWeight):
         return weight.rows(tokens, dtype)
     return weight[tokens].to(dtype)
 
@@ -105,6 +136,8 @@ def swiglu_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, coeffici
     """silu(x @ gate.T) * (x @ up.T) @ down.T for x [N, cols], row n scaled by coefficients[n] ([N, 1] in x's dtype)
     when given, written into `out` when given. On a GPU, affine matrices the GEMV takes go through two launches
     (`affine_ops.swiglu_gemv`, then the GEMV scaling as it writes) where the plain ops take six."""
+    if x.is_cuda and _ggml_fusable(x, gate, up, down):
+        return _ggml_swiglu(x, gate, up, down, coefficients, out)
     if x.is_cuda and _fusable(x, gate, up, down):
         from gdsllm_kernels import affine_ops
 
@@ -148,6 +181,34 @@ def _fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
         return False
     return (gate.bits, gate.group_size, gate.scales.dtype, gate.shape) == (up.bits, up.group_size, up.scales.dtype,
                                                                            up.shape)
+
+
+def _ggml_fusable(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> bool:
+    """Whether the GGML GEMV kernels take this expert: matrices of one GGML type they read, half-precision
+    activations (they multiply fp16 activations; fp32 compute dequantizes instead, exactly), few enough rows."""
+    from gdsllm_kernels import ops
+
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.dim() != 2 or x.shape[0] > ops.MAX_BATCH:
+        return False
+    if not all(isinstance(w, GgmlWeight) and w.qtype == gate.qtype for w in (gate, up, down)):
+        return False
+    values = max(ops.BLOCKS.get(gate.qtype, (0, 0))[0], 32)
+    return gate.qtype in ops.QTYPE_CODES and gate.cols % values == 0 and down.cols % values == 0
+
+
+def _ggml_swiglu(x: torch.Tensor, gate: "GgmlWeight", up: "GgmlWeight", down: "GgmlWeight",
+                 coefficients: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """`swiglu_mlp` by the GGML kernels: silu(gate) * up in one launch (fp16 out), down in a second (fp32 sums)."""
+    from gdsllm_kernels import ops
+
+    rows = x.shape[0]
+    act = torch.empty(rows, gate.shape[0], dtype=torch.float16, device=x.device)
+    ops.gemv_swiglu(gate.raw, up.raw, gate.qtype, x.to(torch.float16).contiguous(), act)
+    y = torch.empty(rows, down.shape[0], dtype=torch.float32, device=x.device)
+    ops.gemv([down.raw], down.qtype, act, [y])
+    if coefficients is not None:
+        y = y * coefficients.float()
+    return y.to(x.dtype) if out is None else out.copy_(y)
 
 
 def _kernel_rows(x: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from gdsllm_qwen_moe import plugin as qwen_plugin
 from qwen_moe_helpers import convert_into, make_hf_model
 
 from gdsllm_core import plugins
 from gdsllm_core.layout.store import ModelEntry
+from gdsllm_qwen_moe import plugin as qwen_plugin
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import torch
-from gdsllm_qwen_moe.convert import QwenMoeConverter
 
 from gdsllm_core.convert import ConvertOptions
 from gdsllm_core.layout.store import ModelEntry, ModelStore
 from gdsllm_core.layout.writer import ModelWriter
+from gdsllm_qwen_moe.convert import QwenMoeConverter
 
 # ../shared/notes/packages.md §2: 3 linear-attention layers + 1 full-attention layer, 8 experts, top-2
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

@@ -4,9 +4,9 @@ MLX supports, in fp32, bf16 and fp16."""
 import numpy as np
 import pytest
 import torch
-from gdsllm_qwen_moe import affine
 
 from gdsllm_core.errors import UnsupportedQuantError
+from gdsllm_qwen_moe import affine
 
 mx = pytest.importorskip("mlx.core")
 pytestmark = pytest.mark.reference
@@ -93,9 +93,8 @@ def test_affine_linear_equals_mlx_quantized_matmul(block_values, monkeypatch):
 def test_biases_of_another_float_type_are_stored_as_the_scales(tmp_path):
     """A checkpoint whose biases are float32 beside bfloat16 scales: the biases are cast to bfloat16 and the
     manifest records them as BF16 (so their byte count matches their type)."""
-    from gdsllm_qwen_moe.convert import affine_entries
-
     from gdsllm_core.layout import ModelWriter
+    from gdsllm_qwen_moe.convert import affine_entries
 
     packed, scales, biases = affine.quantize(torch.randn(8, 128), 4, 64)
     scales, biases = scales.to(torch.bfloat16), biases.float()

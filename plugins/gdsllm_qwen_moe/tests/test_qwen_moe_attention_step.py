@@ -4,6 +4,7 @@ positions, whatever span past them is attended to (one larger than the cache: th
 
 import pytest
 import torch
+
 from gdsllm_qwen_moe.attention import KVCache, gated_attention, gated_attention_step
 from gdsllm_qwen_moe.bench import tiny_shapes
 

@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+
 from gdsllm_qwen_moe import bench
 
 

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from gdsllm_qwen_moe.forward import QwenMoeForward
 from qwen_moe_helpers import convert_into, make_hf_model
 from safetensors import safe_open
 
 from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_qwen_moe.forward import QwenMoeForward
 
 mx = pytest.importorskip("mlx.core")
 pytestmark = pytest.mark.reference

@@ -4,12 +4,14 @@ wrapper (synchronous reads vs read-ahead) independently of the cache's statistic
 
 from collections import Counter
 
+import msgspec
 import pytest
 import torch
-from gdsllm_qwen_moe.forward import QwenMoeForward
 
 from gdsllm_core.engine.forward import LoadOptions
 from gdsllm_core.errors import BadRequestError
+from gdsllm_core.runtime.experts import DENSE_TOKENS
+from gdsllm_qwen_moe.forward import QwenMoeForward
 
 pytestmark = pytest.mark.reference
 EVERY_PREDICTION = 64  # a read-ahead limit above any union of top-k here: every predicted expert is read ahead
@@ -73,8 +75,8 @@ def test_prefetch_changes_nothing_but_who_reads(converted, experts_cached):
     on_logits, on, on_reads = run(entry, True, experts_cached * expert_bytes)
     for a, b in zip(off_logits, on_logits, strict=True):
         assert torch.equal(a, b)
-    assert on.experts.cached_names() == off.experts.cached_names()
-    stats, off_stats = on.experts.as_dict(), off.experts.as_dict()
+    assert on.experts.cached_keys() == off.experts.cached_keys()
+    stats, off_stats = msgspec.to_builtins(on.experts.stats()), msgspec.to_builtins(off.experts.stats())
     assert (stats["host"]["hits"], stats["host"]["misses"]) == (off_stats["host"]["hits"], off_stats["host"]["misses"])
     ahead = stats["prefetch"]
     assert off_reads.ahead == [] and off_stats["prefetch"]["prefetched"] == 0
@@ -133,8 +135,8 @@ def test_prefetched_experts_are_the_next_routers_top_k(hf_model, converted):
     layers = forward.config.num_hidden_layers
 
     def read_ahead() -> list[set[int]]:
-        got = [set(forward.experts.stats.last_prefetch_by_layer[i]["read"]) for i in range(1, layers)]
-        assert got == [set(forward.experts.stats.last_prefetch_by_layer[i]["predicted"]) for i in range(1, layers)]
+        got = [set(forward.experts.counters.last_prefetch_by_layer[i].read) for i in range(1, layers)]
+        assert got == [set(forward.experts.counters.last_prefetch_by_layer[i].predicted) for i in range(1, layers)]
         return got
 
     prompt = torch.randint(0, 512, (3,), generator=torch.Generator().manual_seed(12))
@@ -152,7 +154,7 @@ def test_prefetched_experts_are_the_next_routers_top_k(hf_model, converted):
     forward.decode(torch.cat([token, other[-1:]]), [cache, other_cache])
     sequence = torch.cat([sequence, token])
     assert read_ahead() == hf_next_router_choices(hf_model, [sequence, other], last_only=True)
-    assert forward.experts.stats.prefetched == len(reads.ahead)
+    assert forward.experts.counters.prefetched == len(reads.ahead)
     forward.close()
 
 
@@ -182,13 +184,22 @@ def test_decode_reads_ahead_before_computing_its_own_experts(converted, monkeypa
 
     log: list[tuple[str, int]] = []
     original_ffn = experts.expert_ffn
+    streaming = {}  # the layer whose experts are being handed out
 
-    def ffn(x, ew, p, *args):
-        log.append(("compute", int(p.split(".")[1])))
-        return original_ffn(x, ew, p, *args)
+    def ffn(x, ew, *args):
+        log.append(("compute", streaming["layer"]))
+        return original_ffn(x, ew, *args)
 
     monkeypatch.setattr(experts, "expert_ffn", ffn)
+    monkeypatch.setattr(experts, "expert_ffn_grouped", lambda *args: False)  # every expert through `ffn`
     forward = QwenMoeForward(converted["per_expert"], LoadOptions(host_cache=0, extra={"expert_prefetch": True}))
+    original_stream = forward.experts.stream_groups
+
+    def stream_groups(layer, selected):
+        streaming["layer"] = layer
+        return original_stream(layer, selected)
+
+    forward.experts.stream_groups = stream_groups
     reads = CountingReader(forward.reader)
     forward.experts.reader = reads
     original_submit = reads.submit
@@ -199,7 +210,7 @@ def test_decode_reads_ahead_before_computing_its_own_experts(converted, monkeypa
 
     reads.submit = submit
     cache = forward.new_cache(32)
-    prompt = torch.arange(3, 3 + 2 * experts.DENSE_TOKENS)  # more rows than DENSE_TOKENS
+    prompt = torch.arange(3, 3 + 2 * DENSE_TOKENS)  # more rows than DENSE_TOKENS
     token = forward.prefill(prompt, cache).argmax().reshape(1)
     layers = forward.config.num_hidden_layers
     for mode in ("prefill", "decode"):
@@ -225,8 +236,8 @@ def test_read_ahead_limit_and_budget(converted):
     for a, b in zip(off_logits, on_logits, strict=True):
         assert torch.equal(a, b)
     assert reads.ahead_batches and set(reads.ahead_batches) == {1}
-    assert all(len(v["predicted"]) == 1 for v in on.experts.stats.last_prefetch_by_layer.values())
-    assert len(on.experts.cached_names()) * expert_bytes <= 3 * expert_bytes and on.experts.pending_bytes == 0
+    assert all(len(v.predicted) == 1 for v in on.experts.counters.last_prefetch_by_layer.values())
+    assert len(on.experts.cached_keys()) * expert_bytes <= 3 * expert_bytes and on.experts.pending_bytes == 0
     off.close()
     on.close()
     with pytest.raises(BadRequestError, match="expert_prefetch_limit"):
@@ -263,7 +274,7 @@ def test_gdsllm_bench_reports_prefetch_figures(converted):
     forward = QwenMoeForward(entry, LoadOptions(host_cache=4 * expert_bytes, extra={"expert_prefetch": True}))
     try:
         result = bench_forward(forward, entry, 4, 2)
-        counters = forward.experts.stats
+        counters = forward.experts.counters
     finally:
         forward.close()
     whole = result["expert_cache"]["prefetch"]

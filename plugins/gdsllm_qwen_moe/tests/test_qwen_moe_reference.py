@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from gdsllm_qwen_moe.experts import ExpertCache
-from gdsllm_qwen_moe.forward import QwenMoeForward
 from qwen_moe_helpers import convert_into, make_hf_model
 from safetensors.torch import save_file
 
 from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_qwen_moe.experts import expert_residency
+from gdsllm_qwen_moe.forward import QwenMoeForward
 
 pytestmark = pytest.mark.reference
 
@@ -85,7 +85,7 @@ def test_only_routed_experts_are_read(hf_model, converted):
     logits = forward.prefill(prompt, cache)
     choices = hf_router_choices(hf_model, prompt)
     expected = [len(torch.unique(c)) * expert_bytes for c in choices]
-    got = [forward.experts.stats.last_read_by_layer[layer]["bytes"] for layer in range(4)]
+    got = [forward.experts.counters.last_read_by_layer[layer].bytes for layer in range(4)]
     assert got == expected
     assert forward.reader.bytes_read - read_before == sum(expected)  # the reader's own count agrees
     sequence = prompt
@@ -95,10 +95,10 @@ def test_only_routed_experts_are_read(hf_model, converted):
         before = forward.reader.bytes_read
         logits = forward.decode(token, [cache])[0]
         top_k = hf_model.config.num_experts_per_tok
-        assert [forward.experts.stats.last_read_by_layer[layer]["bytes"] for layer in range(4)] == [top_k * expert_bytes] * 4
+        assert [forward.experts.counters.last_read_by_layer[layer].bytes for layer in range(4)] == [top_k * expert_bytes] * 4
         assert forward.reader.bytes_read - before == 4 * top_k * expert_bytes
         assert [sorted(c[-1].tolist()) for c in hf_router_choices(hf_model, sequence)] == \
-               [sorted(forward.experts.stats.last_read_by_layer[layer]["ids"]) for layer in range(4)]
+               [sorted(forward.experts.counters.last_read_by_layer[layer].ids) for layer in range(4)]
     forward.close()
 
 
@@ -111,21 +111,21 @@ def test_warm_cache_reads_only_misses(hf_model, converted):
     logits = forward.prefill(prompt, first)
     choices = hf_router_choices(hf_model, prompt)
     seen = [set(c.flatten().tolist()) for c in choices]
-    assert forward.experts.stats.bytes_read == sum(len(s) for s in seen) * expert_bytes
-    before = forward.experts.stats.bytes_read
+    assert forward.experts.counters.bytes_read == sum(len(s) for s in seen) * expert_bytes
+    before = forward.experts.counters.bytes_read
     again = forward.new_cache(16)
     assert torch.allclose(forward.prefill(prompt, again), logits, rtol=0, atol=1e-6)
-    assert forward.experts.stats.bytes_read == before  # all hits
-    assert forward.experts.stats.hits == sum(len(s) for s in seen)
+    assert forward.experts.counters.bytes_read == before  # all hits
+    assert forward.experts.counters.hits == sum(len(s) for s in seen)
     token = logits.argmax().reshape(1)
     forward.decode(token, [again])
     new = hf_router_choices(hf_model, torch.cat([prompt, token]))
     misses = sum(len(set(c[-1].tolist()) - s) for c, s in zip(new, seen, strict=True))
-    assert forward.experts.stats.bytes_read - before == misses * expert_bytes
+    assert forward.experts.counters.bytes_read - before == misses * expert_bytes
     stats = forward.stats()
     assert stats["expert_cache"]["host"]["hits"] + stats["expert_cache"]["host"]["misses"] == \
            2 * sum(len(s) for s in seen) + 4 * hf_model.config.num_experts_per_tok
-    assert stats["expert_cache"]["storage"]["bytes_read"] == forward.experts.stats.bytes_read
+    assert stats["expert_cache"]["storage"]["bytes_read"] == forward.experts.counters.bytes_read
     forward.close()
 
 
@@ -133,15 +133,15 @@ def test_cache_evicts_the_least_frequently_used_expert(converted):
     entry = converted["per_expert"]
     expert_bytes = entry.manifest.extent("blk.0.expert.0").nbytes
     forward = QwenMoeForward(entry, LoadOptions(host_cache=0))
-    cache = ExpertCache(forward.reader, entry.manifest, budget_bytes=2 * expert_bytes)
+    cache = expert_residency(forward.reader, entry.manifest, budget_bytes=2 * expert_bytes)
     for _ in range(3):
         cache.get(0, [0])  # expert 0 is hot
     cache.get(0, [1])
     cache.get(0, [2])  # full: evicts 1 (requested once), not 0 (requested 3 times)
-    assert cache.cached_names() == {"blk.0.expert.0", "blk.0.expert.2"}
+    assert cache.cached_keys() == {(0, 0), (0, 2)}
     cache.get(0, [0])
-    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (3, 3, 1)
-    assert cache.stats.bytes_read == 3 * expert_bytes
+    assert (cache.counters.hits, cache.counters.misses, cache.counters.evictions) == (3, 3, 1)
+    assert cache.counters.bytes_read == 3 * expert_bytes
     forward.close()
 
 
@@ -151,14 +151,14 @@ def test_cache_follows_a_brute_force_lfu_on_a_random_trace(converted):
     entry = converted["per_expert"]
     expert_bytes = entry.manifest.extent("blk.0.expert.0").nbytes
     forward = QwenMoeForward(entry, LoadOptions(host_cache=0))
-    cache = ExpertCache(forward.reader, entry.manifest, budget_bytes=3 * expert_bytes)
+    cache = expert_residency(forward.reader, entry.manifest, budget_bytes=3 * expert_bytes)
     rng = torch.Generator().manual_seed(0)
     weights = 1.0 / torch.arange(1, 9, dtype=torch.float64) ** 1.2
     frequency, last_use, cached, clock = {}, {}, [], 0
     for _ in range(60):
         step = torch.multinomial(weights, 2, generator=rng).tolist()
         cache.get(0, step)
-        names = [f"blk.0.expert.{e}" for e in step]
+        names = [(0, e) for e in step]
         for name in names:
             frequency[name] = frequency.get(name, 0) + 1
             clock += 1
@@ -177,7 +177,7 @@ def test_cache_follows_a_brute_force_lfu_on_a_random_trace(converted):
                 cached.append(name)
                 clock += 1
                 last_use[name] = clock
-        assert cache.cached_names() == set(cached)
+        assert cache.cached_keys() == set(cached)
     forward.close()
 
 
@@ -232,7 +232,7 @@ def test_prompt_in_chunks_matches_transformers(hf_model, converted):
     with torch.no_grad():
         ref = hf_model(prompt[None]).logits[0]
     assert relative_error(ours, ref) < 1e-4
-    assert forward.experts.stats.reads == 4 * 5  # one batched expert read per layer per chunk (70 = 4x16 + 6)
+    assert forward.experts.counters.reads == 4 * 5  # one batched expert read per layer per chunk (70 = 4x16 + 6)
     forward.close()
 
 
@@ -250,7 +250,7 @@ def test_cuda_device_matches_cpu(converted):
         logits = [forward.prefill(prompt, cache, all_logits=True).cpu()]
         for token in (5, 6, 7, 8):
             logits.append(forward.decode(torch.tensor([token]), [cache]).cpu())
-        results.append((logits, forward.experts.stats.bytes_read))
+        results.append((logits, forward.experts.counters.bytes_read))
         forward.close()
     (cpu_logits, cpu_bytes), (gpu_logits, gpu_bytes) = results
     for ours, ref in zip(gpu_logits, cpu_logits, strict=True):

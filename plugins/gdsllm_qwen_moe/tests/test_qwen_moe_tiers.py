@@ -4,12 +4,13 @@ the two tiers, the stored bytes (pread of the weight file) and the reader's own 
 
 import os
 
+import msgspec
 import torch
-from gdsllm_qwen_moe.experts import ExpertCache
-from gdsllm_qwen_moe.forward import QwenMoeForward
-from gdsllm_qwen_moe.weights import AffineWeight
 
 from gdsllm_core.engine.forward import LoadOptions
+from gdsllm_qwen_moe.experts import expert_residency
+from gdsllm_qwen_moe.forward import QwenMoeForward
+from gdsllm_qwen_moe.weights import AffineWeight
 
 
 class BruteForceTiers:
@@ -21,11 +22,11 @@ class BruteForceTiers:
         self.slots = {"host": host_slots, "vram": vram_slots}
         self.held = {"host": [], "vram": []}
         self.last_use = {"host": {}, "vram": {}}
-        self.frequency: dict[str, int] = {}
+        self.frequency: dict[tuple[int, int], int] = {}
         self.clock = 0
         self.counts = {"vram": 0, "host": 0, "miss": 0}
 
-    def _admit(self, tier: str, name: str, step: list[str]) -> None:
+    def _admit(self, tier: str, name: tuple[int, int], step: list[tuple[int, int]]) -> None:
         held, last_use = self.held[tier], self.last_use[tier]
         while len(held) >= self.slots[tier]:
             others = [n for n in held if n not in step]
@@ -37,7 +38,7 @@ class BruteForceTiers:
         self.clock += 1
         last_use[name] = self.clock
 
-    def step(self, names: list[str]) -> None:
+    def step(self, names: list[tuple[int, int]]) -> None:
         served = {}
         for name in names:
             self.frequency[name] = self.frequency.get(name, 0) + 1
@@ -59,7 +60,7 @@ def test_two_tiers_follow_a_brute_force_model_and_count_reads(converted):
     entry = converted["per_expert"]
     expert_bytes = entry.manifest.extent("blk.0.expert.0").nbytes
     forward = QwenMoeForward(entry, LoadOptions(host_cache=0))
-    cache = ExpertCache(forward.reader, entry.manifest, budget_bytes=3 * expert_bytes, device=torch.device("cpu"),
+    cache = expert_residency(forward.reader, entry.manifest, budget_bytes=3 * expert_bytes, device=torch.device("cpu"),
                         vram_budget_bytes=2 * expert_bytes)
     model = BruteForceTiers(host_slots=3, vram_slots=2)
     rng = torch.Generator().manual_seed(1)
@@ -71,20 +72,20 @@ def test_two_tiers_follow_a_brute_force_model_and_count_reads(converted):
             layer = step % 2
             experts = torch.multinomial(popularity, 2, generator=rng).tolist()
             got = cache.get(layer, experts)
-            model.step([f"blk.{layer}.expert.{e}" for e in experts])
-            assert cache.vram_names() == set(model.held["vram"]) and cache.cached_names() == set(model.held["host"])
+            model.step([(layer, e) for e in experts])
+            assert cache.vram_keys() == set(model.held["vram"]) and cache.cached_keys() == set(model.held["host"])
             assert cache.vram.cached_bytes <= 2 * expert_bytes and cache.cached_bytes <= 3 * expert_bytes
             for expert in experts:  # whatever tier served it, the weights are the stored bytes
                 extent = entry.manifest.extent(f"blk.{layer}.expert.{expert}")
                 name = f"{extent.name}.ffn_down.weight"
                 info = next(t for t in extent.tensors if t.name == name)
                 stored = os.pread(fd, info.nbytes, extent.offset + info.offset)
-                weight = got[expert][name]
+                weight = got[expert]["ffn_down.weight"]
                 data = weight.packed if isinstance(weight, AffineWeight) else weight
                 assert data.contiguous().numpy().tobytes() == stored
     finally:
         os.close(fd)
-    stats = cache.as_dict()
+    stats = msgspec.to_builtins(cache.stats())
     assert (stats["vram"]["hits"], stats["host"]["hits"], stats["host"]["misses"]) == \
            (model.counts["vram"], model.counts["host"], model.counts["miss"])
     assert model.counts["vram"] > 0 and model.counts["host"] > 0  # both tiers served something on this trace

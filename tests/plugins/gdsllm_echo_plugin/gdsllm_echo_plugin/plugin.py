@@ -3,7 +3,7 @@ lists without importing) and an `echo-hello` command."""
 
 import click
 
-from gdsllm_core import hookimpl
+from gdsllm_core.api import hookimpl
 
 
 @hookimpl
