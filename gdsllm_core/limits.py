@@ -15,6 +15,8 @@ PENALTY_MIN, PENALTY_MAX = 1e-3, 100.0  # repeat_penalty divides or multiplies l
 COUNT_MAX = 2 ** 31 - 1  # token counts and windows (top_k, num_ctx, num_predict, repeat_last_n)
 KEEP_ALIVE_MAX_S = 2 ** 31 - 1  # about 68 years: beyond this a deadline overflows clocks and timeouts
 NUM_CTX_MIN = 2  # a prompt token and one new token
+OPENAI_PENALTY_MAX = 2.0  # presence/frequency penalties: OpenAI's range is [-2, 2]
+LOGIT_BIAS_MAX = 100.0  # logit_bias values: OpenAI's range is [-100, 100]
 
 # (low, high, how the range reads in the error) of the fields whose rule is one closed interval
 INTERVALS = {
@@ -23,6 +25,10 @@ INTERVALS = {
     "min_p": (0.0, 1.0, "a number from 0 (off) to 1"),
     "repeat_penalty": (PENALTY_MIN, PENALTY_MAX, f"a number from {PENALTY_MIN} to {PENALTY_MAX:g} (1 turns it off)"),
     "repeat_last_n": (-1, COUNT_MAX, f"an integer from -1 (the whole history) to {COUNT_MAX}"),
+    "presence_penalty": (-OPENAI_PENALTY_MAX, OPENAI_PENALTY_MAX, f"a number from {-OPENAI_PENALTY_MAX:g} to "
+                                                                  f"{OPENAI_PENALTY_MAX:g} (0 turns it off)"),
+    "frequency_penalty": (-OPENAI_PENALTY_MAX, OPENAI_PENALTY_MAX, f"a number from {-OPENAI_PENALTY_MAX:g} to "
+                                                                   f"{OPENAI_PENALTY_MAX:g} (0 turns it off)"),
     "seed": (SEED_MIN, SEED_MAX, f"an integer from {SEED_MIN} to {SEED_MAX} (64 bits)"),
     "max_tokens": (0, COUNT_MAX, f"an integer from 0 to {COUNT_MAX}"),
     "num_ctx": (NUM_CTX_MIN, COUNT_MAX, f"an integer from {NUM_CTX_MIN} to {COUNT_MAX}"),
@@ -50,8 +56,15 @@ def check_temperature(value: float, name: str = "temperature") -> None:
 def check_sampling(params: SamplingParams, names: Mapping[str, str] = {}) -> None:
     """Every sampling option within its range; `names` maps a field to the request's name for it."""
     check_temperature(params.temperature, names.get("temperature", "temperature"))
-    for field in ("top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed"):
+    for field in ("top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                  "frequency_penalty", "seed"):
         _check_interval(field, getattr(params, field), names)
+    for token, bias in params.logit_bias.items():
+        field = names.get("logit_bias", "logit_bias")
+        if not (isinstance(token, int) and token >= 0):
+            raise _refuse(field, token, "keyed by token ids (integers from 0)")
+        if not (isinstance(bias, int | float) and -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX):
+            raise _refuse(f"{field}[{token}]", bias, f"a number from {-LOGIT_BIAS_MAX:g} to {LOGIT_BIAS_MAX:g}")
 
 
 def check_generate(request: GenerateRequest, names: Mapping[str, str] = {}) -> None:

@@ -73,6 +73,14 @@ def default_num_ctx() -> int:
     return int(os.environ.get("GDSLLM_NUM_CTX") or 4096)
 
 
+def prefix_cache_bytes() -> int:
+    """GDSLLM_PREFIX_CACHE: bytes of finished sequences' caches kept for reuse by later prompts (a size such as
+    "1GiB"; 0 turns the prefix cache off)."""
+    from gdsllm_core.cli.output import parse_size
+
+    return parse_size(os.environ.get("GDSLLM_PREFIX_CACHE") or "1GiB")
+
+
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")  # the names a local browser page is served from
 DEFAULT_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")  # desktop apps, as ollama's
 

@@ -1,6 +1,8 @@
 """`gdsllm run`: chat with a model in the terminal, or answer one prompt."""
 
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import click
 
@@ -11,11 +13,76 @@ from gdsllm_core.errors import BadRequestError, ConversionError, GdsllmError
 from gdsllm_core.limits import check_sampling
 
 MULTILINE = '"""'
+# SamplingParams' fields as `gdsllm run`'s options spell them, for the errors of limits.check_sampling
+FLAG_NAMES = {field: "--" + field.replace("_", "-") for field in ("temperature", "top_k", "top_p", "min_p",
+                                                                   "repeat_penalty", "repeat_last_n", "seed")}
+DEFAULT_MAX_TOKENS = 2048  # an answer that does not end by itself stops here unless --max-tokens says otherwise
 HELP = """Available commands:
+  /set parameter NAME VALUE   Set a sampling parameter (/set parameter alone lists them)
+  /show parameters            Show the parameters in effect
   /clear          Clear the conversation
   /bye            Exit
   /?, /help       Show this help
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops the answer; Ctrl-D or /bye exits."""
+
+
+@dataclass
+class RunParameters:
+    """The sampling settings of a `gdsllm run` session, changed by `/set parameter NAME VALUE` (ollama's names)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+    num_predict: int = DEFAULT_MAX_TOKENS
+    num_ctx: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    # NAME -> (type of VALUE, what it means)
+    NAMES = {"temperature": (float, "randomness; 0 picks the most likely token"),
+             "top_k": (int, "sample from the k likeliest tokens (0: all)"),
+             "top_p": (float, "sample from the smallest set of tokens whose probabilities reach p"),
+             "min_p": (float, "drop tokens less likely than min_p times the likeliest"),
+             "repeat_penalty": (float, "penalty on tokens seen in the last repeat_last_n"),
+             "repeat_last_n": (int, "how far back repeat_penalty looks (-1: the whole context)"),
+             "seed": (int, "seed of the sampler"), "num_predict": (int, "tokens an answer may have at most"),
+             "num_ctx": (int, "context window in tokens"), "stop": (str, "a stop string (several: several values)")}
+
+    def set(self, name: str, values: list[str]) -> "RunParameters":
+        """A copy with NAME set from the text VALUE(s); BadRequestError for an unknown name or a bad value."""
+        if name not in self.NAMES:
+            raise BadRequestError(f"unknown parameter {name!r}", f"use one of {', '.join(self.NAMES)}")
+        kind = self.NAMES[name][0]
+        if not values:
+            raise BadRequestError(f"/set parameter {name} needs a value")
+        if name == "stop":
+            return replace(self, stop=list(values))
+        try:
+            value = kind(values[0])
+        except ValueError:
+            raise BadRequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, not "
+                                  f"{values[0]!r}") from None
+        updated = replace(self, **{name: value})
+        updated.sampling()  # out-of-range values fail now, not at the next answer
+        if name == "num_predict" and value < 1 or name == "num_ctx" and value < 2:
+            raise BadRequestError(f"{name} {value} is too small", "use a positive number (num_ctx: at least 2)")
+        return updated
+
+    def sampling(self, names: Mapping[str, str] = {}):
+        """The SamplingParams of these settings; InvalidFieldError (named as `names` says) for one out of range."""
+        from gdsllm_core.types import SamplingParams
+
+        params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                                repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
+                                seed=self.seed)
+        check_sampling(params, names)
+        return params
+
+    def describe(self) -> str:
+        return "\n".join(f"{name:<16} {getattr(self, name)}" for name in self.NAMES)
 
 
 def ensure_model(store, name: str | None) -> str:
@@ -104,13 +171,18 @@ def stream_answer(engine, request, verbose: bool) -> tuple[str, bool]:
     if verbose and last is not None:
         eval_s = last.eval_ns / 1e9
         rate = last.completion_tokens / eval_s if eval_s > 0 else 0.0
-        err_console.print(f"[dim]prompt {last.prompt_tokens} tokens in {last.prompt_eval_ns / 1e9:.2f} s; "
-                          f"{last.completion_tokens} tokens in {eval_s:.2f} s ({rate:.1f} tok/s); "
-                          f"stop: {last.done_reason}[/]", highlight=False)
+        err_console.print(f"[dim]prompt {last.prompt_tokens + last.cached_tokens} tokens in "
+                          f"{last.prompt_eval_ns / 1e9:.2f} s; {last.completion_tokens} tokens in {eval_s:.2f} s "
+                          f"({rate:.1f} tok/s); stop: {last.done_reason}; prefix cache: {last.cached_tokens} "
+                          "tokens reused[/]", highlight=False)
+    if last is not None and last.done_reason == "length" and last.completion_tokens >= request.max_tokens:
+        err_console.print(f"[dim](answer cut at {request.max_tokens} tokens: raise it with --max-tokens or "
+                          "/set parameter num_predict)[/]", highlight=False)
     return "".join(parts), True
 
 
-def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
+def chat_loop(engine, make_request, system: str | None, verbose: bool, parameters: RunParameters) -> None:
+    """The interactive chat; `make_request(messages, parameters)` builds each answer's request."""
     from gdsllm_core.types import ChatMessage
 
     def fresh() -> list:
@@ -144,12 +216,28 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
         if command in ("/?", "/help"):
             console.print(HELP, highlight=False, markup=False)
             continue
+        if command.split()[:2] == ["/set", "parameter"]:
+            words = command.split()
+            if len(words) == 2:
+                console.print("\n".join(f"  {name:<16} {text}" for name, (_, text) in parameters.NAMES.items()),
+                              highlight=False, markup=False)
+                continue
+            try:
+                parameters = parameters.set(words[2], words[3:])
+            except GdsllmError as exc:
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                continue
+            console.print(f"Set parameter '{words[2]}' to '{', '.join(words[3:])}'", highlight=False, markup=False)
+            continue
+        if command == "/show parameters":
+            console.print(parameters.describe(), highlight=False, markup=False)
+            continue
         if command.startswith("/") and " " not in command:
             console.print(f"Unknown command {command!r}; /? lists them.", highlight=False, markup=False)
             continue
         messages.append(ChatMessage(role="user", content=text))
         try:
-            answer, finished = stream_answer(engine, make_request(list(messages)), verbose)
+            answer, finished = stream_answer(engine, make_request(list(messages), parameters), verbose)
         except GdsllmError as exc:
             messages.pop()
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -164,16 +252,30 @@ def chat_loop(engine, make_request, system: str | None, verbose: bool) -> None:
 @click.argument("model", required=False)
 @click.option("--prompt", "-p", help="Answer this one prompt and exit (stdin is read when it is not a terminal).")
 @click.option("--system", help="System message for the conversation.")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Stop each answer after this many tokens.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="Stop each answer after this many tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
               help="0 picks the most likely token every time.")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Sample from the k likeliest tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
+              help="Sample from the smallest set of tokens whose probabilities reach p.")
+@click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Drop tokens less likely than min-p times the likeliest.")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0.0), default=1.1, show_default=True,
+              help="Penalty on tokens seen in the last --repeat-last-n (1: none).")
+@click.option("--repeat-last-n", type=click.IntRange(min=-1), default=64, show_default=True,
+              help="How far back --repeat-penalty looks (-1: the whole context, 0: off).")
+@click.option("--num-ctx", type=click.IntRange(min=2), help="Context window in tokens (default: GDSLLM_NUM_CTX, "
+              "capped by the model).")
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--vram-budget", help="GPU memory the weights may use, e.g. 6GiB (default: what is free).")
 @click.option("--host-cache", help="Pinned host RAM for layers that do not fit in VRAM, e.g. 16GiB (default: what "
               "free RAM allows).")
 @click.option("--cpu-layers", default="auto", show_default=True, help=CPU_LAYERS_HELP)
 @click.option("--verbose", is_flag=True, help="Print token counts and speed after each answer.")
-def run(model: str | None, prompt: str | None, system: str | None, max_tokens: int | None, temperature: float,
+def run(model: str | None, prompt: str | None, system: str | None, max_tokens: int, temperature: float, top_k: int,
+        top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, num_ctx: int | None,
         seed: int | None, vram_budget: str | None, host_cache: str | None, cpu_layers: str, verbose: bool) -> None:
     """Chat with a model in the terminal.
 
@@ -181,11 +283,13 @@ def run(model: str | None, prompt: str | None, system: str | None, max_tokens: i
     from gdsllm_core.engine.engine import Engine
     from gdsllm_core.layout.store import ModelStore
     from gdsllm_core.storage.backends import choose_backend
-    from gdsllm_core.types import ChatMessage, GenerateRequest, SamplingParams
+    from gdsllm_core.types import ChatMessage, GenerateRequest
 
     options = load_options(vram_budget, host_cache, cpu_layers)
-    sampling = SamplingParams(temperature=temperature, seed=seed)
-    check_sampling(sampling, {"temperature": "--temperature", "seed": "--seed"})
+    parameters = RunParameters(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                               num_predict=max_tokens, num_ctx=num_ctx)
+    parameters.sampling(FLAG_NAMES)  # an out-of-range option fails before reading stdin or loading
     if prompt is None and not sys.stdin.isatty():
         prompt = read_stdin_text()
         if not prompt.strip():
@@ -195,8 +299,9 @@ def run(model: str | None, prompt: str | None, system: str | None, max_tokens: i
     name = ensure_model(store, model)
     choose_backend(device=options.device)  # a forced GDSLLM_IO that cannot work here fails now, in one line
 
-    def make_request(messages: list) -> GenerateRequest:
-        return GenerateRequest(model=name, messages=messages, max_tokens=max_tokens, sampling=sampling)
+    def make_request(messages: list, parameters: RunParameters) -> GenerateRequest:
+        return GenerateRequest(model=name, messages=messages, max_tokens=parameters.num_predict,
+                               sampling=parameters.sampling(), num_ctx=parameters.num_ctx, stop=parameters.stop)
 
     with Engine(store=store, options=options, keep_alive=None) as engine:
         with err_console.status(f"loading {name}…"):
@@ -204,8 +309,8 @@ def run(model: str | None, prompt: str | None, system: str | None, max_tokens: i
         if prompt is not None:
             messages = ([ChatMessage(role="system", content=system)] if system else []) + [
                 ChatMessage(role="user", content=prompt)]
-            _, finished = stream_answer(engine, make_request(messages), verbose)
+            _, finished = stream_answer(engine, make_request(messages, parameters), verbose)
             if not finished:
                 sys.exit(130)
             return
-        chat_loop(engine, make_request, system, verbose)
+        chat_loop(engine, make_request, system, verbose, parameters)

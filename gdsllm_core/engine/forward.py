@@ -41,6 +41,15 @@ class ForwardPass(Protocol):
         """One step for B sequences: `tokens` [B], one cache each; returns logits [B, V]. Each streamed weight is
         read once for the whole batch."""
 
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [T, D] of `tokens` [T] run from an empty context: after the last norm, before the
+        output head (what embeddings pool), float32 on the model's device."""
+
+    def reuse_cache(self, cache: Any, keep: int, max_tokens: int) -> Any | None:
+        """Optional (the prefix cache): a cache holding the first `keep` tokens `cache` holds, with room for
+        `max_tokens`, made from `cache` (which the caller gives up); None when the model cannot cut its state
+        there (a recurrent state is only known at the end of what it has seen)."""
+
     def stats(self) -> dict:
         """Residency and I/O statistics (bytes per tier, hits, timings), for `bench`, `/api/ps` and `show`."""
 

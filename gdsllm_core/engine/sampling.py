@@ -1,15 +1,18 @@
-"""Sampling: repeat penalty, temperature, top-k, top-p, min-p (in transformers' order), seeded per sequence.
+"""Sampling: logit bias, repeat penalty, presence/frequency penalties, grammar mask, then temperature, top-k, top-p,
+min-p (in transformers' order), seeded per sequence; log-probabilities of the model's own distribution on request.
 
-Parameters follow ollama: temperature 0 is greedy (the repeat penalty still applies, as in llama.cpp);
+Parameters follow ollama: temperature 0 is greedy (the penalties, bias and grammar still apply, as in llama.cpp);
 top_k 0, top_p 1, min_p 0, repeat_penalty 1 and repeat_last_n 0 turn a step off; repeat_last_n -1 means the whole
 history. A batch is processed with one set of tensor operations whatever its size, each row with its own values.
 Each sequence draws its random numbers from its own CPU `torch.Generator` (one uniform per token, inverted through
 the row's cumulative distribution), so a seed gives the same draws alone or in a batch, on any device."""
 
 import secrets
+from dataclasses import dataclass
 
 import torch
 
+from gdsllm_core.engine.grammar import apply_bitmask
 from gdsllm_core.limits import check_sampling
 from gdsllm_core.types import SamplingParams
 
@@ -37,6 +40,32 @@ def apply_repeat_penalty(logits: torch.Tensor, token_ids: torch.Tensor, penalty)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     largest = torch.finfo(logits.dtype).max  # an extreme penalty saturates instead of overflowing to inf
     return logits.scatter(-1, token_ids, picked.clamp(-largest, largest))
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
+    """Add each row's {token id: bias} to its logits."""
+    entries = [(row, token, bias) for row, row_biases in enumerate(biases) for token, bias in row_biases.items()]
+    if not entries:
+        return logits
+    rows, tokens, values = zip(*entries, strict=True)
+    added = torch.zeros_like(logits)
+    added[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = \
+        torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    return logits + added
+
+
+def apply_presence_frequency(logits: torch.Tensor, outputs: list[list[int]], presence: list[float],
+                             frequency: list[float]) -> torch.Tensor:
+    """OpenAI's penalties over each row's generated tokens: minus `frequency` per occurrence, minus `presence` once."""
+    if not any(outputs) or all(p == 0 and f == 0 for p, f in zip(presence, frequency, strict=True)):
+        return logits
+    width = max(len(ids) for ids in outputs)
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in outputs], device=logits.device)
+    ones = torch.tensor([[1.0] * len(row) + [0.0] * (width - len(row)) for row in outputs], dtype=logits.dtype,
+                        device=logits.device)
+    counts = torch.zeros_like(logits).scatter_add_(-1, ids, ones)
+    return (logits - _per_row(frequency, logits, logits.dtype) * counts
+            - _per_row(presence, logits, logits.dtype) * (counts > 0).to(logits.dtype))
 
 
 def apply_temperature(logits: torch.Tensor, temperature) -> torch.Tensor:
@@ -89,14 +118,19 @@ def apply_min_p(logits: torch.Tensor, min_p) -> torch.Tensor:
 
 
 class Sampler:
-    """One sequence's sampling state: its parameters and its own random generator."""
+    """One sequence's sampling state: its parameters, its own random generator, where its generated tokens start in
+    its history, how many top log-probabilities it wants (None: none) and its grammar matcher (None: free)."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, prompt_tokens: int = 0, logprobs: int | None = None,
+                 matcher=None):
         check_sampling(params)
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.greedy = params.temperature == 0
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.prompt_tokens = prompt_tokens
+        self.logprobs = logprobs
+        self.matcher = matcher
 
     def penalty_window(self, history: list[int]) -> list[int]:
         """The tokens the repeat penalty looks at."""
@@ -125,10 +159,18 @@ def _penalize(logits: torch.Tensor, samplers: list[Sampler], histories: list[lis
     return apply_repeat_penalty(logits, torch.tensor(ids, device=logits.device), penalties)
 
 
-def process_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[list[int]]) -> torch.Tensor:
+def process_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[list[int]],
+                  bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] after every transform but the final softmax, each row with its sampler's values (greedy rows
-    get only the repeat penalty)."""
-    logits = _penalize(logits.float(), samplers, histories)
+    skip temperature and the truncations). `bitmask` is the batch's grammar mask (grammar.BatchMasks)."""
+    logits = apply_logit_bias(logits.float(), [sampler.params.logit_bias for sampler in samplers])
+    logits = _penalize(logits, samplers, histories)
+    logits = apply_presence_frequency(
+        logits, [history[sampler.prompt_tokens:] for sampler, history in zip(samplers, histories, strict=True)],
+        [sampler.params.presence_penalty for sampler in samplers],
+        [sampler.params.frequency_penalty for sampler in samplers])
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
     if all(sampler.greedy for sampler in samplers):
         return logits
     params = [_NEUTRAL if sampler.greedy else sampler.params for sampler in samplers]
@@ -138,14 +180,48 @@ def process_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list
     return apply_min_p(logits, [p.min_p for p in params])
 
 
-def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[list[int]]) -> list[int]:
-    """The next token of each row of `logits` [B, V], each with its own sampler and history; one host sync."""
-    processed = process_batch(logits, samplers, histories)
+@dataclass
+class Sampled:
+    """One row's result: the token, and with logprobs requested its log-probability and the top (id, logprob)s."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def _draw(processed: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     if all(sampler.greedy for sampler in samplers):
-        return processed.argmax(dim=-1).tolist()
+        return processed.argmax(dim=-1)
     cdf = processed.softmax(dim=-1).cumsum(dim=-1)
     uniforms = torch.tensor([sampler.uniform() if not sampler.greedy else 1.0 for sampler in samplers],
                             dtype=cdf.dtype, device=cdf.device)
     drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     greedy = torch.tensor([sampler.greedy for sampler in samplers], device=cdf.device)
-    return torch.where(greedy, processed.argmax(dim=-1), drawn).tolist()
+    return torch.where(greedy, processed.argmax(dim=-1), drawn)
+
+
+def sample_batch(logits: torch.Tensor, samplers: list[Sampler], histories: list[list[int]],
+                 bitmask: torch.Tensor | None = None) -> list[Sampled]:
+    """The next token of each row of `logits` [B, V], each with its own sampler, history and grammar row; the
+    tokens and any log-probabilities (of the raw logits) reach the host in one sync."""
+    tokens = _draw(process_batch(logits, samplers, histories, bitmask), samplers)
+    wanted = [sampler.logprobs for sampler in samplers]
+    if all(count is None for count in wanted):
+        return [Sampled(token) for token in tokens.tolist()]
+    top_count = max(count or 0 for count in wanted)
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens.unsqueeze(-1))
+    top = logprobs.topk(top_count, dim=-1) if top_count else None
+    parts = [tokens.unsqueeze(-1).to(torch.float64), chosen.to(torch.float64)]
+    if top is not None:
+        parts += [top.indices.to(torch.float64), top.values.to(torch.float64)]
+    rows = torch.cat(parts, dim=-1).tolist()
+    results = []
+    for row, count in zip(rows, wanted, strict=True):
+        token = int(row[0])
+        if count is None:
+            results.append(Sampled(token))
+            continue
+        ids, values = row[2:2 + top_count], row[2 + top_count:]
+        results.append(Sampled(token, row[1], [(int(ids[i]), values[i]) for i in range(count)]))
+    return results

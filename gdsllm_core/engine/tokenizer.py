@@ -74,6 +74,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special)
 
+    def hf_json(self) -> str | None:
+        """The HF `tokenizer.json` text (None for SentencePiece), for llguidance."""
+        return self._backend.tokenizer.to_str() if isinstance(self._backend, _HfBackend) else None
+
 
 class _HfBackend:
     def __init__(self, path: Path):

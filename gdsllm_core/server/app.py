@@ -20,9 +20,11 @@ from gdsllm_core.errors import GdsllmError
 from gdsllm_core.layout.store import ModelStore
 from gdsllm_core.server import urls
 from gdsllm_core.server.deps import DEPENDENCIES
+from gdsllm_core.server.embeddings import EmbeddingsController
 from gdsllm_core.server.errors import EXCEPTION_HANDLERS
 from gdsllm_core.server.guards import PUBLIC, bearer_token_guard
 from gdsllm_core.server.ollama import OllamaController
+from gdsllm_core.server.ollama_models import OllamaModelsController
 from gdsllm_core.server.openai import OpenAIController
 from gdsllm_core.server.schemas import HealthResponse
 from gdsllm_core.server.security import BrowserGuardMiddleware, cors_config, is_loopback_address
@@ -35,6 +37,8 @@ log = logging.getLogger("gdsllm.server")
 GRACEFUL_SHUTDOWN_S = 10
 STREAMED_BODIES = {urls.OLLAMA_GENERATE: ("application/x-ndjson", "one JSON object per line, the last with done"),
                    urls.OLLAMA_CHAT: ("application/x-ndjson", "one JSON object per line, the last with done"),
+                   urls.OLLAMA_PULL: ("application/x-ndjson", "progress objects, the last with status success"),
+                   urls.OLLAMA_CREATE: ("application/x-ndjson", "progress objects, the last with status success"),
                    urls.OPENAI_CHAT: ("text/event-stream", "chat.completion.chunk events, then [DONE]"),
                    urls.OPENAI_COMPLETIONS: ("text/event-stream", "text_completion events, then [DONE]")}
 
@@ -93,7 +97,7 @@ def create_app(store: ModelStore | None = None, default_model: str | None = None
     state = State({"store": store, "default_model": default_model, "preload": preload, "auth": token is not None,
                    "engine_factory": engine_factory or (lambda: real_engine(store, options)), "engine": None})
     app = Litestar(
-        route_handlers=[health, OllamaController, OpenAIController],
+        route_handlers=[health, OllamaController, OpenAIController, EmbeddingsController, OllamaModelsController],
         dependencies=DEPENDENCIES,
         guards=[bearer_token_guard(token)] if token else [],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -2,6 +2,7 @@
 `{"error": "..."}` elsewhere. GdsllmError subclasses keep their status and message (+ hint)."""
 
 import logging
+import re
 
 import msgspec
 from litestar import MediaType, Request, Response
@@ -15,6 +16,7 @@ from gdsllm_core.server.schemas import OllamaError, OpenAIError, OpenAIErrorBody
 log = logging.getLogger("gdsllm.server")
 
 
+UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")  # msgspec's message for a field the Struct does not list
 ERROR_DESCRIPTIONS = {400: "a field is missing, of the wrong type or out of range; the prompt exceeds the context",
                       401: "GDSLLM_API_TOKEN is set and the bearer token is missing or wrong",
                       404: "the model is not in the store", 500: "the engine failed"}
@@ -75,8 +77,18 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         param = problems[0].get("key")
         message = "invalid request body: " + "; ".join(
             (f"field `{p['key']}`: " if p.get("key") else "") + str(p.get("message", p)) for p in problems)
+        unknown = UNKNOWN_FIELD.search(str(problems[0].get("message", "")))
+        if unknown:
+            param = ".".join(part for part in (unknown_parent(param), unknown.group(1)) if part)
+            message = (f"field `{param}` is not supported by gdsllm (it is refused rather than ignored); "
+                       "leave it out")
     code = "invalid_api_key" if isinstance(exc, NotAuthorizedException) else None
     return error_response(request, exc.status_code, message, param, code, headers=exc.headers)
+
+
+def unknown_parent(key: str | None) -> str:
+    """The path of the object holding an unknown field, from litestar's key ("data", "data.messages[0]", ...)."""
+    return "" if key in (None, "data") else key.removeprefix("data.")
 
 
 def handle_internal_error(request: Request, exc: Exception) -> Response:

@@ -1,6 +1,7 @@
 """The bridge between the routes and the engine: submit off the event loop, iterate a generation's events, and
 cancel the generation as soon as nobody is listening any more (client gone, server shutting down)."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -9,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from litestar.types import Receive
 
-from gdsllm_core.errors import ModelNotFoundError
+from gdsllm_core.errors import GdsllmError, ModelNotFoundError
 from gdsllm_core.layout.store import ModelEntry, ModelStore, is_valid_name
 from gdsllm_core.limits import check_generate
 from gdsllm_core.types import GenerateRequest, TokenEvent
@@ -42,10 +43,25 @@ def resolve_model(store: ModelStore, name: str, default: str | None) -> str:
     ollama's implicit ":latest" tag is dropped when the store has the bare name."""
     if not name:
         return default or ""
+    if not is_valid_name(name):  # a hub source as /api/pull got it ("hf.co/user/repo:Q4_K_M"): its store name
+        pulled = pulled_name(name)
+        if pulled is not None and store.exists(pulled):
+            return pulled
     bare = name.removesuffix(":latest")
     if bare != name and is_valid_name(name) and not store.exists(name) and store.exists(bare):
         return bare
     return name
+
+
+def pulled_name(source: str) -> str | None:
+    """The store name `gdsllm pull SOURCE` gives a hub source, or None for other text."""
+    from gdsllm_core.pull import default_model_name, parse_source
+
+    try:
+        parsed = parse_source(source)
+    except (GdsllmError, ValueError, OSError):  # ValueError: text no file name can hold (e.g. lone surrogates)
+        return None
+    return default_model_name(parsed.repo_id, parsed.quant) if parsed.repo_id else None
 
 
 def find_model(store: ModelStore, name: str) -> ModelEntry:
@@ -95,30 +111,75 @@ async def events(generation: Generation) -> AsyncIterator[TokenEvent]:
             generation.cancel()
 
 
-async def collect(generation: Generation, receive: Receive) -> tuple[str, TokenEvent | None]:
-    """The whole text and the last event of a non-streamed generation; the generation is cancelled (and None
-    returned as the last event) if the client disconnects while it runs. The engine's errors are re-raised as
-    they are (not wrapped in an exception group)."""
-    parts: list[str] = []
-    last: TokenEvent | None = None
-    failure: Exception | None = None
+async def collect_all(generations: list[Generation], receive: Receive) -> list[list[TokenEvent]]:
+    """Every event of each non-streamed generation, run together; all are cancelled (and an empty list returned
+    for each unfinished one) if the client disconnects while they run. The engine's errors are re-raised as they
+    are (not wrapped in an exception group)."""
+    collected: list[list[TokenEvent]] = [[] for _ in generations]
+    failures: list[Exception] = []
     async with anyio.create_task_group() as group:
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
             group.cancel_scope.cancel()
 
-        group.start_soon(watch_disconnect)
+        async def consume(index: int, generation: Generation) -> None:
+            try:
+                async for event in events(generation):
+                    collected[index].append(event)
+            except Exception as exc:
+                failures.append(exc)
+                group.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as consumers:
+            for index, generation in enumerate(generations):
+                consumers.start_soon(consume, index, generation)
+            group.start_soon(watch_disconnect)
+        group.cancel_scope.cancel()
+    if failures:
+        raise failures[0]
+    return [events_ if events_ and events_[-1].done else [] for events_ in collected]
+
+
+async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(index, event) of several generations as their events come; all are cancelled if the consumer stops."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def forward(index: int, generation: Generation) -> None:
         try:
             async for event in events(generation):
-                parts.append(event.text)
-                last = event
+                queue.put_nowait((index, event))
         except Exception as exc:
-            failure = exc
-        group.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    return "".join(parts), last if last is not None and last.done else None
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(forward(index, generation)) for index, generation in enumerate(generations)]
+    try:
+        finished = 0
+        while finished < len(generations):
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            finished += item.done
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for generation in generations:
+            generation.cancel()
+
+
+async def submit_all(engine: Engine, requests: list[GenerateRequest],
+                     field_names: Mapping[str, str] = {}) -> list[Generation]:
+    """Submit several requests (they decode in the same batches); if one is refused, those submitted are cancelled."""
+    generations: list[Generation] = []
+    try:
+        for request in requests:
+            generations.append(await submit(engine, request, field_names))
+    except BaseException:
+        for generation in generations:
+            generation.cancel()
+        raise
+    return generations
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

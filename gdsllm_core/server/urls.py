@@ -1,5 +1,6 @@
 """Every path the server answers, as constants (the controllers and the tests share them)."""
 
+ROOT = "/"
 HEALTH = "/health"
 SCHEMA = "/schema"
 
@@ -10,9 +11,16 @@ OLLAMA_SHOW = "/api/show"
 OLLAMA_PS = "/api/ps"
 OLLAMA_VERSION = "/api/version"
 OLLAMA_DELETE = "/api/delete"
+OLLAMA_EMBED = "/api/embed"
+OLLAMA_EMBEDDINGS = "/api/embeddings"
+OLLAMA_PULL = "/api/pull"
+OLLAMA_COPY = "/api/copy"
+OLLAMA_CREATE = "/api/create"
+OLLAMA_BLOB = "/api/blobs/{digest:str}"
 
 OPENAI_PREFIX = "/v1"
 OPENAI_CHAT = "/v1/chat/completions"
 OPENAI_COMPLETIONS = "/v1/completions"
+OPENAI_EMBEDDINGS = "/v1/embeddings"
 OPENAI_MODELS = "/v1/models"
 OPENAI_MODEL = "/v1/models/{model_id:str}"

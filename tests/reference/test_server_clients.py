@@ -153,7 +153,7 @@ def test_openai_models(oai, model):
 def test_openai_bad_requests(oai, model):
     messages = chat_messages("hi")
     with pytest.raises(openai.BadRequestError) as caught:
-        oai.chat.completions.create(model=model[1], messages=messages, n=2)
+        oai.chat.completions.create(model=model[1], messages=messages, n=17)
     assert caught.value.status_code == 400 and caught.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model=model[1], messages=messages, temperature="hot")

@@ -23,14 +23,14 @@ class FakeHub:
     """A hub with a few repos. `crash_after[(repo, path)] = n`: serve n bytes of that file, then die (the listening
     socket closes; later connections are refused) as a killed server would."""
 
-    def __init__(self):
+    def __init__(self, ports: tuple[int, int] = (0, 0)):
         self.repos: dict[str, dict] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.cdn_auth: list[bool] = []
         self.crash_after: dict[tuple[str, str], int] = {}
         self.private: set[str] = set()
         self.servers: list[ThreadingHTTPServer] = []
-        self.ports = (0, 0)
+        self.ports = ports
         self._start()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes]) -> str:

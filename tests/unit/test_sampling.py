@@ -17,6 +17,11 @@ from gdsllm_core.types import SamplingParams
 VOCAB = 300
 
 
+def sample_tokens(*args) -> list[int]:
+    """The tokens `sampling.sample_batch` draws."""
+    return [sampled.token for sampled in sampling.sample_batch(*args)]
+
+
 @pytest.fixture
 def logits():
     generator = torch.Generator().manual_seed(0)
@@ -95,9 +100,9 @@ def test_greedy_is_argmax_after_penalty(logits):
     history = [int(logits[0].argmax())]
     params = SamplingParams(temperature=0, repeat_penalty=100.0)
     penalized = RepetitionPenaltyLogitsProcessor(100.0)(torch.tensor([history]), logits[:1].clone())
-    assert sampling.sample_batch(logits[:1], [sampling.Sampler(params)], [history]) == [int(penalized.argmax())]
+    assert sample_tokens(logits[:1], [sampling.Sampler(params)], [history]) == [int(penalized.argmax())]
     plain = sampling.Sampler(SamplingParams(temperature=0, repeat_penalty=1.0))
-    assert sampling.sample_batch(logits[:1], [plain], [history]) == history
+    assert sample_tokens(logits[:1], [plain], [history]) == history
 
 
 def test_same_seed_same_tokens_and_per_row_independence(logits):
@@ -105,14 +110,14 @@ def test_same_seed_same_tokens_and_per_row_independence(logits):
 
     def draw(rows, n=20):
         samplers = [sampling.Sampler(params) for _ in rows]
-        return [sampling.sample_batch(logits[rows], samplers, [[] for _ in rows]) for _ in range(n)]
+        return [sample_tokens(logits[rows], samplers, [[] for _ in rows]) for _ in range(n)]
 
     alone = draw([2])
     batched = draw([0, 2, 3])
     assert [step[0] for step in alone] == [step[1] for step in batched]  # row 2 unaffected by its neighbours
     assert draw([2]) == alone
     other_seed = sampling.Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=99, repeat_penalty=1.0))
-    assert [sampling.sample_batch(logits[[2]], [other_seed], [[]])[0] for _ in range(20)] != [s[0] for s in alone]
+    assert [sample_tokens(logits[[2]], [other_seed], [[]])[0] for _ in range(20)] != [s[0] for s in alone]
 
 
 def test_sampled_distribution_follows_filtered_probabilities():
@@ -122,7 +127,7 @@ def test_sampled_distribution_follows_filtered_probabilities():
     sampler = sampling.Sampler(params)
     expected = TopKLogitsWarper(4)(None, TemperatureLogitsWarper(0.9)(None, logits[None].clone()))[0].softmax(-1)
     n = 20000  # one row per draw, all from the same sequence's generator
-    drawn = sampling.sample_batch(logits.expand(n, -1), [sampler] * n, [[]] * n)
+    drawn = sample_tokens(logits.expand(n, -1), [sampler] * n, [[]] * n)
     counts = torch.bincount(torch.tensor(drawn), minlength=6)
     assert counts[4:].sum() == 0
     assert torch.allclose(counts.float() / n, expected, atol=0.015)
@@ -166,13 +171,13 @@ def test_cuda_sampling_is_seeded_per_sequence_and_matches_the_cpu(logits):
 
     def draw(rows):
         samplers = [sampling.Sampler(params) for _ in rows]
-        return [sampling.sample_batch(on_gpu[rows], samplers, [history] * len(rows)) for _ in range(10)]
+        return [sample_tokens(on_gpu[rows], samplers, [history] * len(rows)) for _ in range(10)]
 
     alone = draw([1])
     assert [step[1] for step in draw([0, 1, 3])] == [step[0] for step in alone]
     assert draw([1]) == alone
-    assert draw([1]) == [sampling.sample_batch(logits[[1]], [s], [history]) for s in [sampling.Sampler(params)] * 10]
+    assert draw([1]) == [sample_tokens(logits[[1]], [s], [history]) for s in [sampling.Sampler(params)] * 10]
     _same(sampling.process_batch(on_gpu[:1], [sampling.Sampler(params)], [history]).cpu(),
           sampling.process_batch(logits[:1], [sampling.Sampler(params)], [history]))
     greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
-    assert sampling.sample_batch(on_gpu, [sampling.Sampler(greedy)] * 4, [[]] * 4) == logits.argmax(-1).tolist()
+    assert sample_tokens(on_gpu, [sampling.Sampler(greedy)] * 4, [[]] * 4) == logits.argmax(-1).tolist()

@@ -218,6 +218,16 @@ class LlamaForward:
         hidden = self._run(tokens.reshape(-1), caches, [1] * len(caches))
         return hidden @ self._dense["output"]
 
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.reshape(-1)
+        return self._run(tokens, [self.new_cache(tokens.numel())], [tokens.numel()])
+
+    def reuse_cache(self, cache: LlamaCache, keep: int, max_tokens: int) -> LlamaCache:
+        """The KV of the first `keep` positions stays (later writes overwrite the rest); the cache grows on use."""
+        cache.length = min(keep, cache.length)
+        cache.max_tokens = min(max_tokens, self.max_context)
+        return cache
+
     def stats(self) -> dict:
         return {**msgspec.to_builtins(self.residency.stats()), "dequantized_layers": len(self._layers),
                 "dequantized_bytes": self._cached_bytes}

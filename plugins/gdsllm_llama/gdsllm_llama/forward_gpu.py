@@ -410,29 +410,53 @@ class LlamaForwardGPU:
         self._gemv_group(self.residency.fetch(self._head_extent), [self._head_name], xn, [logits], fast=False)
         return logits
 
+    def _prefill_layers(self, tokens: torch.Tensor, cache: LlamaGpuCache, every_row: bool) -> torch.Tensor:
+        """The residual stream after the last layer, fp32 [T, D] (or only its last row), chunk by chunk."""
+        cache.reserve(tokens.numel())
+        outputs = []
+        for first in range(0, tokens.numel(), self._prefill_chunk):
+            chunk = tokens[first:first + self._prefill_chunk]
+            h = torch.empty(chunk.numel(), self.config.dim, dtype=torch.float32, device=self.device)
+            self._embed(chunk, h)
+            self._prefill_chunk_layers(h, cache, cache.length)
+            cache.length += chunk.numel()
+            outputs.append(h if every_row else h[-1:])
+        return torch.cat(outputs) if every_row else outputs[-1]
+
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: LlamaGpuCache, all_logits: bool = False) -> torch.Tensor:
         tokens = tokens.reshape(-1).to(self.device, torch.int64)
         began, counters = time.perf_counter(), self.residency.stats()
-        cache.reserve(tokens.numel())
-        outputs = []
         with torch.cuda.device(self.device):
-            for first in range(0, tokens.numel(), self._prefill_chunk):
-                chunk = tokens[first:first + self._prefill_chunk]
-                h = torch.empty(chunk.numel(), self.config.dim, dtype=torch.float32, device=self.device)
-                self._embed(chunk, h)
-                self._prefill_chunk_layers(h, cache, cache.length)
-                cache.length += chunk.numel()
-                outputs.append(h if all_logits else h[-1:])
-            hidden = torch.cat(outputs) if all_logits else outputs[-1]
-            logits = self._head(hidden)
+            logits = self._head(self._prefill_layers(tokens, cache, all_logits))
         self._record_step(tokens.numel(), began, counters)
         return logits if all_logits else logits[0]
+
+    @torch.inference_mode()
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prefill's layers over a fresh cache, then the final RMSNorm in fp32 (the head gets an fp16 copy)."""
+        tokens = tokens.reshape(-1).to(self.device, torch.int64)
+        with torch.cuda.device(self.device):
+            hidden = self._prefill_layers(tokens, self.new_cache(tokens.numel()), True)
+            norm = self._norm(self.residency.fetch("output_norm"), "output_norm.weight", True)
+            return norm * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.config.rms_eps))
 
     # -- protocol ---------------------------------------------------------------------------------------------
 
     def new_cache(self, max_tokens: int) -> LlamaGpuCache:
         return LlamaGpuCache(self.config, min(max_tokens, self.max_context), self.device)
+
+    def reuse_cache(self, cache: LlamaGpuCache, keep: int, max_tokens: int) -> LlamaGpuCache:
+        """The first `keep` positions stay; a cache too small for `max_tokens` is copied into a larger one."""
+        keep = min(keep, cache.length)
+        max_tokens = min(max_tokens, self.max_context)
+        if max_tokens > cache.max_tokens:
+            grown = self.new_cache(max_tokens)
+            grown.k[:, :keep] = cache.k[:, :keep]
+            grown.v[:, :keep] = cache.v[:, :keep]
+            cache = grown
+        cache.length = keep
+        return cache
 
     def _record_step(self, tokens: int, began: float, before) -> None:
         after = self.residency.stats()

@@ -157,6 +157,27 @@ class QwenMoeForward:
         self._check_room(caches, 1)
         return self._logits(self._layers(tokens.reshape(-1, 1), caches)[:, 0])
 
+    @torch.no_grad()
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device).reshape(-1)
+        cache = self.new_cache(max(1, tokens.numel()))
+        return torch.cat([self._layers(tokens[start:start + self.prefill_chunk].reshape(1, -1), [cache])[0]
+                          for start in range(0, tokens.numel(), self.prefill_chunk)]).to(torch.float32)
+
+    def reuse_cache(self, cache: QwenMoeCache, keep: int, max_tokens: int) -> QwenMoeCache | None:
+        """Only whole: the recurrent and conv states hold everything seen, so they cannot be cut back to `keep`
+        (None then). The full-attention layers' KV is copied into larger tensors when `max_tokens` needs them."""
+        if keep != cache.length or max_tokens > self.max_context:
+            return None
+        if max_tokens > cache.max_tokens:
+            for layer, old in cache.kv.items():
+                grown = KVCache(self.config, max_tokens, self.dtype, self.device)
+                grown.keys[:, :keep] = old.keys[:, :keep]
+                grown.values[:, :keep] = old.values[:, :keep]
+                cache.kv[layer] = grown
+            cache.max_tokens = max_tokens
+        return cache
+
     def _check_room(self, caches: list[QwenMoeCache], n_new: int) -> None:
         for cache in caches:
             if cache.length + n_new > cache.max_tokens:
