@@ -6,6 +6,8 @@ README's commands first.
     nox -s gpu        GPU tests (run on the GPU machine)
     nox -s llama      the LLaMA plugin's own tests
     nox -s qwen_moe   the Qwen3.5-MoE plugin's own tests
+    nox -s qwen3      the Qwen2/Qwen3/Qwen3-MoE plugin's own tests
+    nox -s gemma      the Gemma 3 plugin's own tests
     nox -s llamacpp   tests that need llama.cpp's llama-quantize (builds llama.cpp once)
     nox -s fuzz       the adversarial suite, 10x the CI examples, with its counts (loopback only)
     nox -s lint       ruff
@@ -56,6 +58,18 @@ def llama(session: nox.Session) -> None:
 def qwen_moe(session: nox.Session) -> None:
     """The Qwen3.5-MoE plugin's tests."""
     pytest(session, "plugins/gdsllm_qwen_moe/tests")
+
+
+@nox.session
+def qwen3(session: nox.Session) -> None:
+    """The Qwen2/Qwen3/Qwen3-MoE plugin's tests."""
+    pytest(session, "plugins/gdsllm_qwen3/tests")
+
+
+@nox.session
+def gemma(session: nox.Session) -> None:
+    """The Gemma 3 plugin's tests."""
+    pytest(session, "plugins/gdsllm_gemma/tests")
 
 
 LLAMACPP_SDIST = "llama-cpp-python==0.3.36"  # the llama.cpp its wheel vendors: the same as the tests' converter

@@ -8,8 +8,9 @@ import (`gdsllm plugins` lists plugins without loading torch or any model code).
 What is here, by purpose:
 - registration: `hookimpl` (hooks in `gdsllm_core.hookspecs`);
 - errors: `GdsllmError` and its subclasses;
-- conversion: `Converter`, `ConvertOptions`, `ModelWriter`, `ExtentRole`, `read_json`, the HF tokenizer reader,
-  GGML block tables and (de)quantizers;
+- conversion: `Converter`, `ConvertOptions`, `ModelWriter`, `ExtentRole`, `write_extents`, `read_json`, the GGUF
+  and safetensors readers (`read_gguf`, `gguf_architecture`, `SafetensorsFolder`, `tensor_entry`), the HF tokenizer
+  reader, GGML block tables and (de)quantizers;
 - the model folder: `Manifest`, `ExtentInfo`, `TensorInfo`, `TokenizerInfo`, `ModelEntry`, `ModelStore`;
 - storage: `ExtentReader`, `extent_views`, `drop_page_cache`;
 - loading: `LoadOptions`, `ForwardPass`;
@@ -40,10 +41,16 @@ _EXPORTS = {
     "Converter": "gdsllm_core.convert:Converter",
     "ConvertOptions": "gdsllm_core.convert:ConvertOptions",
     "read_json": "gdsllm_core.convert:read_json",
+    "write_extents": "gdsllm_core.convert:write_extents",
+    "SafetensorsFolder": "gdsllm_core.convert.hf_folder:SafetensorsFolder",
+    "config_architectures": "gdsllm_core.convert.hf_folder:config_architectures",
+    "quant_option": "gdsllm_core.convert.hf_folder:quant_option",
+    "tensor_entry": "gdsllm_core.convert.hf_folder:tensor_entry",
     "GGUF_MAGIC": "gdsllm_core.convert.gguf_file:GGUF_MAGIC",
     "model_stem": "gdsllm_core.convert.gguf_file:model_stem",
     "read_gguf": "gdsllm_core.convert.gguf_file:read_gguf",
     "read_header": "gdsllm_core.convert.gguf_file:read_header",
+    "gguf_architecture": "gdsllm_core.convert.gguf_file:gguf_architecture",
     "build_tokenizer": "gdsllm_core.convert.gguf_tokenizer:build_tokenizer",
     "config_of": "gdsllm_core.layout.manifest:config_of",
     "read_hf_tokenizer": "gdsllm_core.convert.hf_tokenizer:read_hf_tokenizer",

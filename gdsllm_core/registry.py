@@ -72,14 +72,28 @@ def detect_converter(path: Path) -> str:
         converter = resolve(target)
         if getattr(converter, "detect", None) and converter.detect(Path(path)):
             return candidate
-    config = Path(path) / "config.json"
+    path = Path(path)
+    config = path / "config.json"
     if config.is_file():
         from gdsllm_core.convert import read_json
 
         read_json(config)  # an unreadable config.json is why nothing recognised the folder: say so
+    found = _architecture_of(path)
+    what = f"{path} (architecture {found})" if found else str(path)
+    installed = ", ".join(name for name, _plugin in plugins.pm.list_name_plugin()) or "none"
     known = ", ".join(sorted(collect("converters"))) or "none"
     archs = ", ".join(sorted(collect("forward_passes"))) or "none"
     raise UnknownArchitectureError(
-        f"no installed converter recognises {path} (converters: {known}; architectures: {archs})",
+        f"no installed plugin converts {what} (installed plugins: {installed}; converters: {known}; "
+        f"architectures: {archs})",
         "point at a GGUF file or a folder with config.json and *.safetensors, or install the plugin for this model",
     )
+
+
+
+def _architecture_of(path: Path) -> str | None:
+    """The architecture a GGUF's header or a folder's config.json names, for the error when no plugin claims it."""
+    from gdsllm_core.convert.gguf_file import gguf_architecture
+    from gdsllm_core.convert.hf_folder import config_architectures
+
+    return gguf_architecture(path) if path.is_file() else ", ".join(config_architectures(path)) or None

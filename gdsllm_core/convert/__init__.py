@@ -8,6 +8,7 @@ from typing import Protocol
 
 from gdsllm_core import plugins, registry
 from gdsllm_core.errors import ConversionError, GdsllmError, UnknownArchitectureError
+from gdsllm_core.layout.manifest import ExtentRole
 from gdsllm_core.layout.store import ModelEntry, ModelStore, check_name, safe_name
 from gdsllm_core.layout.writer import ModelWriter
 
@@ -29,6 +30,22 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ConversionError(f"cannot read {path}: {exc}", "the checkpoint is incomplete: re-download it") from exc
+
+
+def write_extents(writer: ModelWriter, groups: dict[str, list[str]], entry_of: Callable[[str], tuple],
+                  role_of: Callable[[str], tuple[ExtentRole, int]], options: ConvertOptions) -> None:
+    """Write each extent of `groups` (extent name -> tensor names, in write order); `entry_of(name)` gives the
+    writer's (name, qtype, shape, data) of a tensor, `role_of(extent name)` the extent's (role, layer index).
+    Reports progress per tensor."""
+    total, done = sum(len(members) for members in groups.values()), 0
+    for extent_name, members in groups.items():
+        entries = []
+        for name in members:
+            entries.append(entry_of(name))
+            done += 1
+            if options.progress:
+                options.progress(name, done, total)
+        writer.add_extent(extent_name, entries, *role_of(extent_name))
 
 
 class Converter(Protocol):

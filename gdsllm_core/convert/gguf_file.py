@@ -118,6 +118,21 @@ def read_header(path: Path) -> GgufHeader:
                 chunk = more.needed
 
 
+
+def gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` of a GGUF file; None for anything else or a header that cannot be read (what a
+    converter's `detect` asks)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                return None
+        return read_header(path).architecture
+    except (OSError, ConversionError):
+        return None
+
 def file_type_name(metadata: dict) -> str | None:
     """The quant the publisher named the file (`general.file_type`: Q4_K_M, IQ4_XS, F16…), or None if unknown."""
     value = metadata.get("general.file_type")

@@ -334,7 +334,8 @@ def test_unsupported_architecture_fails_before_the_weights_download(tmp_path, hu
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
     hub.add_repo("test-org/gpt2ish", {"config.json": json.dumps(config).encode(), "model.safetensors": b"\0" * 4096})
     result = gdsllm(["pull", "test-org/gpt2ish"], cli_env(tmp_path, HF_ENDPOINT=hub.endpoint), tmp_path)
-    assert_one_line_error(result, "no installed converter recognises", "architectures: llama")
+    assert_one_line_error(result, "no installed plugin converts", "(architecture GPT2LMHeadModel)",
+                          "architectures: llama")
     assert not any(path.endswith("model.safetensors") for _, path, _ in hub.requests)
 
 
