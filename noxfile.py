@@ -2,6 +2,7 @@
 README's commands first.
 
     nox -s tests      CPU test suite (what CI runs, with `kernels`)
+    nox -s slow       CPU tests marked slow (not in CI)
     nox -s kernels    compile every CUDA kernel with NVRTC for sm_90 (no GPU needed)
     nox -s gpu        GPU tests (run on the GPU machine)
     nox -s llama      the LLaMA plugin's own tests
@@ -33,7 +34,13 @@ def pytest(session: nox.Session, *args: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU tests: unit, reference and both plugins' (GPU tests are skipped)."""
-    pytest(session, "-m", "not gpu and not llamacpp", "--timeout=900")
+    pytest(session, "-m", "not gpu and not llamacpp and not slow", "--timeout=900")
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """CPU tests marked slow (real-client round trips, trained tiny models, long CLI chats): kept out of CI's time."""
+    pytest(session, "-m", "slow and not gpu and not llamacpp", "--timeout=1800")
 
 
 @nox.session
