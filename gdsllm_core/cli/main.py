@@ -49,6 +49,6 @@ def _add_commands() -> None:
 
 def main() -> None:
     settings.load_env_files()
-    cpu_threads.keep_threads_spinning()  # before any plugin loads torch
+    cpu_threads.choose_wait_policy(sys.argv[1:])  # before any plugin loads torch
     _add_commands()
     cli(prog_name="gdsllm")
